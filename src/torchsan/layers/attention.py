@@ -1,0 +1,222 @@
+"""Pairwise and patchwise self-attention (Zhao, Jia, Koltun, CVPR 2020, sections 3.1-3.2).
+
+Both compute y_i = sum_{j in R(i)} alpha(.)_j ⊙ beta(x_j) over a local k x k footprint R(i),
+with one attention weight channel shared by ``share_planes`` interleaved value channels
+(value channel c uses weight channel c % (out_channels / share_planes)).
+
+Names follow the paper: ``phi``/``psi`` (relation transforms, in -> rel), ``beta`` (value
+transform, in -> out), ``gamma`` (the mapping), ``pos_proj`` (the position encoding's linear map).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mapping import build_mapping
+from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
+
+PAIRWISE_RELATIONS = ("summation", "subtraction", "concatenation", "hadamard", "dot")
+PATCHWISE_RELATIONS = ("star", "clique", "concatenation")
+TRANSFORMS = ("separate", "shared_phi_psi", "shared_all")
+
+
+def position_grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """Normalised coordinates, (1, 2, H, W): channel 0 = linspace(-1, 1, W) along columns,
+    channel 1 = linspace(-1, 1, H) along rows (the authors' ``position``)."""
+    kw = dict(device=like.device, dtype=like.dtype)
+    loc_w = torch.linspace(-1.0, 1.0, width, **kw).view(1, width).expand(height, width)
+    loc_h = torch.linspace(-1.0, 1.0, height, **kw).view(height, 1).expand(height, width)
+    return torch.stack([loc_w, loc_h]).unsqueeze(0)
+
+
+class _SelfAttention(nn.Module):
+    """Shared construction: transforms phi/psi/beta, footprint ops, argument checks."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        rel_channels: int,
+        out_channels: int,
+        share_planes: int,
+        kernel_size: int,
+        stride: int,
+        dilation: int,
+        pad_mode: str,
+        transform: str,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("rel_channels", rel_channels),
+                            ("out_channels", out_channels), ("share_planes", share_planes)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if out_channels % share_planes != 0:
+            raise ValueError(
+                f"out_channels ({out_channels}) must be divisible by share_planes ({share_planes})"
+            )
+        if transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        if transform == "shared_all" and rel_channels != out_channels:
+            raise ValueError(
+                "transform='shared_all' (phi = psi = beta) needs rel_channels == out_channels "
+                f"(r1 == r2), got {rel_channels} and {out_channels}"
+            )
+        self.in_channels, self.rel_channels, self.out_channels = in_channels, rel_channels, out_channels
+        self.share_planes, self.weight_channels = share_planes, out_channels // share_planes
+        self.transform = transform
+        footprint = dict(kernel_size=kernel_size, stride=stride, dilation=dilation, pad_mode=pad_mode)
+        self.aggregation = Aggregation(**footprint)
+        self.kernel_size, self.stride = self.aggregation.kernel_size, self.aggregation.stride
+        self.footprint = footprint
+
+        # phi = psi = beta shares one map; phi = psi shares the relation map.
+        self.phi = nn.Conv2d(in_channels, rel_channels, kernel_size=1)
+        self.psi = nn.Conv2d(in_channels, rel_channels, kernel_size=1) if transform == "separate" else None
+        self.beta = nn.Conv2d(in_channels, out_channels, kernel_size=1) if transform != "shared_all" else None
+
+    def _transforms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = self.phi(x)
+        k = self.psi(x) if self.psi is not None else q
+        v = self.beta(x) if self.beta is not None else q
+        return q, k, v
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+
+
+class PairwiseSelfAttention(_SelfAttention):
+    """Pairwise self-attention, eq. (1)-(2): alpha(x_i, x_j) = gamma(delta(x_i, x_j)).
+
+    Shapes: x (N, in, H, W) -> y (N, out, H_out, W_out). Internally z = [delta, p_i - p_j] is
+    (N, D, K, L) and the weights w = softmax_K(gamma(z)) are (N, out / share_planes, K, L).
+
+    Args:
+        relation: delta, the paper's eq. (2) options: ``"summation"`` phi(x_i) + psi(x_j),
+            ``"subtraction"`` phi(x_i) - psi(x_j) (the authors' model), ``"concatenation"``
+            [phi(x_i), psi(x_j)], ``"hadamard"`` phi(x_i) ⊙ psi(x_j), ``"dot"`` phi(x_i)^T psi(x_j).
+        position_encoding: concatenate p_i - p_j, the difference of linearly mapped normalised
+            coordinates (section 3.1, "Position encoding"), to delta.
+        mapping: gamma as an R/L spec (see :mod:`torchsan.layers.mapping`), hidden width rel.
+        transform: ``"separate"`` (phi, psi, beta distinct), ``"shared_phi_psi"`` (phi = psi),
+            ``"shared_all"`` (phi = psi = beta; needs rel_channels == out_channels), Table 5.
+        rel_channels / out_channels: C / r1 and C / r2 of the paper.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        rel_channels: int,
+        out_channels: int,
+        share_planes: int = 8,
+        kernel_size: int = 7,
+        stride: int = 1,
+        dilation: int = 1,
+        relation: str = "subtraction",
+        position_encoding: bool = True,
+        mapping: str = "R-L-R-L",
+        transform: str = "separate",
+        pad_mode: str = "reflect",
+    ) -> None:
+        super().__init__(in_channels, rel_channels, out_channels, share_planes, kernel_size,
+                         stride, dilation, pad_mode, transform)
+        if relation not in PAIRWISE_RELATIONS:
+            raise ValueError(f"relation must be one of {PAIRWISE_RELATIONS}, got {relation!r}")
+        self.relation, self.position_encoding = relation, position_encoding
+        if relation == "subtraction":
+            self.subtraction2 = Subtraction2(**self.footprint)
+        else:
+            self.centre, self.unfold = Centre(**self.footprint), Unfold(**self.footprint)
+        rel_out = {"concatenation": 2 * rel_channels, "dot": 1}.get(relation, rel_channels)
+        if position_encoding:
+            self.pos_proj = nn.Conv2d(2, 2, kernel_size=1)
+            self.subtraction = Subtraction(**self.footprint)
+        self.gamma = build_mapping(mapping, rel_out + 2 * position_encoding, rel_channels,
+                                   self.weight_channels)
+        self.softmax = nn.Softmax(dim=2)
+
+    def _relation(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """delta(x_i, x_j) for every pair: (N, rel, H, W) x 2 -> (N, D, K, L)."""
+        if self.relation == "subtraction":
+            return self.subtraction2(q, k)
+        qi, kj = self.centre(q), self.unfold(k)
+        if self.relation == "summation":
+            return qi + kj
+        if self.relation == "hadamard":
+            return qi * kj
+        if self.relation == "dot":
+            return (qi * kj).sum(dim=1, keepdim=True)
+        return torch.cat([qi.expand_as(kj), kj], dim=1)  # concatenation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        q, k, v = self._transforms(x)
+        z = self._relation(q, k)
+        if self.position_encoding:
+            p = self.subtraction(self.pos_proj(position_grid(x.shape[2], x.shape[3], x)))
+            z = torch.cat([z, p.expand(x.shape[0], -1, -1, -1)], dim=1)
+        w = self.softmax(self.gamma(z))
+        return self.aggregation(v, w)
+
+
+class PatchwiseSelfAttention(_SelfAttention):
+    """Patchwise self-attention, eq. (3)-(4): alpha(x_R(i)) = gamma(delta(x_R(i))).
+
+    The weights for all K positions of a footprint come from the whole patch at once.
+    Shapes: x (N, in, H, W) -> y (N, out, H_out, W_out); delta is (N, D, 1, L), gamma maps it to
+    (N, K * out / share_planes, 1, L), read as weights (N, out / share_planes, K, L)
+    (output channel g*K + k is weight channel g, neighbour k).
+
+    Args:
+        relation: ``"star"`` [phi(x_i)^T psi(x_j)]_j (D = K), ``"clique"``
+            [phi(x_j)^T psi(x_k)]_{j,k} (D = K*K), ``"concatenation"`` [phi(x_i), psi(x_j)]_j
+            (D = rel * (K + 1), ordered phi then psi channel-major c*K + k; the authors' model).
+        mapping: gamma as an R/L spec, hidden width out / share_planes.
+        transform: as for :class:`PairwiseSelfAttention`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        rel_channels: int,
+        out_channels: int,
+        share_planes: int = 8,
+        kernel_size: int = 7,
+        stride: int = 1,
+        dilation: int = 1,
+        relation: str = "concatenation",
+        mapping: str = "R-L-R-L",
+        transform: str = "separate",
+        pad_mode: str = "reflect",
+    ) -> None:
+        super().__init__(in_channels, rel_channels, out_channels, share_planes, kernel_size,
+                         stride, dilation, pad_mode, transform)
+        if relation not in PATCHWISE_RELATIONS:
+            raise ValueError(f"relation must be one of {PATCHWISE_RELATIONS}, got {relation!r}")
+        self.relation = relation
+        self.centre, self.unfold = Centre(**self.footprint), Unfold(**self.footprint)
+        area = self.aggregation.kernel_size**2
+        rel_out = {"star": area, "clique": area * area}.get(relation, rel_channels * (area + 1))
+        self.gamma = build_mapping(mapping, rel_out, self.weight_channels, area * self.weight_channels)
+
+    def _relation(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """delta(x_R(i)): (N, rel, H, W) x 2 -> (N, D, 1, L)."""
+        n = q.shape[0]
+        kj = self.unfold(k)  # (N, rel, K, L)
+        if self.relation == "concatenation":
+            qi = self.centre(q)  # (N, rel, 1, L)
+            return torch.cat([qi, kj.reshape(n, -1, 1, kj.shape[-1])], dim=1)
+        if self.relation == "star":
+            return (self.centre(q) * kj).sum(dim=1).unsqueeze(2)
+        qj = self.unfold(q)
+        clique = torch.einsum("ncjl,nckl->njkl", qj, kj)  # (N, K, K, L)
+        return clique.reshape(n, -1, 1, kj.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        q, k, v = self._transforms(x)
+        z = self._relation(q, k)
+        w = self.gamma(z).view(x.shape[0], self.weight_channels, self.kernel_size**2, -1)
+        return self.aggregation(v, w)

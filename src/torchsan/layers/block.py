@@ -1,0 +1,64 @@
+"""The self-attention bottleneck block (paper Fig. 2, the authors' ``Bottleneck``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import PairwiseSelfAttention, PatchwiseSelfAttention
+
+ATTENTION_TYPES = {"pairwise": PairwiseSelfAttention, "patchwise": PatchwiseSelfAttention}
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-activation residual block with identity shortcut, nothing after the add:
+
+        y = x + proj(ReLU(BN(SA(ReLU(BN(x))))))
+
+    SA maps channels -> channels / mid_reduction (its relation width is channels / rel_reduction)
+    and ``proj`` (1x1 conv with bias) maps back. Shapes: (N, C, H, W) -> (N, C, H, W).
+
+    Args:
+        channels: C, in and out.
+        sa_type: ``"pairwise"`` or ``"patchwise"``.
+        rel_reduction / mid_reduction: r1 and r2 of the paper (16 and 4 in the authors' model).
+        **attn_kwargs: passed to the attention layer (relation, mapping, position_encoding, ...).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        sa_type: str = "pairwise",
+        kernel_size: int = 7,
+        share_planes: int = 8,
+        rel_reduction: int = 16,
+        mid_reduction: int = 4,
+        dilation: int = 1,
+        pad_mode: str = "reflect",
+        **attn_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if sa_type not in ATTENTION_TYPES:
+            raise ValueError(f"sa_type must be one of {tuple(ATTENTION_TYPES)}, got {sa_type!r}")
+        if channels % rel_reduction or channels % mid_reduction:
+            raise ValueError(
+                f"channels ({channels}) must be divisible by rel_reduction ({rel_reduction}) "
+                f"and mid_reduction ({mid_reduction})"
+            )
+        mid = channels // mid_reduction
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.act1 = nn.ReLU(inplace=True)
+        self.attn = ATTENTION_TYPES[sa_type](
+            channels, channels // rel_reduction, mid, share_planes=share_planes,
+            kernel_size=kernel_size, dilation=dilation, pad_mode=pad_mode, **attn_kwargs,
+        )
+        self.norm2 = nn.BatchNorm2d(mid)
+        self.act2 = nn.ReLU(inplace=True)
+        self.proj = nn.Conv2d(mid, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.attn(self.act1(self.norm1(x)))
+        out = self.proj(self.act2(self.norm2(out)))
+        return out + x

@@ -1,0 +1,140 @@
+"""Functional SAN operators (the authors' primitives), with backend dispatch.
+
+Notation: x is (N, C, H, W); the footprint is the k x k window (K = k*k neighbours, indexed
+k = kh * kernel_size + kw) around each output pixel, with dilation d and padding
+``(d * (kernel_size - 1) + 1) // 2`` unless given; L = H_out * W_out. Padding is ``"reflect"``
+(a single reflection, like ``nn.ReflectionPad2d``; needs padding < H and W) or ``"zeros"``.
+
+All ops are differentiable. Validation happens here, before dispatch, so every backend rejects
+bad input identically.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from ._checks import PAD_MODES, Footprint, default_padding, resolve_footprint
+from ._dispatch import available_backends, get_backend, implementation, set_backend, use_backend
+
+__all__ = [
+    "PAD_MODES",
+    "Footprint",
+    "aggregation",
+    "available_backends",
+    "centre",
+    "default_padding",
+    "get_backend",
+    "output_size",
+    "resolve_footprint",
+    "set_backend",
+    "subtraction",
+    "subtraction2",
+    "unfold",
+    "use_backend",
+]
+
+
+def output_size(
+    size: tuple[int, int],
+    kernel_size: int,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+) -> tuple[int, int]:
+    """(H_out, W_out) of any op here for an input of spatial ``size`` = (H, W)."""
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, "zeros")
+    return fp.out_size(size[0]), fp.out_size(size[1])
+
+
+def aggregation(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """Weighted sum over the footprint, with weights shared across interleaved channels.
+
+    ``y[n, c, o] = sum_k weight[n, c % Cw, k, o] * x[n, c, nbr_k(o)]``
+
+    Args:
+        x: (N, C, H, W) values (beta(x) in the paper).
+        weight: (N, Cw, K, L) attention weights, C % Cw == 0, K = kernel_size**2.
+    Returns:
+        (N, C, H_out, W_out).
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    h_out, w_out = _checks.check_aggregation(x, weight, fp)
+    return implementation(x.device).aggregation(x, weight, fp, h_out, w_out)
+
+
+def subtraction(
+    x: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """Centre minus neighbour: ``out[n, c, k, o] = x[n, c, centre(o)] - x[n, c, nbr_k(o)]``.
+
+    Used on the position-encoding grid (p_i - p_j). x: (N, C, H, W) -> (N, C, K, L).
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    _checks.check_feature_map("x", x)
+    h_out, w_out = _checks.check_fits(fp, x.shape[2], x.shape[3])
+    return implementation(x.device).subtraction(x, fp, h_out, w_out)
+
+
+def subtraction2(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """``out[n, c, k, o] = x1[n, c, centre(o)] - x2[n, c, nbr_k(o)]`` (phi(x_i) - psi(x_j)).
+
+    x1, x2: (N, C, H, W) of the same shape -> (N, C, K, L).
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
+    return implementation(x1.device).subtraction2(x1, x2, fp, h_out, w_out)
+
+
+def unfold(
+    x: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """The footprint's neighbours: ``out[n, c, k, o] = x[n, c, nbr_k(o)]``, (N, C, K, L).
+
+    The patch gather of patchwise attention (psi(x_j) for all j in R(i)).
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    _checks.check_feature_map("x", x)
+    _checks.check_fits(fp, x.shape[2], x.shape[3])
+    return implementation(x.device).unfold(x, fp)
+
+
+def centre(
+    x: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """The centre pixel of each output position's footprint: (N, C, H, W) -> (N, C, 1, L)."""
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    _checks.check_feature_map("x", x)
+    h_out, w_out = _checks.check_fits(fp, x.shape[2], x.shape[3])
+    return implementation(x.device).centre(x, fp, h_out, w_out)

@@ -1,0 +1,53 @@
+"""Plain PyTorch reference backend (unfold), differentiable through autograd on any device.
+
+This is the ground truth the fast kernels are tested against; it is itself tested against a
+per-pixel loop in ``tests/test_ops_reference.py``. It materialises the (N, C, K, L) unfolded
+tensor, so it is memory-hungry by design: clarity over speed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import Footprint
+
+
+def _padded(x: torch.Tensor, fp: Footprint) -> torch.Tensor:
+    p = fp.padding
+    if p == 0:
+        return x
+    mode = "reflect" if fp.pad_mode == "reflect" else "constant"
+    return F.pad(x, (p, p, p, p), mode=mode)
+
+
+def unfold(x: torch.Tensor, fp: Footprint) -> torch.Tensor:
+    """Neighbours of every output pixel: (N, C, H, W) -> (N, C, K, L), k = kh * ks + kw."""
+    n, c = x.shape[:2]
+    cols = F.unfold(_padded(x, fp), fp.kernel_size, dilation=fp.dilation, stride=fp.stride)
+    return cols.view(n, c, fp.area, cols.shape[-1])
+
+
+def centre(x: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch.Tensor:
+    """The centre tap of every output pixel's window: (N, C, H, W) -> (N, C, 1, L)."""
+    off = (fp.kernel_size // 2) * fp.dilation
+    xp = _padded(x, fp)
+    s = fp.stride
+    mid = xp[:, :, off : off + (h_out - 1) * s + 1 : s, off : off + (w_out - 1) * s + 1 : s]
+    return mid.reshape(x.shape[0], x.shape[1], 1, h_out * w_out)
+
+
+def aggregation(x: torch.Tensor, weight: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch.Tensor:
+    n, c = x.shape[:2]
+    cw = weight.shape[1]
+    cols = unfold(x, fp).view(n, c // cw, cw, fp.area, h_out * w_out)
+    out = (cols * weight.unsqueeze(1)).sum(dim=3)
+    return out.view(n, c, h_out, w_out)
+
+
+def subtraction(x: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch.Tensor:
+    return centre(x, fp, h_out, w_out) - unfold(x, fp)
+
+
+def subtraction2(x1: torch.Tensor, x2: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch.Tensor:
+    return centre(x1, fp, h_out, w_out) - unfold(x2, fp)
