@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -63,6 +64,36 @@ def _summary(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import timm
+
+    from .models._helpers import convert_state_dict, load_converted, read_checkpoint
+
+    if not timm.is_model(args.model):
+        raise ValueError(f"unknown model {args.model!r}; see timm.list_models('san*')")
+    checkpoint = read_checkpoint(args.src)
+    model = timm.create_model(args.model)
+    state_dict = convert_state_dict(checkpoint, model)
+    fc = state_dict.get("fc.weight")
+    if isinstance(fc, torch.Tensor) and fc.dim() == 2 and fc.shape[0] != model.num_classes:
+        model = timm.create_model(args.model, num_classes=fc.shape[0])  # a fine-tuned head
+        state_dict = convert_state_dict(checkpoint, model)
+    load_converted(model, state_dict, f"checkpoint {args.src!r}")  # strict; names what does not fit
+    converted = model.state_dict()
+    dst = os.fspath(args.dst)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        torch.save({"state_dict": converted, "model": args.model}, tmp)
+        os.replace(tmp, dst)  # atomic: never a half-written DST
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    n_values = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} -> {dst}: {len(converted)} tensors, {n_values / 1e6:.2f}M parameters, "
+          f"loads strictly into {args.model} (num_classes={model.num_classes})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchsan", description=__doc__)
     parser.add_argument("--version", action="version", version=f"torchsan {__version__}")
@@ -75,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=_summary)
+    p = sub.add_parser("convert", help="convert the authors' SAN/ResNet checkpoint (model_best.pth) to this "
+                       "package's names, checking that it loads strictly into the model")
+    p.add_argument("src", help="the authors' checkpoint (or any state dict file the model accepts)")
+    p.add_argument("dst", help="output file: {'state_dict': ..., 'model': NAME}")
+    p.add_argument("--model", required=True, help="timm model name, e.g. san10_pairwise or san_resnet26")
+    p.set_defaults(func=_convert)
     return parser
 
 

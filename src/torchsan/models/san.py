@@ -177,17 +177,18 @@ class SAN(nn.Module):
         self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def check_input_size(self, height: int, width: int) -> None:
-        """Raise ``ValueError`` if an (H, W) input is too small for some stage's footprint."""
-        if self.pad_mode != "reflect":
-            return
+        """Raise ``ValueError`` if an (H, W) input is too small for some stage's pooling or footprint."""
+        hint = "larger images" if self.stage_pools == SMALL_INPUT_POOLS else "small_input=True (16-64 px inputs)"
         for t, (kernel, pool) in enumerate(zip(self.kernels, self.stage_pools)):
-            height, width = (height // 2, width // 2) if pool else (height, width)
+            if pool:
+                if min(height, width) < 2:
+                    raise ValueError(f"input too small: stage {t} would max-pool a {height}x{width} px map; use {hint}")
+                height, width = height // 2, width // 2
             pad = default_padding(kernel, self.dilation)
-            if pad >= min(height, width):
+            if self.pad_mode == "reflect" and pad >= min(height, width):
                 raise ValueError(
                     f"input too small: stage {t} runs at {height}x{width} px, but its {kernel}x{kernel} "
-                    f"reflect-padded footprint needs at least {pad + 1} px; use small_input=True "
-                    "(16-64 px inputs), larger images, or pad_mode='zeros'"
+                    f"reflect-padded footprint needs at least {pad + 1} px; use {hint} or pad_mode='zeros'"
                 )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
