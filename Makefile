@@ -16,7 +16,7 @@ run: setup
 	$(BIN)/torchsan summary
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q
