@@ -261,3 +261,27 @@ def test_layer_gradcheck(cls, relation):
     layer = _randomise(cls(4, 2, 4, share_planes=2, kernel_size=3, relation=relation))
     x = torch.randn(1, 4, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_memory_efficient_is_the_same_function(sa_type):
+    """Recomputing the weights in backward changes neither outputs, gradients nor BN running statistics."""
+    torch.manual_seed(3)
+    plain = SelfAttentionBlock(16, sa_type, kernel_size=3, rel_reduction=4, mid_reduction=2, share_planes=2).double()
+    lean = SelfAttentionBlock(16, sa_type, kernel_size=3, rel_reduction=4, mid_reduction=2, share_planes=2,
+                              memory_efficient=True).double()
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 16, 6, 7, dtype=torch.float64)
+    results = []
+    for block in (plain, lean):
+        block.train()
+        y = block(x)
+        y.square().sum().backward()
+        results.append((y.detach(), {n: p.grad for n, p in block.named_parameters()},
+                        {n: b.clone() for n, b in block.named_buffers()}))
+    (y0, g0, b0), (y1, g1, b1) = results
+    torch.testing.assert_close(y0, y1)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], msg=name)
+    for name in b0:
+        torch.testing.assert_close(b0[name], b1[name], msg=name)  # BN stats updated once, not twice

@@ -24,6 +24,13 @@ CASES = [
 MODES = ["reflect", "zeros"]
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    """This file tests the reference backend against the oracle; test_ops_cpu.py tests the fused one."""
+    with ops.use_backend("reference"):
+        yield
+
+
 def _ids(case):
     k, s, d, p, h, w = case
     return f"k{k}s{s}d{d}p{p}_{h}x{w}"
@@ -119,12 +126,12 @@ def test_output_size_and_default_padding():
 
 def test_backend_selection():
     assert "reference" in ops.available_backends()
-    assert ops.get_backend() == "auto"
-    with ops.use_backend("reference"):
-        assert ops.get_backend() == "reference"
+    assert ops.get_backend() == "reference"  # set by this file's fixture
+    with ops.use_backend("auto"):
+        assert ops.get_backend() == "auto"
         x = torch.randn(1, 2, 5, 5)
         assert ops.unfold(x, 3).shape == (1, 2, 9, 25)
-    assert ops.get_backend() == "auto"
+    assert ops.get_backend() == "reference"
     with pytest.raises(ValueError, match="unknown backend"):
         ops.set_backend("fast-and-wrong")
 

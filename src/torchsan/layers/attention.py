@@ -10,8 +10,12 @@ transform, in -> out), ``gamma`` (the mapping), ``pos_proj`` (the position encod
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .mapping import build_mapping
 from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
@@ -19,6 +23,19 @@ from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
 PAIRWISE_RELATIONS = ("summation", "subtraction", "concatenation", "hadamard", "dot")
 PATCHWISE_RELATIONS = ("star", "clique", "concatenation")
 TRANSFORMS = ("separate", "shared_phi_psi", "shared_all")
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Restore BN running statistics on exit, so a recomputation does not update them a second time."""
+    saved = [(b, b.detach().clone()) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
 
 
 def position_grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -44,8 +61,10 @@ class _SelfAttention(nn.Module):
         dilation: int,
         pad_mode: str,
         transform: str,
+        memory_efficient: bool,
     ) -> None:
         super().__init__()
+        self.memory_efficient = memory_efficient
         for name, value in (("in_channels", in_channels), ("rel_channels", rel_channels),
                             ("out_channels", out_channels), ("share_planes", share_planes)):
             if not isinstance(value, int) or value < 1:
@@ -86,6 +105,23 @@ class _SelfAttention(nn.Module):
                 f"{type(self).__name__} expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
 
+    def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Attention weights (N, out / share_planes, K, L) from phi(x), psi(x): (N, rel, H, W)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in, H, W) -> (N, out, H_out, W_out)."""
+        self._check_input(x)
+        q, k, v = self._transforms(x)
+        if self.memory_efficient and torch.is_grad_enabled():
+            # Keep only q, k and w for backward; recompute the relation and gamma's activations over the
+            # (K, L) grid (the largest activation memory of a SAN) during the backward pass.
+            w = checkpoint(self._weights, q, k, use_reentrant=False,
+                           context_fn=lambda: (contextlib.nullcontext(), _frozen_batchnorm_stats(self.gamma)))
+        else:
+            w = self._weights(q, k)
+        return self.aggregation(v, w)
+
 
 class PairwiseSelfAttention(_SelfAttention):
     """Pairwise self-attention, eq. (1)-(2): alpha(x_i, x_j) = gamma(delta(x_i, x_j)).
@@ -102,6 +138,9 @@ class PairwiseSelfAttention(_SelfAttention):
         mapping: gamma as an R/L spec (see :mod:`torchsan.layers.mapping`), hidden width rel.
         transform: ``"separate"`` (phi, psi, beta distinct), ``"shared_phi_psi"`` (phi = psi),
             ``"shared_all"`` (phi = psi = beta; needs rel_channels == out_channels), Table 5.
+        memory_efficient: in training, recompute the relation and gamma over the (K, L) grid in the
+            backward pass instead of storing their activations (same function, less memory, ~20% more
+            time); BN running statistics are updated once.
         rel_channels / out_channels: C / r1 and C / r2 of the paper.
     """
 
@@ -119,9 +158,10 @@ class PairwiseSelfAttention(_SelfAttention):
         mapping: str = "R-L-R-L",
         transform: str = "separate",
         pad_mode: str = "reflect",
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__(in_channels, rel_channels, out_channels, share_planes, kernel_size,
-                         stride, dilation, pad_mode, transform)
+                         stride, dilation, pad_mode, transform, memory_efficient)
         if relation not in PAIRWISE_RELATIONS:
             raise ValueError(f"relation must be one of {PAIRWISE_RELATIONS}, got {relation!r}")
         self.relation, self.position_encoding = relation, position_encoding
@@ -150,15 +190,12 @@ class PairwiseSelfAttention(_SelfAttention):
             return (qi * kj).sum(dim=1, keepdim=True)
         return torch.cat([qi.expand_as(kj), kj], dim=1)  # concatenation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        q, k, v = self._transforms(x)
+    def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         z = self._relation(q, k)
         if self.position_encoding:
-            p = self.subtraction(self.pos_proj(position_grid(x.shape[2], x.shape[3], x)))
-            z = torch.cat([z, p.expand(x.shape[0], -1, -1, -1)], dim=1)
-        w = self.softmax(self.gamma(z))
-        return self.aggregation(v, w)
+            p = self.subtraction(self.pos_proj(position_grid(q.shape[2], q.shape[3], q)))
+            z = torch.cat([z, p.expand(q.shape[0], -1, -1, -1)], dim=1)
+        return self.softmax(self.gamma(z))
 
 
 class PatchwiseSelfAttention(_SelfAttention):
@@ -174,7 +211,7 @@ class PatchwiseSelfAttention(_SelfAttention):
             [phi(x_j)^T psi(x_k)]_{j,k} (D = K*K), ``"concatenation"`` [phi(x_i), psi(x_j)]_j
             (D = rel * (K + 1), ordered phi then psi channel-major c*K + k; the authors' model).
         mapping: gamma as an R/L spec, hidden width out / share_planes.
-        transform: as for :class:`PairwiseSelfAttention`.
+        transform, memory_efficient: as for :class:`PairwiseSelfAttention`.
     """
 
     def __init__(
@@ -190,9 +227,10 @@ class PatchwiseSelfAttention(_SelfAttention):
         mapping: str = "R-L-R-L",
         transform: str = "separate",
         pad_mode: str = "reflect",
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__(in_channels, rel_channels, out_channels, share_planes, kernel_size,
-                         stride, dilation, pad_mode, transform)
+                         stride, dilation, pad_mode, transform, memory_efficient)
         if relation not in PATCHWISE_RELATIONS:
             raise ValueError(f"relation must be one of {PATCHWISE_RELATIONS}, got {relation!r}")
         self.relation = relation
@@ -214,9 +252,6 @@ class PatchwiseSelfAttention(_SelfAttention):
         clique = torch.einsum("ncjl,nckl->njkl", qj, kj)  # (N, K, K, L)
         return clique.reshape(n, -1, 1, kj.shape[-1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        q, k, v = self._transforms(x)
+    def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         z = self._relation(q, k)
-        w = self.gamma(z).view(x.shape[0], self.weight_channels, self.kernel_size**2, -1)
-        return self.aggregation(v, w)
+        return self.gamma(z).view(q.shape[0], self.weight_channels, self.kernel_size**2, -1)

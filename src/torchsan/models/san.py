@@ -87,6 +87,8 @@ class SAN(nn.Module):
         share_planes, rel_reduction, mid_reduction, dilation, pad_mode: block options.
         relation, mapping, position_encoding, transform: attention options, for the ablations
             (defaults: the authors' model; see :mod:`torchsan.layers`).
+        memory_efficient: recompute the attention weights' intermediate activations in the backward
+            pass (much less training memory, same function; see docs/performance.md).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class SAN(nn.Module):
         mapping: str = "R-L-R-L",
         position_encoding: bool = True,
         transform: str = "separate",
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         if not (len(layers) == len(kernels) == len(widths)):
@@ -122,7 +125,7 @@ class SAN(nn.Module):
             stage_pools = SMALL_INPUT_POOLS if small_input else IMAGENET_POOLS
         if len(stage_pools) != len(layers):
             raise ValueError(f"stage_pools needs {len(layers)} entries, got {len(stage_pools)}")
-        attn_kwargs: dict[str, Any] = dict(mapping=mapping, transform=transform)
+        attn_kwargs: dict[str, Any] = dict(mapping=mapping, transform=transform, memory_efficient=memory_efficient)
         if relation is not None:
             attn_kwargs["relation"] = relation
         if sa_type == "pairwise":

@@ -68,7 +68,7 @@ def aggregation(
     """
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     h_out, w_out = _checks.check_aggregation(x, weight, fp)
-    return implementation(x.device).aggregation(x, weight, fp, h_out, w_out)
+    return implementation(x).aggregation(x, weight, fp, h_out, w_out)
 
 
 def subtraction(
@@ -86,7 +86,7 @@ def subtraction(
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     _checks.check_feature_map("x", x)
     h_out, w_out = _checks.check_fits(fp, x.shape[2], x.shape[3])
-    return implementation(x.device).subtraction(x, fp, h_out, w_out)
+    return implementation(x).subtraction(x, fp, h_out, w_out)
 
 
 def subtraction2(
@@ -104,7 +104,7 @@ def subtraction2(
     """
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
-    return implementation(x1.device).subtraction2(x1, x2, fp, h_out, w_out)
+    return implementation(x1).subtraction2(x1, x2, fp, h_out, w_out)
 
 
 def unfold(
@@ -122,7 +122,7 @@ def unfold(
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     _checks.check_feature_map("x", x)
     _checks.check_fits(fp, x.shape[2], x.shape[3])
-    return implementation(x.device).unfold(x, fp)
+    return implementation(x).unfold(x, fp)
 
 
 def centre(
@@ -137,4 +137,4 @@ def centre(
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     _checks.check_feature_map("x", x)
     h_out, w_out = _checks.check_fits(fp, x.shape[2], x.shape[3])
-    return implementation(x.device).centre(x, fp, h_out, w_out)
+    return implementation(x).centre(x, fp, h_out, w_out)

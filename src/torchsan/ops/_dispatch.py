@@ -1,26 +1,33 @@
 """Backend selection, in one place.
 
 Backends:
-    ``reference``  plain PyTorch (unfold), any device, the ground truth for tests.
-    (later: ``cpu`` fused C++/OpenMP kernels, ``cuda`` Triton/CUDA kernels.)
+    ``cpu``        fused C++/OpenMP kernels (float32/float64 CPU tensors), registered as torch custom ops.
+    ``reference``  plain PyTorch (unfold), any device and dtype, the ground truth for tests.
+    (later: ``cuda`` Triton/CUDA kernels.)
 
-``auto`` (the default) picks the fastest backend available for the input's device.
+``auto`` (the default) picks the fastest backend that serves the input: ``cpu`` for float32/float64
+CPU tensors when the kernels could be built, else ``reference``. The environment variable
+``TORCHSAN_BACKEND`` sets the initial choice for every thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
-from . import reference
+from . import _cpu, reference
 
-_BACKENDS: dict[str, ModuleType] = {"reference": reference}
+_BACKENDS: dict[str, ModuleType] = {"cpu": _cpu, "reference": reference}
 _CHOICES = ("auto", *_BACKENDS)
 _state = threading.local()
+_DEFAULT = os.environ.get("TORCHSAN_BACKEND", "auto")
+if _DEFAULT not in _CHOICES:
+    raise ValueError(f"TORCHSAN_BACKEND={_DEFAULT!r} is not one of {_CHOICES}")
 
 
 def available_backends() -> tuple[str, ...]:
@@ -30,7 +37,7 @@ def available_backends() -> tuple[str, ...]:
 
 def get_backend() -> str:
     """The backend requested for this thread ("auto" unless changed)."""
-    return getattr(_state, "name", "auto")
+    return getattr(_state, "name", _DEFAULT)
 
 
 def set_backend(name: str) -> None:
@@ -51,10 +58,18 @@ def use_backend(name: str) -> Iterator[None]:
         _state.name = previous
 
 
-def implementation(device: torch.device) -> ModuleType:
-    """The backend module that serves a tensor on ``device`` under the current selection."""
+def implementation(x: torch.Tensor) -> ModuleType:
+    """The backend module that serves input ``x`` under the current selection."""
     name = get_backend()
     if name == "auto":
-        # Only the reference exists so far; fused kernels register themselves here.
-        return _BACKENDS["reference"]
+        if x.device.type == "cpu" and x.dtype in _cpu.DTYPES and _cpu.available():
+            return _cpu
+        return reference
+    if name == "cpu":
+        if x.device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, got a tensor on {x.device}")
+        if x.dtype not in _cpu.DTYPES:
+            raise TypeError(f"backend 'cpu' supports float32 and float64, got {x.dtype}")
+        if not _cpu.available():
+            raise RuntimeError(f"backend 'cpu' is unavailable: {_cpu.unavailable_reason()}")
     return _BACKENDS[name]

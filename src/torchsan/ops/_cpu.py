@@ -1,0 +1,292 @@
+"""The ``cpu`` backend: fused C++/OpenMP kernels registered as PyTorch custom ops.
+
+The C++ source (``torchsan/csrc/san_cpu.cpp``) is compiled on first use with
+``torch.utils.cpp_extension.load`` and cached in torch's extensions folder (about a minute, once per
+machine and torch version). If that fails (no compiler, no ninja), :func:`available` returns False and
+the dispatcher falls back to the reference ops with a warning. Set ``TORCHSAN_DISABLE_CPU_KERNELS=1``
+to skip the build.
+
+The ops live in the ``torchsan`` namespace (``torch.ops.torchsan.aggregation`` ...), with fake
+(meta) implementations for shape inference and ``torch.compile``, and autograd formulas whose
+backward passes are fused kernels too. The backward ops are differentiable as well (they are linear in
+the incoming gradient and bilinear overall, so their derivatives are again these ops): double backward
+works, as ``gradgradcheck`` verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ._checks import Footprint
+
+DTYPES = (torch.float32, torch.float64)
+_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "san_cpu.cpp"
+_lock = threading.Lock()
+_ext: ModuleType | None = None
+_error: str | None = None
+
+
+def _cpu_tag() -> str:
+    """Distinguishes builds for different CPUs (we compile with -march=native) and torch versions."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                flags += line
+    except OSError:
+        flags = platform.processor()
+    digest = hashlib.sha1((flags + torch.__version__ + _SOURCE.read_text()).encode()).hexdigest()
+    return digest[:12]
+
+
+def _load() -> ModuleType:
+    # torch logs a warning about CUDA_HOME on machines without CUDA (at import): irrelevant for a CPU build.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return _build()
+    finally:
+        log.setLevel(level)
+
+
+def _build() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    name = f"torchsan_cpu_{_cpu_tag()}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    if not any(build_dir.glob(f"{name}*.so")):
+        print("torchsan: compiling the fused CPU kernels (first use only, about a minute)...", file=sys.stderr)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def extension() -> ModuleType | None:
+    """The compiled extension, building it on first call; None if it cannot be built."""
+    global _ext, _error
+    if _ext is not None or _error is not None:
+        return _ext
+    with _lock:
+        if _ext is None and _error is None:
+            if os.environ.get("TORCHSAN_DISABLE_CPU_KERNELS", "") not in ("", "0"):
+                _error = "disabled by TORCHSAN_DISABLE_CPU_KERNELS"
+            else:
+                try:
+                    _ext = _load()
+                except Exception as err:  # no compiler, no ninja, a build error: fall back, never crash
+                    _error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                    warnings.warn(
+                        f"torchsan: the fused CPU kernels could not be built ({_error}); "
+                        "falling back to the reference ops (correct but slow and memory-hungry)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+    return _ext
+
+
+def available() -> bool:
+    """Whether the fused CPU kernels are usable (builds them on first call)."""
+    return extension() is not None
+
+
+def unavailable_reason() -> str | None:
+    return _error
+
+
+def _out_hw(h, w, k: int, s: int, p: int, d: int):
+    span = d * (k - 1) + 1
+    return (h + 2 * p - span) // s + 1, (w + 2 * p - span) // s + 1
+
+
+# --- custom ops --------------------------------------------------------------------------------
+@torch.library.custom_op("torchsan::aggregation", mutates_args=(), device_types="cpu")
+def aggregation_op(x: Tensor, weight: Tensor, kernel_size: int, stride: int, padding: int, dilation: int,
+                   reflect: bool) -> Tensor:
+    """(N, C, H, W), (N, Cw, K, L) -> (N, C, H_out, W_out)."""
+    return extension().aggregation_forward(x, weight, kernel_size, stride, padding, dilation, reflect)
+
+
+@aggregation_op.register_fake
+def _(x, weight, kernel_size, stride, padding, dilation, reflect):
+    ho, wo = _out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    return x.new_empty((x.shape[0], x.shape[1], ho, wo))
+
+
+@torch.library.custom_op("torchsan::aggregation_backward", mutates_args=(), device_types="cpu")
+def aggregation_backward_op(grad: Tensor, x: Tensor, weight: Tensor, kernel_size: int, stride: int, padding: int,
+                            dilation: int, reflect: bool) -> tuple[Tensor, Tensor]:
+    """Gradients of the aggregation w.r.t. x and weight, in one pass."""
+    gx, gw = extension().aggregation_backward(grad, x, weight, kernel_size, stride, padding, dilation, reflect,
+                                              True, True)
+    return gx, gw
+
+
+@aggregation_backward_op.register_fake
+def _(grad, x, weight, kernel_size, stride, padding, dilation, reflect):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        weight, memory_format=torch.contiguous_format)
+
+
+def _aggregation_setup(ctx, inputs, output):
+    x, weight, *args = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = args
+
+
+def _aggregation_grad(ctx, grad):
+    x, weight = ctx.saved_tensors
+    gx, gw = aggregation_backward_op(grad, x, weight, *ctx.args)
+    return gx, gw, None, None, None, None, None
+
+
+aggregation_op.register_autograd(_aggregation_grad, setup_context=_aggregation_setup)
+
+
+def _aggregation_backward_setup(ctx, inputs, output):
+    grad, x, weight, *args = inputs
+    ctx.save_for_backward(grad, x, weight)
+    ctx.args = args
+
+
+def _aggregation_backward_grad(ctx, ggx, ggw):
+    # <ggx, gx> + <ggw, gw> is the derivative of <grad, agg(x, w)> along (ggx, ggw), so:
+    #   d/dgrad = agg(ggx, w) + agg(x, ggw);  d/dx = gx of agg(., ggw);  d/dw = gw of agg(ggx, .).
+    grad, x, weight = ctx.saved_tensors
+    d_grad = d_x = d_w = None
+    if ggx is not None:
+        d_grad = aggregation_op(ggx, weight, *ctx.args)
+        d_w = aggregation_backward_op(grad, ggx, weight, *ctx.args)[1]
+    if ggw is not None:
+        extra = aggregation_op(x, ggw, *ctx.args)
+        d_grad = extra if d_grad is None else d_grad + extra
+        d_x = aggregation_backward_op(grad, x, ggw, *ctx.args)[0]
+    return d_grad, d_x, d_w, None, None, None, None, None
+
+
+aggregation_backward_op.register_autograd(_aggregation_backward_grad, setup_context=_aggregation_backward_setup)
+
+
+@torch.library.custom_op("torchsan::subtraction2", mutates_args=(), device_types="cpu")
+def subtraction2_op(x1: Tensor, x2: Tensor, kernel_size: int, stride: int, padding: int, dilation: int,
+                    reflect: bool) -> Tensor:
+    """(N, C, H, W) x 2 -> (N, C, K, L): x1 at the centre minus x2 at each neighbour."""
+    return extension().gather_forward(x1, x2, kernel_size, stride, padding, dilation, reflect)
+
+
+@torch.library.custom_op("torchsan::unfold", mutates_args=(), device_types="cpu")
+def unfold_op(x: Tensor, kernel_size: int, stride: int, padding: int, dilation: int, reflect: bool) -> Tensor:
+    """(N, C, H, W) -> (N, C, K, L): the neighbours."""
+    return extension().gather_forward(None, x, kernel_size, stride, padding, dilation, reflect)
+
+
+def _gather_fake(x, kernel_size, stride, padding, dilation):
+    ho, wo = _out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    return x.new_empty((x.shape[0], x.shape[1], kernel_size * kernel_size, ho * wo))
+
+
+subtraction2_op.register_fake(lambda x1, x2, k, s, p, d, r: _gather_fake(x2, k, s, p, d))
+unfold_op.register_fake(lambda x, k, s, p, d, r: _gather_fake(x, k, s, p, d))
+
+
+@torch.library.custom_op("torchsan::subtraction2_backward", mutates_args=(), device_types="cpu")
+def subtraction2_backward_op(grad: Tensor, height: int, width: int, kernel_size: int, stride: int, padding: int,
+                             dilation: int, reflect: bool) -> tuple[Tensor, Tensor]:
+    g1, g2 = extension().gather_backward(grad, height, width, kernel_size, stride, padding, dilation, reflect,
+                                         True, True, True)
+    return g1, g2
+
+
+@torch.library.custom_op("torchsan::unfold_backward", mutates_args=(), device_types="cpu")
+def unfold_backward_op(grad: Tensor, height: int, width: int, kernel_size: int, stride: int, padding: int,
+                       dilation: int, reflect: bool) -> Tensor:
+    return extension().gather_backward(grad, height, width, kernel_size, stride, padding, dilation, reflect,
+                                       False, False, True)[1]
+
+
+def _input_fake(grad, height, width):
+    return grad.new_empty((grad.shape[0], grad.shape[1], height, width))
+
+
+subtraction2_backward_op.register_fake(lambda g, h, w, *a: (_input_fake(g, h, w), _input_fake(g, h, w)))
+unfold_backward_op.register_fake(lambda g, h, w, *a: _input_fake(g, h, w))
+
+
+def _gather_setup(ctx, inputs, output):
+    x = inputs[0]
+    ctx.hw = (x.shape[2], x.shape[3])
+    ctx.args = inputs[-5:]
+
+
+def _subtraction2_grad(ctx, grad):
+    g1, g2 = subtraction2_backward_op(grad, *ctx.hw, *ctx.args)
+    return g1, g2, None, None, None, None, None
+
+
+def _unfold_grad(ctx, grad):
+    return unfold_backward_op(grad, *ctx.hw, *ctx.args), None, None, None, None, None
+
+
+subtraction2_op.register_autograd(_subtraction2_grad, setup_context=_gather_setup)
+unfold_op.register_autograd(_unfold_grad, setup_context=_gather_setup)
+
+
+# The gather backwards are linear in the gradient: their adjoints are the forward gathers.
+def _gather_backward_setup(ctx, inputs, output):
+    ctx.args = inputs[3:]
+
+
+def _subtraction2_backward_grad(ctx, gg1, gg2):
+    gg1 = torch.zeros_like(gg2) if gg1 is None else gg1
+    gg2 = torch.zeros_like(gg1) if gg2 is None else gg2
+    return subtraction2_op(gg1, gg2, *ctx.args), None, None, None, None, None, None, None
+
+
+def _unfold_backward_grad(ctx, gg):
+    return unfold_op(gg, *ctx.args), None, None, None, None, None, None, None
+
+
+subtraction2_backward_op.register_autograd(_subtraction2_backward_grad, setup_context=_gather_backward_setup)
+unfold_backward_op.register_autograd(_unfold_backward_grad, setup_context=_gather_backward_setup)
+
+
+# --- backend interface (see _dispatch.py) ------------------------------------------------------
+def _fp_args(fp: Footprint) -> tuple[int, int, int, int, bool]:
+    return fp.kernel_size, fp.stride, fp.padding, fp.dilation, fp.pad_mode == "reflect"
+
+
+def aggregation(x: Tensor, weight: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
+    return aggregation_op(x, weight, *_fp_args(fp))
+
+
+def subtraction2(x1: Tensor, x2: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
+    return subtraction2_op(x1, x2, *_fp_args(fp))
+
+
+def subtraction(x: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
+    return subtraction2_op(x, x, *_fp_args(fp))
+
+
+def unfold(x: Tensor, fp: Footprint) -> Tensor:
+    return unfold_op(x, *_fp_args(fp))
+
+
+def centre(x: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
+    from .reference import centre as reference_centre  # a strided slice: already cheap
+
+    return reference_centre(x, fp, h_out, w_out)

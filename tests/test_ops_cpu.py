@@ -1,0 +1,243 @@
+"""The fused CPU kernels against the reference backend (the oracle for fast kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchsan import ops
+from torchsan.ops import _cpu
+
+pytestmark = pytest.mark.skipif(not _cpu.available(), reason=f"CPU kernels unavailable: {_cpu.unavailable_reason()}")
+
+# (kernel_size, stride, dilation, padding, H, W)
+CASES = [
+    (3, 1, 1, None, 9, 7),
+    (7, 1, 1, None, 13, 11),
+    (7, 2, 1, None, 15, 9),
+    (3, 2, 1, None, 8, 9),
+    (5, 1, 2, None, 11, 12),
+    (3, 3, 2, None, 10, 7),
+    (3, 1, 1, 0, 6, 7),
+    (3, 2, 1, 2, 5, 7),
+    (1, 1, 1, None, 4, 5),
+]
+MODES = ["reflect", "zeros"]
+
+
+def _ids(case):
+    k, s, d, p, h, w = case
+    return f"k{k}s{s}d{d}p{p}_{h}x{w}"
+
+
+def _both(fn, *tensors):
+    """Run fn on the fused and the reference backend with cloned leaf inputs; return outputs and grads."""
+    results = []
+    for backend in ("cpu", "reference"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        with ops.use_backend(backend):
+            out = fn(*leaves)
+        g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        out.backward(g)
+        results.append((out.detach(), [leaf.grad for leaf in leaves]))
+    return results
+
+
+def _close(a, b, dtype):
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_fused_matches_reference(case, mode, dtype):
+    k, s, d, p, h, w = case
+    args = (k, s, p, d, mode)
+    ho, wo = ops.output_size((h, w), k, s, p, d)
+    x = torch.randn(2, 12, h, w, dtype=dtype)
+    x2 = torch.randn(2, 12, h, w, dtype=dtype)
+    for cw in (1, 3, 12):
+        weight = torch.randn(2, cw, k * k, ho * wo, dtype=dtype)
+        (yf, gf), (yr, gr) = _both(lambda a, b: ops.aggregation(a, b, *args), x, weight)
+        _close(yf, yr, dtype)
+        for a, b in zip(gf, gr):
+            _close(a, b, dtype)
+    for fn, inputs in [(lambda a, b: ops.subtraction2(a, b, *args), (x, x2)),
+                       (lambda a: ops.subtraction(a, *args), (x,)),
+                       (lambda a: ops.unfold(a, *args), (x,))]:
+        (yf, gf), (yr, gr) = _both(fn, *inputs)
+        _close(yf, yr, dtype)
+        for a, b in zip(gf, gr):
+            _close(a, b, dtype)
+
+
+def test_noncontiguous_channels_last_and_batch1():
+    x = torch.randn(1, 16, 12, 10).to(memory_format=torch.channels_last)
+    xt = torch.randn(1, 16, 10, 12).transpose(2, 3)  # (1, 16, 12, 10), non-contiguous
+    weight = torch.randn(1, 49, 4, 120).transpose(1, 2)  # (1, 4, 49, 120), non-contiguous
+    assert not weight.is_contiguous() and not xt.is_contiguous()
+    for inp in (x, xt):
+        (yf, gf), (yr, gr) = _both(lambda a, b: ops.aggregation(a, b, 7), inp, weight)
+        _close(yf, yr, torch.float32)
+        for a, b in zip(gf, gr):
+            _close(a, b, torch.float32)
+        (yf, gf), (yr, gr) = _both(lambda a, b: ops.subtraction2(a, b, 7, pad_mode="zeros"), inp, xt)
+        _close(yf, yr, torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k,s,d", [(3, 1, 1), (3, 2, 1), (3, 1, 2)])
+def test_gradcheck(mode, k, s, d):
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    ho, wo = ops.output_size((6, 5), k, s, None, d)
+    weight = torch.randn(2, 2, k * k, ho * wo, dtype=torch.float64, requires_grad=True)
+    args = (k, s, None, d, mode)
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda a, b: ops.aggregation(a, b, *args), (x, weight), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda a, b: ops.subtraction2(a, b, *args), (x, x2), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda a: ops.subtraction(a, *args), (x,), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda a: ops.unfold(a, *args), (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_full_and_double_backward(mode):
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, 1, 9, 20, dtype=torch.float64, requires_grad=True)
+    with ops.use_backend("cpu"):
+        agg = lambda a, b: ops.aggregation(a, b, 3, pad_mode=mode)  # noqa: E731
+        sub = lambda a, b: ops.subtraction2(a, b, 3, stride=2, pad_mode=mode)  # noqa: E731
+        unf = lambda a: ops.unfold(a, 3, dilation=2, pad_mode=mode)  # noqa: E731
+        assert torch.autograd.gradcheck(agg, (x, weight))
+        assert torch.autograd.gradcheck(sub, (x, x2))
+        assert torch.autograd.gradgradcheck(agg, (x, weight))
+        assert torch.autograd.gradgradcheck(sub, (x, x2))
+        assert torch.autograd.gradgradcheck(unf, (x,))
+
+
+def test_same_result_with_1_and_2_threads():
+    x = torch.randn(3, 16, 17, 15)
+    weight = torch.randn(3, 8, 49, 17 * 15)
+    previous = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            (y, g), _ = _both(lambda a, b: ops.aggregation(a, b, 7), x, weight)
+            s = ops.subtraction2(x, x.flip(3), 7)
+            outs.append((y, g, s))
+    finally:
+        torch.set_num_threads(previous)
+    (y1, g1, s1), (y2, g2, s2) = outs
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_opcheck():
+    from torch.library import opcheck
+
+    x = torch.randn(2, 6, 7, 8, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, 6, 7, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, 9, 56, dtype=torch.float64, requires_grad=True)
+    for reflect in (True, False):
+        fp = (3, 1, 1, 1, reflect)
+        opcheck(torch.ops.torchsan.aggregation.default, (x, weight, *fp))
+        opcheck(torch.ops.torchsan.subtraction2.default, (x, x2, *fp))
+        opcheck(torch.ops.torchsan.unfold.default, (x, *fp))
+        grad = torch.randn(2, 6, 7, 8, dtype=torch.float64)
+        opcheck(torch.ops.torchsan.aggregation_backward.default, (grad, x, weight, *fp))
+        gcols = torch.randn(2, 6, 9, 56, dtype=torch.float64)
+        opcheck(torch.ops.torchsan.subtraction2_backward.default, (gcols, 7, 8, *fp))
+        opcheck(torch.ops.torchsan.unfold_backward.default, (gcols, 7, 8, *fp))
+    strided = (5, 2, 4, 2, True)  # kernel, stride, padding, dilation, reflect
+    weight2 = torch.randn(2, 2, 25, 16, dtype=torch.float64, requires_grad=True)
+    opcheck(torch.ops.torchsan.aggregation.default, (x, weight2, *strided))
+
+
+def test_meta_tensors_infer_shapes():
+    x = torch.empty(2, 16, 30, 22, device="meta")
+    w = torch.empty(2, 4, 49, 15 * 11, device="meta")
+    y = torch.ops.torchsan.aggregation(x, w, 7, 2, 3, 1, True)
+    assert y.shape == (2, 16, 15, 11) and y.device.type == "meta"
+    assert torch.ops.torchsan.unfold(x, 3, 1, 1, 1, False).shape == (2, 16, 9, 660)
+
+
+def test_dispatch_rules():
+    x = torch.randn(1, 4, 6, 6)
+    with ops.use_backend("auto"):
+        assert ops.implementation(x) is _cpu
+        assert ops.implementation(x.bfloat16()) is not _cpu  # reference serves other dtypes
+    with ops.use_backend("cpu"), pytest.raises(TypeError, match="float32 and float64"):
+        ops.unfold(x.bfloat16(), 3)
+    with ops.use_backend("cpu"), pytest.raises(ValueError, match="needs CPU tensors"):
+        ops.unfold(torch.empty(1, 4, 6, 6, device="meta"), 3)
+
+
+def test_build_failure_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(_cpu, "_ext", None)
+    monkeypatch.setattr(_cpu, "_error", None)
+
+    def broken():
+        raise OSError("no compiler found")
+
+    monkeypatch.setattr(_cpu, "_load", broken)
+    with pytest.warns(RuntimeWarning, match="falling back to the reference"):
+        assert not _cpu.available()
+    x = torch.randn(1, 2, 5, 5)
+    with ops.use_backend("auto"):
+        assert ops.implementation(x).__name__.endswith("reference")
+        assert ops.unfold(x, 3).shape == (1, 2, 9, 25)  # still works
+    with ops.use_backend("cpu"), pytest.raises(RuntimeError, match="no compiler found"):
+        ops.unfold(x, 3)
+
+
+BAD = [
+    (lambda: ops.aggregation(torch.randn(2, 8, 6, 6), torch.randn(2, 3, 9, 36), 3), ValueError, "divisible"),
+    (lambda: ops.aggregation(torch.randn(2, 8, 6, 6), torch.randn(2, 4, 9, 35), 3), ValueError, "weight dim 3"),
+    (lambda: ops.aggregation(torch.randn(2, 8, 6, 6), torch.randn(2, 4, 9, 36).double(), 3), TypeError, "dtype"),
+    (lambda: ops.aggregation(torch.randn(8, 6, 6), torch.randn(2, 4, 9, 36), 3), ValueError, "4-D"),
+    (lambda: ops.subtraction2(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3), 7), ValueError, "reflect padding"),
+    (lambda: ops.unfold(torch.randn(1, 2, 5, 5), 4), ValueError, "odd"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_every_backend_rejects_bad_input_the_same_way(backend, i):
+    call, exc, match = BAD[i]
+    with ops.use_backend(backend), pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_model_fused_matches_reference(sa_type):
+    import timm
+
+    model = timm.create_model(f"san10_{sa_type}", small_input=True, num_classes=7, widths=(16, 32, 32, 64, 64),
+                              stem_width=16, share_planes=4, layers=(1, 1, 1, 1, 1)).double()
+    x = torch.randn(2, 3, 20, 18, dtype=torch.float64)
+    outs = []
+    for backend in ("cpu", "reference"):
+        model.zero_grad()
+        with ops.use_backend(backend):
+            y = model(x)
+            y.square().sum().backward()
+        outs.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_torch_compile_fullgraph_matches_eager(sa_type):
+    import timm
+
+    model = timm.create_model(f"san10_{sa_type}", small_input=True, num_classes=5, widths=(16, 32, 32, 64, 64),
+                              stem_width=16, share_planes=4, layers=(1, 1, 1, 1, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break fails
+    with ops.use_backend("cpu"), torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
