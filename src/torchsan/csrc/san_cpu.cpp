@@ -86,11 +86,19 @@ constexpr int64_t vec_width() {
   return 64 / static_cast<int64_t>(sizeof(T));
 }
 
-// A 64-byte vector (GCC/Clang vector extension) so that accumulators stay in registers.
+// A 64-byte vector (GCC/Clang vector extension) so that accumulators stay in registers. Specialised per
+// type: the attribute is ignored on a dependent type.
 template <typename T>
-struct Vec {
-  using type = T __attribute__((vector_size(64)));
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
 };
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+static_assert(sizeof(Vec<float>::type) == 64 && sizeof(Vec<double>::type) == 64, "64-byte vectors");
 
 template <typename T>
 inline typename Vec<T>::type loadu(const T* p) {
