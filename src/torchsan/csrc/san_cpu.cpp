@@ -4,9 +4,8 @@
 // zeros, so the hot loops have no bounds checks), then streams rows with stride-1 inner loops that the
 // compiler vectorises. Tasks write disjoint outputs: results do not depend on the number of threads.
 // The unfolded (N, C, K, L) value tensor is never allocated by the aggregation.
-#include <torch/extension.h>
-
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <cstring>
@@ -30,6 +29,10 @@ struct Geometry {
   int64_t K() const { return k * k; }
   int64_t plane() const { return Hp * Wp; }
 };
+
+// Output rows per block: each tap's weights for a block are one contiguous run of kRowBlock * W_out values,
+// which streams far better than one short row per tap, while the block's outputs stay in L1.
+constexpr int64_t kRowBlock = 8;
 
 inline int64_t reflect_index(int64_t i, int64_t n) {
   if (i < 0) i = -i;
@@ -78,150 +81,6 @@ void fold_plane(const T* src, T* dst, const Geometry& g) {
   }
 }
 
-// Register-blocked stride-1 paths. A block of VW output columns is accumulated in registers over
-// all K taps (and, for the weight gradient, over the S channels sharing a weight channel), so each
-// fused multiply-add costs two L1 loads and the outputs are written once.
-template <typename T>
-constexpr int64_t vec_width() {
-  return 64 / static_cast<int64_t>(sizeof(T));
-}
-
-// A 64-byte vector (GCC/Clang vector extension) so that accumulators stay in registers. Specialised per
-// type: the attribute is ignored on a dependent type.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-static_assert(sizeof(Vec<float>::type) == 64 && sizeof(Vec<double>::type) == 64, "64-byte vectors");
-
-template <typename T>
-inline typename Vec<T>::type loadu(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void storeu(T* p, typename Vec<T>::type v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <typename T>
-void aggregation_forward_s1(const T* xp, const T* wt, T* y, int64_t S, int64_t Cw, int64_t C, int64_t n, int64_t cw,
-                            const Geometry& g) {
-  constexpr int64_t VW = vec_width<T>();
-  const int64_t L = g.L();
-  for (int64_t ho = 0; ho < g.Ho; ++ho) {
-    for (int64_t wb = 0; wb < g.Wo; wb += VW) {
-      const int64_t nv = std::min(VW, g.Wo - wb);
-      for (int64_t j = 0; j < S; ++j) {
-        const T* xb = xp + j * g.plane() + ho * g.Wp + wb;
-        T* yr = y + (n * C + j * Cw + cw) * L + ho * g.Wo + wb;
-        if (nv == VW) {
-          typename Vec<T>::type acc = {};
-          for (int64_t kh = 0; kh < g.k; ++kh)
-            for (int64_t kw = 0; kw < g.k; ++kw)
-              acc += loadu(wt + (kh * g.k + kw) * L + ho * g.Wo + wb) * loadu(xb + kh * g.d * g.Wp + kw * g.d);
-          storeu(yr, acc);
-        } else {
-          T acc[VW] = {};
-          for (int64_t kh = 0; kh < g.k; ++kh) {
-            for (int64_t kw = 0; kw < g.k; ++kw) {
-              const T* wr = wt + (kh * g.k + kw) * L + ho * g.Wo + wb;
-              const T* xr = xb + kh * g.d * g.Wp + kw * g.d;
-              for (int64_t v = 0; v < nv; ++v) acc[v] += wr[v] * xr[v];
-            }
-          }
-          for (int64_t v = 0; v < nv; ++v) yr[v] = acc[v];
-        }
-      }
-    }
-  }
-}
-
-// Weight gradient: gw[k, o] = sum_j gy_j[o] * xp_j[nbr_k(o)].
-template <typename T>
-void aggregation_grad_weight_s1(const T* xp, const T* gy, T* gwt, int64_t S, int64_t Cw, int64_t C, int64_t n,
-                                int64_t cw, const Geometry& g) {
-  constexpr int64_t VW = vec_width<T>();
-  const int64_t L = g.L();
-  for (int64_t ho = 0; ho < g.Ho; ++ho) {
-    for (int64_t wb = 0; wb < g.Wo; wb += VW) {
-      const int64_t nv = std::min(VW, g.Wo - wb);
-      for (int64_t kh = 0; kh < g.k; ++kh) {
-        for (int64_t kw = 0; kw < g.k; ++kw) {
-          T* out = gwt + (kh * g.k + kw) * L + ho * g.Wo + wb;
-          const int64_t xofs = (ho + kh * g.d) * g.Wp + wb + kw * g.d;
-          if (nv == VW) {
-            typename Vec<T>::type acc = {};
-            for (int64_t j = 0; j < S; ++j)
-              acc += loadu(gy + (n * C + j * Cw + cw) * L + ho * g.Wo + wb) * loadu(xp + j * g.plane() + xofs);
-            storeu(out, acc);
-          } else {
-            T acc[VW] = {};
-            for (int64_t j = 0; j < S; ++j) {
-              const T* gr = gy + (n * C + j * Cw + cw) * L + ho * g.Wo + wb;
-              const T* xr = xp + j * g.plane() + xofs;
-              for (int64_t v = 0; v < nv; ++v) acc[v] += gr[v] * xr[v];
-            }
-            for (int64_t v = 0; v < nv; ++v) out[v] = acc[v];
-          }
-        }
-      }
-    }
-  }
-}
-
-// Input gradient on the padded plane, as a gather: gxp_j[ho + kh*d][c] = sum_kw w[k, ho, c - kw*d] *
-// gy_j[ho, c - kw*d]. The rows of w and gy for one ho are staged with zero margins so no bounds checks
-// are needed; stage is (K + S) x (Wo + 2 * margin).
-template <typename T>
-void aggregation_grad_input_s1(const T* wt, const T* gy, T* gxp, T* stage, int64_t S, int64_t Cw, int64_t C,
-                               int64_t n, int64_t cw, const Geometry& g) {
-  constexpr int64_t VW = vec_width<T>();
-  const int64_t L = g.L(), K = g.K(), margin = (g.k - 1) * g.d, row = g.Wo + 2 * margin;
-  std::fill(stage, stage + (K + S) * row, T(0));
-  for (int64_t ho = 0; ho < g.Ho; ++ho) {
-    for (int64_t k = 0; k < K; ++k) std::memcpy(stage + k * row + margin, wt + k * L + ho * g.Wo, sizeof(T) * g.Wo);
-    for (int64_t j = 0; j < S; ++j)
-      std::memcpy(stage + (K + j) * row + margin, gy + (n * C + j * Cw + cw) * L + ho * g.Wo, sizeof(T) * g.Wo);
-    for (int64_t kh = 0; kh < g.k; ++kh) {
-      for (int64_t j = 0; j < S; ++j) {
-        const T* gyr = stage + (K + j) * row + margin;
-        T* gxr = gxp + j * g.plane() + (ho + kh * g.d) * g.Wp;
-        // padded columns c in [0, Wo + margin) can receive; c = wo + kw*d.
-        const int64_t cols = g.Wo + margin;
-        for (int64_t cb = 0; cb < cols; cb += VW) {
-          const int64_t nv = std::min(VW, cols - cb);
-          if (nv == VW) {
-            typename Vec<T>::type acc = loadu(gxr + cb);
-            for (int64_t kw = 0; kw < g.k; ++kw) {
-              const int64_t off = cb - kw * g.d;  // >= -margin
-              acc += loadu(stage + (kh * g.k + kw) * row + margin + off) * loadu(gyr + off);
-            }
-            storeu(gxr + cb, acc);
-          } else {
-            T acc[VW] = {};
-            for (int64_t kw = 0; kw < g.k; ++kw) {
-              const int64_t off = cb - kw * g.d;
-              const T* wr = stage + (kh * g.k + kw) * row + margin + off;
-              const T* gr = gyr + off;
-              for (int64_t v = 0; v < nv; ++v) acc[v] += wr[v] * gr[v];
-            }
-            for (int64_t v = 0; v < nv; ++v) gxr[cb + v] += acc[v];
-          }
-        }
-      }
-    }
-  }
-}
-
 // y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)]
 template <typename T>
 void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t C, int64_t Cw, const Geometry& g) {
@@ -236,23 +95,22 @@ void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t
         std::fill(y + (n * C + c) * L, y + (n * C + c + 1) * L, T(0));
       }
       const T* wt = w + (n * Cw + cw) * K * L;
-      if (g.s == 1) {
-        aggregation_forward_s1(xp.data(), wt, y, S, Cw, C, n, cw, g);
-        continue;
-      }
-      for (int64_t ho = 0; ho < g.Ho; ++ho) {
+      for (int64_t hb = 0; hb < g.Ho; hb += kRowBlock) {
+        const int64_t he = std::min(g.Ho, hb + kRowBlock);
         for (int64_t kh = 0; kh < g.k; ++kh) {
           for (int64_t kw = 0; kw < g.k; ++kw) {
-            const T* wrow = wt + (kh * g.k + kw) * L + ho * g.Wo;
-            const int64_t off = (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
-            for (int64_t j = 0; j < S; ++j) {
-              const T* xrow = xp.data() + j * g.plane() + off;
-              T* yrow = y + (n * C + j * Cw + cw) * L + ho * g.Wo;
-              if (g.s == 1) {
+            for (int64_t ho = hb; ho < he; ++ho) {
+              const T* wrow = wt + (kh * g.k + kw) * L + ho * g.Wo;
+              const int64_t off = (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
+              for (int64_t j = 0; j < S; ++j) {
+                const T* xrow = xp.data() + j * g.plane() + off;
+                T* yrow = y + (n * C + j * Cw + cw) * L + ho * g.Wo;
+                if (g.s == 1) {
 #pragma omp simd
-                for (int64_t wo = 0; wo < g.Wo; ++wo) yrow[wo] += wrow[wo] * xrow[wo];
-              } else {
-                for (int64_t wo = 0; wo < g.Wo; ++wo) yrow[wo] += wrow[wo] * xrow[wo * g.s];
+                  for (int64_t wo = 0; wo < g.Wo; ++wo) yrow[wo] += wrow[wo] * xrow[wo];
+                } else {
+                  for (int64_t wo = 0; wo < g.Wo; ++wo) yrow[wo] += wrow[wo] * xrow[wo * g.s];
+                }
               }
             }
           }
@@ -263,50 +121,48 @@ void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t
 }
 
 template <typename T>
-void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* gw, int64_t N, int64_t C,
-                                 int64_t Cw, const Geometry& g) {
+void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* gw, int64_t N, int64_t C, int64_t Cw,
+                                 const Geometry& g) {
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
   at::parallel_for(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xp(gw ? S * g.plane() : 0), gxp(gx ? S * g.plane() : 0);
-    std::vector<T> stage(g.s == 1 && gx ? (g.K() + S) * (g.Wo + 2 * (g.k - 1) * g.d) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
       if (gw) {
         for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
-        if (g.s != 1) std::fill(gw + (n * Cw + cw) * K * L, gw + (n * Cw + cw + 1) * K * L, T(0));
+        std::fill(gw + (n * Cw + cw) * K * L, gw + (n * Cw + cw + 1) * K * L, T(0));
       }
       if (gx) std::fill(gxp.begin(), gxp.end(), T(0));
       const T* wt = w + (n * Cw + cw) * K * L;
       T* gwt = gw ? gw + (n * Cw + cw) * K * L : nullptr;
-      if (g.s == 1) {
-        if (gw) aggregation_grad_weight_s1(xp.data(), gy, gwt, S, Cw, C, n, cw, g);
-        if (gx) aggregation_grad_input_s1(wt, gy, gxp.data(), stage.data(), S, Cw, C, n, cw, g);
-      }
-      for (int64_t ho = 0; g.s != 1 && ho < g.Ho; ++ho) {
+      for (int64_t hb = 0; hb < g.Ho; hb += kRowBlock) {
+        const int64_t he = std::min(g.Ho, hb + kRowBlock);
         for (int64_t kh = 0; kh < g.k; ++kh) {
           for (int64_t kw = 0; kw < g.k; ++kw) {
-            const int64_t kofs = (kh * g.k + kw) * L + ho * g.Wo;
-            const int64_t off = (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
-            for (int64_t j = 0; j < S; ++j) {
-              const T* gyrow = gy + (n * C + j * Cw + cw) * L + ho * g.Wo;
-              if (gw) {
-                const T* xrow = xp.data() + j * g.plane() + off;
-                T* gwrow = gwt + kofs;
-                if (g.s == 1) {
+            for (int64_t ho = hb; ho < he; ++ho) {
+              const int64_t kofs = (kh * g.k + kw) * L + ho * g.Wo;
+              const int64_t off = (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
+              for (int64_t j = 0; j < S; ++j) {
+                const T* gyrow = gy + (n * C + j * Cw + cw) * L + ho * g.Wo;
+                if (gw) {
+                  const T* xrow = xp.data() + j * g.plane() + off;
+                  T* gwrow = gwt + kofs;
+                  if (g.s == 1) {
 #pragma omp simd
-                  for (int64_t wo = 0; wo < g.Wo; ++wo) gwrow[wo] += gyrow[wo] * xrow[wo];
-                } else {
-                  for (int64_t wo = 0; wo < g.Wo; ++wo) gwrow[wo] += gyrow[wo] * xrow[wo * g.s];
+                    for (int64_t wo = 0; wo < g.Wo; ++wo) gwrow[wo] += gyrow[wo] * xrow[wo];
+                  } else {
+                    for (int64_t wo = 0; wo < g.Wo; ++wo) gwrow[wo] += gyrow[wo] * xrow[wo * g.s];
+                  }
                 }
-              }
-              if (gx) {
-                const T* wrow = wt + kofs;
-                T* gxrow = gxp.data() + j * g.plane() + off;
-                if (g.s == 1) {
+                if (gx) {
+                  const T* wrow = wt + kofs;
+                  T* gxrow = gxp.data() + j * g.plane() + off;
+                  if (g.s == 1) {
 #pragma omp simd
-                  for (int64_t wo = 0; wo < g.Wo; ++wo) gxrow[wo] += wrow[wo] * gyrow[wo];
-                } else {
-                  for (int64_t wo = 0; wo < g.Wo; ++wo) gxrow[wo * g.s] += wrow[wo] * gyrow[wo];
+                    for (int64_t wo = 0; wo < g.Wo; ++wo) gxrow[wo] += wrow[wo] * gyrow[wo];
+                  } else {
+                    for (int64_t wo = 0; wo < g.Wo; ++wo) gxrow[wo * g.s] += wrow[wo] * gyrow[wo];
+                  }
                 }
               }
             }
@@ -407,8 +263,8 @@ torch::Tensor aggregation_forward(torch::Tensor x, torch::Tensor w, int64_t k, i
   TORCH_CHECK(w.size(0) == N && C % Cw == 0 && w.size(2) == g.K() && w.size(3) == g.L(), "weight shape mismatch");
   auto y = torch::empty({N, C, g.Ho, g.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_forward", [&] {
-    aggregation_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), N,
-                                         C, Cw, g);
+    aggregation_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), N, C,
+                                         Cw, g);
   });
   return y;
 }
