@@ -52,7 +52,7 @@ SAN_MODELS = tuple(f"san{d}_{kind}" for d in (10, 15, 19) for kind in ("pairwise
 RESNETS = ("san_resnet26", "san_resnet38", "san_resnet50")
 MODELS = SAN_MODELS + RESNETS
 BASELINE = "san_resnet26"
-BACKENDS = ("cpu", "reference")
+BACKENDS = ("cpu", "cpu-lean", "reference")  # cpu-lean: fused ops + memory_efficient=True
 MODES = ("train", "infer")
 DEFAULT_REFERENCE = ("san10_pairwise", "san10_patchwise")
 QUICK_MODELS = ("san10_pairwise", "san10_patchwise", BASELINE)
@@ -84,12 +84,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     backend = spec["backend"]
+    lean = backend == "cpu-lean"  # the fused backend with the attention's memory_efficient option
+    if lean:
+        backend = "cpu"
     if backend != "-":
         ops.set_backend(backend)  # TORCHSAN_BACKEND (set by the parent) covers the other threads too
         if backend == "cpu" and not ops._cpu.available():
             raise RuntimeError(f"the fused CPU kernels are unavailable: {ops._cpu.unavailable_reason()}")
     torch.manual_seed(0)
-    model = timm.create_model(spec["model"], num_classes=1000)
+    model = timm.create_model(spec["model"], num_classes=1000, **({"memory_efficient": True} if lean else {}))
     n, size = spec["batch"], spec["image_size"]
     x = torch.randn(n, 3, size, size)
     y = torch.randint(0, 1000, (n,))
@@ -141,6 +144,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             backends = [b for b in args.backends if b != "reference" or model in reference]
         for backend in backends:
             for mode in args.modes:
+                if backend == "cpu-lean" and mode == "infer":
+                    continue  # memory_efficient only changes training
                 jobs.append({"model": model, "backend": backend, "mode": mode, "batch": args.batch,
                              "image_size": args.image_size, "warmup": args.warmup, "steps": args.steps,
                              "threads": args.threads})
@@ -149,7 +154,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_job(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ)
-    env["TORCHSAN_BACKEND"] = "auto" if job["backend"] == "-" else job["backend"]
+    env["TORCHSAN_BACKEND"] = {"-": "auto", "cpu-lean": "cpu"}.get(job["backend"], job["backend"])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)]
     start = time.perf_counter()
     try:
