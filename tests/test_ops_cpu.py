@@ -37,7 +37,8 @@ def _both(fn, *tensors):
         leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
         with ops.use_backend(backend):
             out = fn(*leaves)
-        g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        # randn(shape), not randn_like: the same logical gradient whatever the output's strides
+        g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
         out.backward(g)
         results.append((out.detach(), [leaf.grad for leaf in leaves]))
     return results
@@ -217,6 +218,11 @@ def test_model_fused_matches_reference(sa_type):
 
     model = timm.create_model(f"san10_{sa_type}", small_input=True, num_classes=7, widths=(16, 32, 32, 64, 64),
                               stem_width=16, share_planes=4, layers=(1, 1, 1, 1, 1)).double()
+    # Random parameters: at the default init (BN bias 0) the centre tap of the symmetric position encoding
+    # sits exactly on ReLU's kink, where two correct implementations may pick different subgradients.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
     x = torch.randn(2, 3, 20, 18, dtype=torch.float64)
     outs = []
     for backend in ("cpu", "reference"):
@@ -241,3 +247,32 @@ def test_torch_compile_fullgraph_matches_eager(sa_type):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break fails
     with ops.use_backend("cpu"), torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,cin,cout,spatial,bias", [(2, 18, 16, (9, 23), False), (3, 16, 8, (49, 97), True),
+                                                     (1, 5, 3, (1, 7), True), (2, 40, 3, (1, 4099), True)])
+def test_bn_relu_conv_matches_reference(dtype, n, cin, cout, spatial, bias):
+    x = torch.randn(n, cin, *spatial, dtype=dtype)
+    params = [torch.randn(cin, dtype=dtype), torch.randn(cin, dtype=dtype), torch.randn(cout, cin, dtype=dtype)]
+    if bias:
+        params.append(torch.randn(cout, dtype=dtype))
+    (yf, gf), (yr, gr) = _both(lambda *t: ops.bn_relu_conv(*t), x, *params)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(yf, yr, **tol)
+    for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_bn_relu_conv_gradcheck_and_opcheck():
+    from torch.library import opcheck
+
+    args = [torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True),
+            torch.randn(3, dtype=torch.float64, requires_grad=True),
+            torch.randn(3, dtype=torch.float64, requires_grad=True),
+            torch.randn(2, 3, dtype=torch.float64, requires_grad=True),
+            torch.randn(2, dtype=torch.float64, requires_grad=True)]
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.bn_relu_conv, args)
+    opcheck(torch.ops.torchsan.bn_relu_conv.default, tuple(args))
+    opcheck(torch.ops.torchsan.bn_relu_conv.default, (*args[:4], None))

@@ -15,12 +15,14 @@ The paper's GMACs column was produced with these rules, so they are what we comp
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from . import ops
 from .layers import primitives
 
 # The paper's Table 1 (ImageNet, 224 px): params (M), GMACs, top-1, top-5.
@@ -98,6 +100,7 @@ def profile_model(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 
             macs = _RULES[type(module)](module, inputs, output)
         counts[type(module).__name__] += int(macs)
 
+    stack = contextlib.ExitStack()
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
@@ -106,10 +109,14 @@ def profile_model(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 
     was_training = model.training
     try:
         model.eval()
+        # The reference backend runs every module by itself, so every counted module's hook fires
+        # (the fused backend runs some BN-ReLU-conv triples as one op).
+        stack.enter_context(ops.use_backend("reference"))
         param = next(model.parameters(), None)
         kw = dict(device=param.device, dtype=param.dtype) if param is not None else {}
         model(torch.randn(1, *input_size, **kw))
     finally:
+        stack.close()
         model.train(was_training)
         for h in handles:
             h.remove()

@@ -244,6 +244,135 @@ void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t NC, c
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// y = W relu(scale * x + shift) + bias over (N, Cin, P) -> (N, Cout, P): a training-mode BatchNorm (given as a
+// per-channel affine map), ReLU and 1x1 convolution in one pass. This is the mapping gamma's building block; it
+// runs over the (K, L) grid, where the unfused version writes and re-reads two Cin x K x L intermediates.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename T>
+using V = typename Vec<T>::type;
+template <typename T>
+constexpr int64_t VW = 32 / sizeof(T);
+
+// Load nv <= VW values (zero-filled), store nv values.
+// (A constant-size memcpy compiles to one unaligned vector move; only the tail pays for a variable one.)
+template <typename T>
+inline V<T> load_part(const T* p, int64_t nv) {
+  V<T> v = {};
+  if (nv == VW<T>)
+    std::memcpy(&v, p, sizeof(V<T>));
+  else
+    std::memcpy(&v, p, sizeof(T) * nv);
+  return v;
+}
+template <typename T>
+inline void store_part(T* p, V<T> v, int64_t nv) {
+  if (nv == VW<T>)
+    std::memcpy(p, &v, sizeof(V<T>));
+  else
+    std::memcpy(p, &v, sizeof(T) * nv);
+}
+template <typename T>
+inline T hsum(V<T> v) {
+  T s = 0;
+  for (int64_t i = 0; i < VW<T>; ++i) s += v[i];
+  return s;
+}
+
+constexpr int64_t kPixelChunk = 4096;  // pixels per task: fixed, so reductions do not depend on thread count
+
+template <typename T>
+void brc_forward_kernel(const T* x, const T* scale, const T* shift, const T* w, const T* bias, T* y, int64_t N,
+                        int64_t Cin, int64_t Cout, int64_t P) {
+  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V<T>> r(Cin);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
+      for (int64_t p = p0; p < p1; p += VW<T>) {
+        const int64_t nv = std::min(VW<T>, p1 - p);
+        for (int64_t ci = 0; ci < Cin; ++ci) {
+          V<T> pre = load_part(x + (n * Cin + ci) * P + p, nv) * scale[ci] + shift[ci];
+          r[ci] = pre > 0 ? pre : V<T>{};
+        }
+        for (int64_t co = 0; co < Cout; ++co) {
+          V<T> acc = V<T>{} + (bias ? bias[co] : T(0));
+          const T* wr = w + co * Cin;
+          for (int64_t ci = 0; ci < Cin; ++ci) acc += wr[ci] * r[ci];
+          store_part(y + (n * Cout + co) * P + p, acc, nv);
+        }
+      }
+    }
+  });
+}
+
+// Gradients: gx (N, Cin, P); and per-task partial sums of gscale, gshift (Cin), gw (Cout x Cin), gbias (Cout),
+// reduced in task order at the end.
+template <typename T>
+void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift, const T* w, T* gx, T* gscale,
+                         T* gshift, T* gw, T* gbias, int64_t N, int64_t Cin, int64_t Cout, int64_t P) {
+  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, tasks = N * chunks;
+  const int64_t width = 2 * Cin + Cout * Cin + Cout;  // partial sums of one task
+  std::vector<T> partial(tasks * width, T(0));
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V<T>> r(Cin), g(Cout), acc_w(Cout * Cin), acc_s(Cin), acc_b(Cin), acc_bias(Cout);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
+      std::fill(acc_w.begin(), acc_w.end(), V<T>{});
+      std::fill(acc_s.begin(), acc_s.end(), V<T>{});
+      std::fill(acc_b.begin(), acc_b.end(), V<T>{});
+      std::fill(acc_bias.begin(), acc_bias.end(), V<T>{});
+      for (int64_t p = p0; p < p1; p += VW<T>) {
+        const int64_t nv = std::min(VW<T>, p1 - p);
+        for (int64_t co = 0; co < Cout; ++co) {
+          g[co] = load_part(gy + (n * Cout + co) * P + p, nv);
+          acc_bias[co] += g[co];
+        }
+        for (int64_t ci = 0; ci < Cin; ++ci) {
+          const V<T> xv = load_part(x + (n * Cin + ci) * P + p, nv);
+          const V<T> pre = xv * scale[ci] + shift[ci];
+          const V<T> rv = pre > 0 ? pre : V<T>{};
+          V<T> gr = {};
+          for (int64_t co = 0; co < Cout; ++co) {
+            gr += w[co * Cin + ci] * g[co];
+            acc_w[co * Cin + ci] += g[co] * rv;
+          }
+          const V<T> gpre = pre > 0 ? gr : V<T>{};
+          acc_s[ci] += gpre * xv;
+          acc_b[ci] += gpre;
+          store_part(gx + (n * Cin + ci) * P + p, gpre * scale[ci], nv);
+        }
+      }
+      T* out = partial.data() + t * width;
+      for (int64_t ci = 0; ci < Cin; ++ci) {
+        out[ci] = hsum<T>(acc_s[ci]);
+        out[Cin + ci] = hsum<T>(acc_b[ci]);
+      }
+      for (int64_t i = 0; i < Cout * Cin; ++i) out[2 * Cin + i] = hsum<T>(acc_w[i]);
+      for (int64_t co = 0; co < Cout; ++co) out[2 * Cin + Cout * Cin + co] = hsum<T>(acc_bias[co]);
+    }
+  });
+  for (int64_t t = 0; t < tasks; ++t) {
+    const T* in = partial.data() + t * width;
+    for (int64_t ci = 0; ci < Cin; ++ci) {
+      gscale[ci] += in[ci];
+      gshift[ci] += in[Cin + ci];
+    }
+    for (int64_t i = 0; i < Cout * Cin; ++i) gw[i] += in[2 * Cin + i];
+    for (int64_t co = 0; co < Cout; ++co) gbias[co] += in[2 * Cin + Cout * Cin + co];
+  }
+}
+
 void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D");
@@ -323,9 +452,53 @@ std::vector<torch::Tensor> gather_backward(torch::Tensor gout, int64_t H, int64_
   return {gx1, gx2};
 }
 
+// x (N, Cin, *) -> (N, Cout, *); scale, shift (Cin); weight (Cout, Cin); bias (Cout) or undefined.
+torch::Tensor bn_relu_conv_forward(torch::Tensor x, torch::Tensor scale, torch::Tensor shift, torch::Tensor weight,
+                                   c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "x must be a CPU tensor (N, Cin, ...)");
+  x = x.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  weight = weight.contiguous();
+  torch::Tensor b = bias.has_value() ? bias->contiguous() : torch::Tensor();
+  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0), P = x.numel() / std::max<int64_t>(1, N * Cin);
+  TORCH_CHECK(weight.size(1) == Cin && scale.numel() == Cin && shift.numel() == Cin, "bn_relu_conv: shape mismatch");
+  auto sizes = x.sizes().vec();
+  sizes[1] = Cout;
+  auto y = torch::empty(sizes, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv_forward", [&] {
+    brc_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+                                 weight.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                 y.data_ptr<scalar_t>(), N, Cin, Cout, P);
+  });
+  return y;
+}
+
+std::vector<torch::Tensor> bn_relu_conv_backward(torch::Tensor gy, torch::Tensor x, torch::Tensor scale,
+                                                 torch::Tensor shift, torch::Tensor weight) {
+  gy = gy.contiguous();
+  x = x.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  weight = weight.contiguous();
+  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0), P = x.numel() / std::max<int64_t>(1, N * Cin);
+  auto gx = torch::empty_like(x);
+  auto gscale = torch::zeros_like(scale), gshift = torch::zeros_like(shift), gw = torch::zeros_like(weight);
+  auto gbias = torch::zeros({Cout}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv_backward", [&] {
+    brc_backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                                  shift.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+                                  gscale.data_ptr<scalar_t>(), gshift.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(),
+                                  gbias.data_ptr<scalar_t>(), N, Cin, Cout, P);
+  });
+  return {gx, gscale, gshift, gw, gbias};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("aggregation_forward", &aggregation_forward);
   m.def("aggregation_backward", &aggregation_backward);
   m.def("gather_forward", &gather_forward);
   m.def("gather_backward", &gather_backward);
+  m.def("bn_relu_conv_forward", &bn_relu_conv_forward);
+  m.def("bn_relu_conv_backward", &bn_relu_conv_backward);
 }

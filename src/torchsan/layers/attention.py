@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .mapping import build_mapping
+from .mapping import build_mapping, run_mapping
 from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
 
 PAIRWISE_RELATIONS = ("summation", "subtraction", "concatenation", "hadamard", "dot")
@@ -195,7 +195,7 @@ class PairwiseSelfAttention(_SelfAttention):
         if self.position_encoding:
             p = self.subtraction(self.pos_proj(position_grid(q.shape[2], q.shape[3], q)))
             z = torch.cat([z, p.expand(q.shape[0], -1, -1, -1)], dim=1)
-        return self.softmax(self.gamma(z))
+        return self.softmax(run_mapping(self.gamma, z))
 
 
 class PatchwiseSelfAttention(_SelfAttention):
@@ -254,4 +254,4 @@ class PatchwiseSelfAttention(_SelfAttention):
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         z = self._relation(q, k)
-        return self.gamma(z).view(q.shape[0], self.weight_channels, self.kernel_size**2, -1)
+        return run_mapping(self.gamma, z).view(q.shape[0], self.weight_channels, self.kernel_size**2, -1)

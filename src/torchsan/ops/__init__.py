@@ -15,13 +15,15 @@ import torch
 
 from . import _checks
 from ._checks import PAD_MODES, Footprint, default_padding, resolve_footprint
-from ._dispatch import available_backends, get_backend, implementation, set_backend, use_backend
+from ._dispatch import available_backends, backend_for, get_backend, implementation, set_backend, use_backend
 
 __all__ = [
     "PAD_MODES",
     "Footprint",
     "aggregation",
     "available_backends",
+    "backend_for",
+    "bn_relu_conv",
     "centre",
     "default_padding",
     "get_backend",
@@ -138,3 +140,32 @@ def centre(
     _checks.check_feature_map("x", x)
     h_out, w_out = _checks.check_fits(fp, x.shape[2], x.shape[3])
     return implementation(x).centre(x, fp, h_out, w_out)
+
+
+def bn_relu_conv(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``weight @ relu(scale * x + shift) + bias`` at every position: BN (as its per-channel affine map),
+    ReLU and a 1x1 convolution in one op, the building block of the mapping gamma.
+
+    Args:
+        x: (N, Cin, *spatial); scale, shift: (Cin,); weight: (Cout, Cin); bias: (Cout,) or None.
+    Returns:
+        (N, Cout, *spatial).
+    """
+    _checks.check_tensor("x", x, min_dim=2)
+    c_in = x.shape[1]
+    for name, t, shape in (("scale", scale, (c_in,)), ("shift", shift, (c_in,)),
+                           ("weight", weight, (weight.shape[0] if weight.dim() == 2 else -1, c_in))):
+        _checks.check_same_kind("x", x, name, t)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x with {c_in} channels, got {tuple(t.shape)}")
+    if bias is not None:
+        _checks.check_same_kind("x", x, "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return implementation(x).bn_relu_conv(x, scale, shift, weight, bias)

@@ -71,6 +71,17 @@ def resolve_footprint(
     return Footprint(kernel_size, stride, padding, dilation, pad_mode)
 
 
+def check_tensor(name: str, x: object, min_dim: int = 1) -> torch.Tensor:
+    """x must be a floating-point tensor with at least ``min_dim`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
 def check_feature_map(name: str, x: object) -> torch.Tensor:
     """x must be a floating-point (N, C, H, W) tensor."""
     if not isinstance(x, torch.Tensor):

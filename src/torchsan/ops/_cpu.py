@@ -290,3 +290,47 @@ def centre(x: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
     from .reference import centre as reference_centre  # a strided slice: already cheap
 
     return reference_centre(x, fp, h_out, w_out)
+
+
+# --- BN (as an affine map) + ReLU + 1x1 conv ---------------------------------------------------
+@torch.library.custom_op("torchsan::bn_relu_conv", mutates_args=(), device_types="cpu")
+def bn_relu_conv_op(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """(N, Cin, ...) -> (N, Cout, ...): weight @ relu(scale * x + shift) + bias, per position."""
+    return extension().bn_relu_conv_forward(x, scale, shift, weight, bias)
+
+
+@bn_relu_conv_op.register_fake
+def _(x, scale, shift, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
+
+
+@torch.library.custom_op("torchsan::bn_relu_conv_backward", mutates_args=(), device_types="cpu")
+def bn_relu_conv_backward_op(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
+                             weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gx, gscale, gshift, gw, gbias = extension().bn_relu_conv_backward(grad, x, scale, shift, weight)
+    return gx, gscale, gshift, gw, gbias
+
+
+@bn_relu_conv_backward_op.register_fake
+def _(grad, x, scale, shift, weight):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale),
+            torch.empty_like(shift), torch.empty_like(weight), weight.new_empty(weight.shape[0]))
+
+
+def _brc_setup(ctx, inputs, output):
+    x, scale, shift, weight, bias = inputs
+    ctx.save_for_backward(x, scale, shift, weight)
+    ctx.has_bias = bias is not None
+
+
+def _brc_grad(ctx, grad):
+    x, scale, shift, weight = ctx.saved_tensors
+    gx, gscale, gshift, gw, gbias = bn_relu_conv_backward_op(grad, x, scale, shift, weight)
+    return gx, gscale, gshift, gw, gbias if ctx.has_bias else None
+
+
+bn_relu_conv_op.register_autograd(_brc_grad, setup_context=_brc_setup)
+
+
+def bn_relu_conv(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return bn_relu_conv_op(x, scale, shift, weight, bias)

@@ -73,3 +73,9 @@ def implementation(x: torch.Tensor) -> ModuleType:
         if not _cpu.available():
             raise RuntimeError(f"backend 'cpu' is unavailable: {_cpu.unavailable_reason()}")
     return _BACKENDS[name]
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """The name of the backend that serves input ``x`` under the current selection."""
+    impl = implementation(x)
+    return next(name for name, module in _BACKENDS.items() if module is impl)

@@ -51,3 +51,11 @@ def subtraction(x: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch
 
 def subtraction2(x1: torch.Tensor, x2: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch.Tensor:
     return centre(x1, fp, h_out, w_out) - unfold(x2, fp)
+
+
+def bn_relu_conv(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    r = torch.relu(x * scale.view(shape) + shift.view(shape))
+    y = torch.einsum("oc,nc...->no...", weight, r)
+    return y if bias is None else y + bias.view(shape)
