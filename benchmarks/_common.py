@@ -92,6 +92,16 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def finish(benchmark: str, json_path: str, machine: dict[str, Any], config: dict[str, Any],
+           records: Sequence[Any], text: str, start: float) -> None:
+    """Print the table and write the run's JSON (command, machine, config, raw results, table)."""
+    print(text)
+    path = Path(json_path)
+    write_json(path, {"benchmark": benchmark, "command": command_line(), "machine": machine, "config": config,
+                      "wall_s": time.perf_counter() - start, "results": records, "table": text})
+    print(f"\nwrote {path}")
+
+
 def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 

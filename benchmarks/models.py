@@ -261,16 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB")
         print(f"  [{i}/{len(jobs)}] {job['model']:<16} {job['backend']:<9} {job['mode']:<5} {summary} "
               f"({result['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-    text = report(records, args, threads)
-    print(text)
-    payload = {
-        "benchmark": "models", "command": _common.command_line(), "machine": machine,
-        "config": {k: v for k, v in vars(args).items() if k != "child"} | {"dtype": "float32"},
-        "wall_s": time.perf_counter() - start, "results": records, "table": text,
-    }
-    path = Path(args.json)
-    _common.write_json(path, payload)
-    print(f"\nwrote {path}")
+    config = {k: v for k, v in vars(args).items() if k != "child"} | {"dtype": "float32"}
+    _common.finish("models", args.json, machine, config, records, report(records, args, threads), start)
     return 0
 
 

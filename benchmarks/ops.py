@@ -71,7 +71,6 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 # Kineto (the profiler) prints a line per session on stderr otherwise; must be set before torch loads.
@@ -462,16 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {op:<12} stage {stage} {str(case.input_shape):<20} {time.perf_counter() - t0:6.1f} s",
                   file=sys.stderr, flush=True)
             del case
-    text = report(records, args)
-    print(text)
-    payload = {
-        "benchmark": "ops", "command": _common.command_line(), "machine": machine,
-        "config": vars(args) | {"dtype": "float32", "pad_mode": "reflect", "share_planes": SHARE},
-        "wall_s": time.perf_counter() - start, "results": records, "table": text,
-    }
-    path = Path(args.json)
-    _common.write_json(path, payload)
-    print(f"\nwrote {path}")
+    config = vars(args) | {"dtype": "float32", "pad_mode": "reflect", "share_planes": SHARE}
+    _common.finish("ops", args.json, machine, config, records, report(records, args), start)
     return 0
 
 
