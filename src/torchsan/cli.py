@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, ops
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -42,8 +42,9 @@ def _summary(args: argparse.Namespace) -> int:
     images, names = sample_batch(size)
     model = timm.create_model(args.model)
     model.train()
+    backend = ops.backend_for(images)  # builds the fused CPU kernels on first use, outside the timing
     print(f"\nOne training step of {args.model} on {len(names)} real images shipped with matplotlib "
-          f"({', '.join(names)}), {size} px:")
+          f"({', '.join(names)}), {size} px, ops backend {backend!r}:")
     start = time.perf_counter()
     logits = model(images)
     # A fixed, arbitrary target per image: the point is a real forward and backward pass.
