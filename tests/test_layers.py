@@ -311,3 +311,30 @@ def test_fused_mapping_matches_modules(spec, train):
     torch.testing.assert_close(gz0, gz1)
     for a, b in zip(gp0 + b0, gp1 + b1):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_memory_efficient_recomputes_with_the_forward_backend(sa_type):
+    from torchsan import ops
+
+    block = SelfAttentionBlock(16, sa_type, kernel_size=3, rel_reduction=4, mid_reduction=2, share_planes=2,
+                               memory_efficient=True).double()
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64, requires_grad=True)
+    with ops.use_backend("reference"):
+        y = block(x)
+    y.sum().backward()  # outside the context: the recomputation must still use the reference backend
+    assert torch.isfinite(x.grad).all()
+
+
+def test_fused_mapping_respects_hooks_and_rejects_one_value_per_channel():
+    from torchsan import ops
+    from torchsan.layers.mapping import run_mapping
+
+    seq = build_mapping("R-L-R-L", 4, 3, 2)
+    calls = []
+    seq[1].register_forward_hook(lambda m, i, o: calls.append(1))
+    with ops.use_backend("cpu"):
+        run_mapping(seq, torch.randn(2, 4, 3, 5))
+    assert calls == [1]  # the hooked triple ran module by module
+    with ops.use_backend("cpu"), pytest.raises(ValueError, match="more than 1 value per channel"):
+        run_mapping(build_mapping("R-L", 3, 4, 2).train(), torch.randn(1, 3, 1, 1))

@@ -237,8 +237,12 @@ def test_model_fused_matches_reference(sa_type):
 
 
 @pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
-def test_torch_compile_fullgraph_matches_eager(sa_type):
+def test_torch_compile_fullgraph_matches_eager(sa_type, monkeypatch):
     import timm
+
+    # As in a fresh process: the extension is (re)loaded while the graph is traced.
+    monkeypatch.setattr(_cpu, "_ext", None)
+    monkeypatch.setattr(_cpu, "_error", None)
 
     model = timm.create_model(f"san10_{sa_type}", small_input=True, num_classes=5, widths=(16, 32, 32, 64, 64),
                               stem_width=16, share_planes=4, layers=(1, 1, 1, 1, 1)).eval()
@@ -276,3 +280,43 @@ def test_bn_relu_conv_gradcheck_and_opcheck():
         assert torch.autograd.gradcheck(ops.bn_relu_conv, args)
     opcheck(torch.ops.torchsan.bn_relu_conv.default, tuple(args))
     opcheck(torch.ops.torchsan.bn_relu_conv.default, (*args[:4], None))
+
+
+def test_double_backward_through_a_layer():
+    from torchsan.layers import PairwiseSelfAttention
+
+    layer = PairwiseSelfAttention(16, 4, 16, share_planes=4, kernel_size=3).double()
+    with torch.no_grad():  # random parameters: away from ReLU's kink (see test_model_fused_matches_reference)
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64, requires_grad=True)
+    penalties = []
+    for backend in ("cpu", "reference"):
+        layer.zero_grad()
+        with ops.use_backend(backend):
+            (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+            gx.square().sum().backward()
+        penalties.append([p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*penalties):
+        torch.testing.assert_close(a, b)
+
+
+def test_bn_relu_conv_propagates_nan_like_relu():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x[0, 0, 0, 0] = float("nan")
+    args = (x, torch.ones(3, dtype=x.dtype), torch.zeros(3, dtype=x.dtype), torch.randn(2, 3, dtype=x.dtype))
+    with ops.use_backend("cpu"):
+        fused = ops.bn_relu_conv(*args)
+    with ops.use_backend("reference"):
+        ref = ops.bn_relu_conv(*args)
+    assert torch.equal(fused.isnan(), ref.isnan()) and fused.isnan().any()
+
+
+def test_raw_ops_check_their_geometry():
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="reflect padding"):
+        torch.ops.torchsan.unfold(x, 3, 1, 4, 1, True)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.torchsan.unfold(x, 5, 1, 0, 1, False)
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.torchsan.subtraction2(torch.randn(1, 1, 2, 2), torch.randn(2, 4, 20, 20), 3, 1, 1, 1, False)

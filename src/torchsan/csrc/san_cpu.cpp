@@ -303,7 +303,7 @@ void brc_forward_kernel(const T* x, const T* scale, const T* shift, const T* w, 
         const int64_t nv = std::min(VW<T>, p1 - p);
         for (int64_t ci = 0; ci < Cin; ++ci) {
           V<T> pre = load_part(x + (n * Cin + ci) * P + p, nv) * scale[ci] + shift[ci];
-          r[ci] = pre > 0 ? pre : V<T>{};
+          r[ci] = pre <= 0 ? V<T>{} : pre;
         }
         for (int64_t co = 0; co < Cout; ++co) {
           V<T> acc = V<T>{} + (bias ? bias[co] : T(0));
@@ -341,13 +341,13 @@ void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift
         for (int64_t ci = 0; ci < Cin; ++ci) {
           const V<T> xv = load_part(x + (n * Cin + ci) * P + p, nv);
           const V<T> pre = xv * scale[ci] + shift[ci];
-          const V<T> rv = pre > 0 ? pre : V<T>{};
+          const V<T> rv = pre <= 0 ? V<T>{} : pre;
           V<T> gr = {};
           for (int64_t co = 0; co < Cout; ++co) {
             gr += w[co * Cin + ci] * g[co];
             acc_w[co * Cin + ci] += g[co] * rv;
           }
-          const V<T> gpre = pre > 0 ? gr : V<T>{};
+          const V<T> gpre = pre <= 0 ? V<T>{} : gr;
           acc_s[ci] += gpre * xv;
           acc_b[ci] += gpre;
           store_part(gx + (n * Cin + ci) * P + p, gpre * scale[ci], nv);
@@ -379,6 +379,13 @@ void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name, " must be float32 or float64");
 }
 
+void check_geometry(const Geometry& g) {
+  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "torchsan: the footprint does not fit the input (output size ", g.Ho, "x", g.Wo,
+              ")");
+  TORCH_CHECK(!g.reflect || (g.p < g.H && g.p < g.W), "torchsan: reflect padding ", g.p,
+              " must be smaller than the input size ", g.H, "x", g.W);
+}
+
 }  // namespace
 
 torch::Tensor aggregation_forward(torch::Tensor x, torch::Tensor w, int64_t k, int64_t s, int64_t p, int64_t d,
@@ -388,6 +395,8 @@ torch::Tensor aggregation_forward(torch::Tensor x, torch::Tensor w, int64_t k, i
   x = x.contiguous();
   w = w.contiguous();
   const Geometry g(x.size(2), x.size(3), k, s, p, d, reflect);
+  check_geometry(g);
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "weight dtype must match x");
   const int64_t N = x.size(0), C = x.size(1), Cw = w.size(1);
   TORCH_CHECK(w.size(0) == N && C % Cw == 0 && w.size(2) == g.K() && w.size(3) == g.L(), "weight shape mismatch");
   auto y = torch::empty({N, C, g.Ho, g.Wo}, x.options());
@@ -425,6 +434,9 @@ torch::Tensor gather_forward(c10::optional<torch::Tensor> x1, torch::Tensor x2, 
   torch::Tensor c1;
   if (x1.has_value()) c1 = x1->contiguous();
   const Geometry g(x2.size(2), x2.size(3), k, s, p, d, reflect);
+  check_geometry(g);
+  TORCH_CHECK(!c1.defined() || (c1.sizes() == x2.sizes() && c1.scalar_type() == x2.scalar_type()),
+              "x1 and x2 must have the same shape and dtype");
   const int64_t N = x2.size(0), C = x2.size(1);
   auto out = torch::empty({N, C, g.K(), g.L()}, x2.options());
   AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "gather_forward", [&] {

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import ops
 from .mapping import build_mapping, run_mapping
 from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
 
@@ -105,6 +106,11 @@ class _SelfAttention(nn.Module):
                 f"{type(self).__name__} expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
 
+    @contextlib.contextmanager
+    def _recompute_context(self, backend: str) -> Iterator[None]:
+        with ops.use_backend(backend), _frozen_batchnorm_stats(self.gamma):
+            yield
+
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Attention weights (N, out / share_planes, K, L) from phi(x), psi(x): (N, rel, H, W)."""
         raise NotImplementedError
@@ -115,9 +121,11 @@ class _SelfAttention(nn.Module):
         q, k, v = self._transforms(x)
         if self.memory_efficient and torch.is_grad_enabled():
             # Keep only q, k and w for backward; recompute the relation and gamma's activations over the
-            # (K, L) grid (the largest activation memory of a SAN) during the backward pass.
+            # (K, L) grid (the largest activation memory of a SAN) during the backward pass, with the same
+            # ops backend as this forward and without updating BN statistics a second time.
+            backend = ops.get_backend()
             w = checkpoint(self._weights, q, k, use_reentrant=False,
-                           context_fn=lambda: (contextlib.nullcontext(), _frozen_batchnorm_stats(self.gamma)))
+                           context_fn=lambda: (contextlib.nullcontext(), self._recompute_context(backend)))
         else:
             w = self._weights(q, k)
         return self.aggregation(v, w)

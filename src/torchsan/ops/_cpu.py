@@ -38,7 +38,7 @@ _error: str | None = None
 
 
 def _cpu_tag() -> str:
-    """Distinguishes builds for different CPUs (we compile with -march=native) and torch versions."""
+    """Distinguishes builds for different CPUs (we compile with -march=native), torch versions and sources."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -46,7 +46,8 @@ def _cpu_tag() -> str:
                 flags += line
     except OSError:
         flags = platform.processor()
-    digest = hashlib.sha1((flags + torch.__version__ + _SOURCE.read_text()).encode()).hexdigest()
+    # The source's path too: two checkouts on one machine must not rebuild each other's extension.
+    digest = hashlib.sha1((flags + torch.__version__ + str(_SOURCE) + _SOURCE.read_text()).encode()).hexdigest()
     return digest[:12]
 
 
@@ -100,6 +101,15 @@ def extension() -> ModuleType | None:
     return _ext
 
 
+def _kernels() -> ModuleType:
+    """The extension, or a clear error if it could not be built (for direct torch.ops.torchsan calls)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"torchsan's fused CPU kernels are unavailable: {_error}")
+    return ext
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it eagerly and folds the answer into the graph
 def available() -> bool:
     """Whether the fused CPU kernels are usable (builds them on first call)."""
     return extension() is not None
@@ -119,7 +129,7 @@ def _out_hw(h, w, k: int, s: int, p: int, d: int):
 def aggregation_op(x: Tensor, weight: Tensor, kernel_size: int, stride: int, padding: int, dilation: int,
                    reflect: bool) -> Tensor:
     """(N, C, H, W), (N, Cw, K, L) -> (N, C, H_out, W_out)."""
-    return extension().aggregation_forward(x, weight, kernel_size, stride, padding, dilation, reflect)
+    return _kernels().aggregation_forward(x, weight, kernel_size, stride, padding, dilation, reflect)
 
 
 @aggregation_op.register_fake
@@ -132,7 +142,7 @@ def _(x, weight, kernel_size, stride, padding, dilation, reflect):
 def aggregation_backward_op(grad: Tensor, x: Tensor, weight: Tensor, kernel_size: int, stride: int, padding: int,
                             dilation: int, reflect: bool) -> tuple[Tensor, Tensor]:
     """Gradients of the aggregation w.r.t. x and weight, in one pass."""
-    gx, gw = extension().aggregation_backward(grad, x, weight, kernel_size, stride, padding, dilation, reflect,
+    gx, gw = _kernels().aggregation_backward(grad, x, weight, kernel_size, stride, padding, dilation, reflect,
                                               True, True)
     return gx, gw
 
@@ -186,13 +196,13 @@ aggregation_backward_op.register_autograd(_aggregation_backward_grad, setup_cont
 def subtraction2_op(x1: Tensor, x2: Tensor, kernel_size: int, stride: int, padding: int, dilation: int,
                     reflect: bool) -> Tensor:
     """(N, C, H, W) x 2 -> (N, C, K, L): x1 at the centre minus x2 at each neighbour."""
-    return extension().gather_forward(x1, x2, kernel_size, stride, padding, dilation, reflect)
+    return _kernels().gather_forward(x1, x2, kernel_size, stride, padding, dilation, reflect)
 
 
 @torch.library.custom_op("torchsan::unfold", mutates_args=(), device_types="cpu")
 def unfold_op(x: Tensor, kernel_size: int, stride: int, padding: int, dilation: int, reflect: bool) -> Tensor:
     """(N, C, H, W) -> (N, C, K, L): the neighbours."""
-    return extension().gather_forward(None, x, kernel_size, stride, padding, dilation, reflect)
+    return _kernels().gather_forward(None, x, kernel_size, stride, padding, dilation, reflect)
 
 
 def _gather_fake(x, kernel_size, stride, padding, dilation):
@@ -207,7 +217,7 @@ unfold_op.register_fake(lambda x, k, s, p, d, r: _gather_fake(x, k, s, p, d))
 @torch.library.custom_op("torchsan::subtraction2_backward", mutates_args=(), device_types="cpu")
 def subtraction2_backward_op(grad: Tensor, height: int, width: int, kernel_size: int, stride: int, padding: int,
                              dilation: int, reflect: bool) -> tuple[Tensor, Tensor]:
-    g1, g2 = extension().gather_backward(grad, height, width, kernel_size, stride, padding, dilation, reflect,
+    g1, g2 = _kernels().gather_backward(grad, height, width, kernel_size, stride, padding, dilation, reflect,
                                          True, True, True)
     return g1, g2
 
@@ -215,7 +225,7 @@ def subtraction2_backward_op(grad: Tensor, height: int, width: int, kernel_size:
 @torch.library.custom_op("torchsan::unfold_backward", mutates_args=(), device_types="cpu")
 def unfold_backward_op(grad: Tensor, height: int, width: int, kernel_size: int, stride: int, padding: int,
                        dilation: int, reflect: bool) -> Tensor:
-    return extension().gather_backward(grad, height, width, kernel_size, stride, padding, dilation, reflect,
+    return _kernels().gather_backward(grad, height, width, kernel_size, stride, padding, dilation, reflect,
                                        False, False, True)[1]
 
 
@@ -296,7 +306,7 @@ def centre(x: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
 @torch.library.custom_op("torchsan::bn_relu_conv", mutates_args=(), device_types="cpu")
 def bn_relu_conv_op(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """(N, Cin, ...) -> (N, Cout, ...): weight @ relu(scale * x + shift) + bias, per position."""
-    return extension().bn_relu_conv_forward(x, scale, shift, weight, bias)
+    return _kernels().bn_relu_conv_forward(x, scale, shift, weight, bias)
 
 
 @bn_relu_conv_op.register_fake
@@ -307,7 +317,7 @@ def _(x, scale, shift, weight, bias):
 @torch.library.custom_op("torchsan::bn_relu_conv_backward", mutates_args=(), device_types="cpu")
 def bn_relu_conv_backward_op(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
                              weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    gx, gscale, gshift, gw, gbias = extension().bn_relu_conv_backward(grad, x, scale, shift, weight)
+    gx, gscale, gshift, gw, gbias = _kernels().bn_relu_conv_backward(grad, x, scale, shift, weight)
     return gx, gscale, gshift, gw, gbias
 
 
@@ -325,7 +335,18 @@ def _brc_setup(ctx, inputs, output):
 
 def _brc_grad(ctx, grad):
     x, scale, shift, weight = ctx.saved_tensors
-    gx, gscale, gshift, gw, gbias = bn_relu_conv_backward_op(grad, x, scale, shift, weight)
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): the same formulas in differentiable PyTorch ops.
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        dims = [0, *range(2, x.dim())]
+        pre = x * scale.view(shape) + shift.view(shape)
+        gpre = torch.einsum("oc,no...->nc...", weight, grad) * (pre > 0)
+        gx = gpre * scale.view(shape)
+        gscale, gshift = (gpre * x).sum(dims), gpre.sum(dims)
+        gw = torch.einsum("no...,nc...->oc", grad, torch.relu(pre))
+        gbias = grad.sum(dims)
+    else:
+        gx, gscale, gshift, gw, gbias = bn_relu_conv_backward_op(grad, x, scale, shift, weight)
     return gx, gscale, gshift, gw, gbias if ctx.has_bias else None
 
 
