@@ -88,21 +88,6 @@ def test_noncontiguous_channels_last_and_batch1():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("k,s,d", [(3, 1, 1), (3, 2, 1), (3, 1, 2)])
-def test_gradcheck(mode, k, s, d):
-    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
-    x2 = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
-    ho, wo = ops.output_size((6, 5), k, s, None, d)
-    weight = torch.randn(2, 2, k * k, ho * wo, dtype=torch.float64, requires_grad=True)
-    args = (k, s, None, d, mode)
-    with ops.use_backend("cpu"):
-        assert torch.autograd.gradcheck(lambda a, b: ops.aggregation(a, b, *args), (x, weight), fast_mode=True)
-        assert torch.autograd.gradcheck(lambda a, b: ops.subtraction2(a, b, *args), (x, x2), fast_mode=True)
-        assert torch.autograd.gradcheck(lambda a: ops.subtraction(a, *args), (x,), fast_mode=True)
-        assert torch.autograd.gradcheck(lambda a: ops.unfold(a, *args), (x,), fast_mode=True)
-
-
-@pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_full_and_double_backward(mode):
     x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)

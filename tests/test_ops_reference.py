@@ -9,6 +9,7 @@ import torch
 
 import oracle
 from torchsan import ops
+from torchsan.ops import _cpu
 
 # (kernel_size, stride, dilation, padding, H, W): odd sizes, stride and dilation, explicit padding.
 CASES = [
@@ -84,9 +85,14 @@ def test_zero_padding_reads_zero_and_reflection_mirrors():
     assert refl.tolist() == [5, 4, 5, 2, 1, 2, 5, 4, 5]
 
 
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("cpu", marks=pytest.mark.skipif(not _cpu.available(), reason="CPU kernels unavailable")),
+])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("k,s,d", [(3, 1, 1), (3, 2, 1), (3, 1, 2)])
-def test_gradcheck(mode, k, s, d):
+def test_gradcheck(mode, k, s, d, backend):
+    """Every backend's gradients, in float64 (the fused ones also in test_ops_cpu.py, full Jacobian)."""
     x = torch.randn(2, 4, 5, 4, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(2, 4, 5, 4, dtype=torch.float64, requires_grad=True)
     ho, wo = ops.output_size((5, 4), k, s, None, d)
@@ -95,10 +101,11 @@ def test_gradcheck(mode, k, s, d):
     # fast_mode checks random projections of the Jacobian: same power to catch a wrong
     # backward, without one backward per output element.
     check = dict(fast_mode=True)
-    assert torch.autograd.gradcheck(lambda a, b: ops.aggregation(a, b, *args), (x, weight), **check)
-    assert torch.autograd.gradcheck(lambda a, b: ops.subtraction2(a, b, *args), (x, x2), **check)
-    assert torch.autograd.gradcheck(lambda a: ops.subtraction(a, *args), (x,), **check)
-    assert torch.autograd.gradcheck(lambda a: ops.unfold(a, *args), (x,), **check)
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b: ops.aggregation(a, b, *args), (x, weight), **check)
+        assert torch.autograd.gradcheck(lambda a, b: ops.subtraction2(a, b, *args), (x, x2), **check)
+        assert torch.autograd.gradcheck(lambda a: ops.subtraction(a, *args), (x,), **check)
+        assert torch.autograd.gradcheck(lambda a: ops.unfold(a, *args), (x,), **check)
 
 
 @pytest.mark.parametrize("mode", MODES)
