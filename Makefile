@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The embedded default data: Debian's dataset-fashion-mnist (MIT licence, 30 MB, no download at run time).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+RUNS := runs/fashion_mnist
 
-.PHONY: setup run test lint clean
+.PHONY: setup data run summary test lint clean
 
 setup: $(VENV)/.installed
 
@@ -12,7 +16,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-run: setup
+data:
+	@test -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz || { \
+	  echo "installing the embedded default data set: Debian's dataset-fashion-mnist (30 MB)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+# The main job: train SAN10 pairwise and ResNet26 (small-input forms) on Fashion-MNIST, then compare.
+# --resume: a second `make run` continues (or just reports) the runs in $(RUNS) instead of starting over.
+run: setup data
+	$(BIN)/torchsan train fashion_mnist/san10_pairwise --resume
+	$(BIN)/torchsan train fashion_mnist/san_resnet26 --resume
+	$(BIN)/torchsan results $(RUNS)/san10_pairwise $(RUNS)/san_resnet26
+
+summary: setup
 	$(BIN)/torchsan summary
 
 lint: setup

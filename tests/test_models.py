@@ -561,3 +561,18 @@ def test_every_parameter_gets_a_gradient(name, kwargs):
             assert g <= 1e-9 * scale, f"{pname}: expected no gradient by construction, got {g:.3g}"
         else:
             assert g > 1e-6 * scale, f"{pname}: gradient {g:.3g} vs largest {scale:.3g}: unused?"
+
+
+def test_zero_init_last_makes_blocks_identity():
+    import timm
+
+    tiny = dict(small_input=True, num_classes=3, layers=[1, 1, 1, 1, 1], widths=[16, 16, 32, 32, 32], stem_width=8,
+                share_planes=4)
+    san = timm.create_model("san10_pairwise", zero_init_last=True, **tiny)
+    block = san.stages[1].blocks[0].eval()
+    x = torch.randn(2, 16, 9, 9)
+    assert torch.equal(block(x), x)  # residual branch is exactly zero at init
+    plain = timm.create_model("san10_pairwise", **tiny)
+    assert not torch.equal(plain.stages[1].blocks[0].eval()(x), x)
+    resnet = timm.create_model("san_resnet26", zero_init_last=True)
+    assert all(float(m.bn3.weight.abs().sum()) == 0 for m in resnet.modules() if hasattr(m, "bn3"))

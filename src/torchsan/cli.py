@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -95,6 +96,130 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--base-lr 0.05``, ``--no-augment``), all defaulting to "not given"."""
+    import dataclasses
+    import typing
+
+    from .train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("recipe (every key of a config file; defaults: the authors' ImageNet recipe)")
+    for f in dataclasses.fields(TrainConfig):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        text = f"(default {default!r})"
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name == "model_kwargs":
+            group.add_argument(flag, action="append", metavar="KEY=VALUE", default=None,
+                               help="a model constructor argument, YAML value, e.g. small_input=true (repeatable)")
+        elif f.name == "step_milestones":
+            group.add_argument(flag, type=int, nargs="+", default=None, help=text)
+        else:
+            kind = {int: int, float: float, str: str}.get(hint, float)  # float | None -> float
+            group.add_argument(flag, type=kind, default=None, help=text)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    import yaml
+
+    from .train import TrainConfig
+
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "model_kwargs":
+            parsed = {}
+            for item in value:
+                key, sep, raw = item.partition("=")
+                if not sep or not key:
+                    raise ValueError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
+                parsed[key] = yaml.safe_load(raw)
+            value = parsed
+        values[f.name] = value
+    return values
+
+
+def _train(args: argparse.Namespace) -> int:
+    import timm
+
+    import torchsan.models  # noqa: F401
+
+    from .train import load_config, train
+    from .train.checkpoint import latest_checkpoint, read_checkpoint
+
+    overrides = _overrides(args)
+    source = args.config
+    if source is not None and timm.is_model(source):  # "torchsan train san10_pairwise"
+        overrides.setdefault("model", source)
+        source = None
+    if source is None and args.resume not in (None, "auto"):
+        # Resuming from a checkpoint alone: its own config, with any flags on top.
+        path = latest_checkpoint(args.resume) if os.path.isdir(args.resume) else args.resume
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {args.resume!r}")
+        saved = read_checkpoint(path).get("config")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{str(path)!r} holds no training config: not a torchsan training checkpoint")
+        overrides = {**saved, **overrides}
+    cfg = load_config(source, **overrides)
+    summary = train(cfg, resume=args.resume)
+    final = summary["final"]
+    if args.json and _is_rank0():
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if final.get("val_top1") is not None or cfg.eval_every > cfg.epochs else 1
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_checkpoint
+
+    overrides = dict(data=args.data, image_size=args.image_size, val_subset=args.val_subset,
+                     batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
+                     skip_corrupt=args.skip_corrupt or None, threads=args.threads)
+    result = evaluate_checkpoint(args.checkpoint, **overrides)
+    if not _is_rank0():
+        return 0
+    skipped = f", {result['skipped']} corrupt images skipped" if result["skipped"] else ""
+    print(f"{result['model']} on {result['data']} ({result['count']} images, {result['image_size']} px): "
+          f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, loss {result['loss']:.4f}, "
+          f"{result['seconds']:.1f} s{skipped}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    rows = []
+    for run in args.runs:
+        path = os.path.join(run, "summary.json") if os.path.isdir(run) else run
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{run!r} has no summary.json (is it a finished torchsan run folder?)")
+        with open(path) as f:
+            rows.append(json.load(f))
+    header = (f"{'model':<18} {'params':>8} {'GMACs':>6} {'epochs':>6} {'px':>4} {'val top-1':>9} {'top-5':>7} "
+              f"{'best':>7} {'minutes':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        final = r.get("final", {})
+        gmacs = f"{r['gmacs']:.3f}" if r.get("gmacs") is not None else "-"
+        print(f"{r['model']:<18} {r['params'] / 1e6:>7.2f}M {gmacs:>6} {r['epochs']:>6} {r['image_size']:>4} "
+              f"{final.get('val_top1', float('nan')):>8.2f}% {final.get('val_top5', float('nan')):>6.2f}% "
+              f"{r['best_val_top1']:>6.2f}% {r['seconds'] / 60:>7.1f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchsan", description=__doc__)
     parser.add_argument("--version", action="version", version=f"torchsan {__version__}")
@@ -113,6 +238,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output file: {'state_dict': ..., 'model': NAME}")
     p.add_argument("--model", required=True, help="timm model name, e.g. san10_pairwise or san_resnet26")
     p.set_defaults(func=_convert)
+    p = sub.add_parser("train", help="train a model on an ImageNet-layout folder or the embedded Fashion-MNIST",
+                       description="Train a model. CONFIG is a YAML file, a packaged config name "
+                       "(fashion_mnist/san10_pairwise, imagenet/san10_pairwise, ...) or a model name; "
+                       "flags override its values. Launch with torchrun for several processes.")
+    p.add_argument("config", nargs="?", help="YAML file, packaged config name, or model name")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from a checkpoint file or run folder; alone: this run's newest checkpoint")
+    p.add_argument("--json", help="also write the run summary to this JSON file")
+    _config_flags(p)
+    p.set_defaults(func=_train)
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on its data set or another folder")
+    p.add_argument("checkpoint", help="a training checkpoint or model_best.pth written by torchsan train")
+    p.add_argument("--data", help="an ImageNet-layout folder (its val/ split) or fashion-mnist (default: the run's)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--val-subset", type=int, help="evaluate on this many images (balanced); 0 = all")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"))
+    p.add_argument("--threads", type=int)
+    p.add_argument("--skip-corrupt", action="store_true", help="skip and count corrupt images")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("results", help="a table of finished runs (their summary.json)")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.set_defaults(func=_results)
     return parser
 
 
@@ -120,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"torchsan: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError, FloatingPointError) as err:
+        if os.environ.get("TORCHSAN_DEBUG"):
+            raise
+        # A data loader worker re-raises with its traceback in the message: keep the original last line.
+        text = str(err).strip().splitlines()
+        print(f"torchsan: error: {text[-1] if text else type(err).__name__}", file=sys.stderr)
         return 2

@@ -58,6 +58,8 @@ class ResNet(nn.Module):
     Args:
         layers: blocks per stage.
         small_input: 3x3 stride-1 stem without max-pool, for 16-64 px inputs.
+        zero_init_last: start each block's last BN at zero (the block is then the identity at
+            init; not in the paper; it speeds up short runs).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class ResNet(nn.Module):
         small_input: bool = False,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
@@ -95,6 +98,10 @@ class ResNet(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         self.grad_checkpointing = False
+        if zero_init_last:  # each residual branch starts at zero: faster early training (Goyal et al. 2017)
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None

@@ -89,6 +89,8 @@ class SAN(nn.Module):
             (defaults: the authors' model; see :mod:`torchsan.layers`).
         memory_efficient: recompute the attention weights' intermediate activations in the backward
             pass (much less training memory, same function; see docs/performance.md).
+        zero_init_last: start each block's last 1x1 conv at zero (the block is then the identity
+            at init; not in the paper; it speeds up short runs).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class SAN(nn.Module):
         position_encoding: bool = True,
         transform: str = "separate",
         memory_efficient: bool = False,
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         if not (len(layers) == len(kernels) == len(widths)):
@@ -157,6 +160,11 @@ class SAN(nn.Module):
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels * self.global_pool.feat_mult(), num_classes) if num_classes else nn.Identity()
+        if zero_init_last:  # each residual branch starts at zero: faster early training (Goyal et al. 2017)
+            for stage in self.stages:
+                for block in stage.blocks:
+                    nn.init.zeros_(block.proj.weight)
+                    nn.init.zeros_(block.proj.bias)
 
     # --- timm model contract -------------------------------------------------------------------
     @torch.jit.ignore

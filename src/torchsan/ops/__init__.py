@@ -11,6 +11,8 @@ bad input identically.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import _checks
@@ -49,6 +51,19 @@ def output_size(
     return fp.out_size(size[0]), fp.out_size(size[1])
 
 
+def _autocast(*tensors: Any) -> tuple[Any, ...]:
+    """Under ``torch.autocast``, bring the floating inputs of a multi-input op to the autocast dtype.
+
+    Without this, autocast hands these ops a mix (bf16 activations from a convolution, fp32 weights
+    from a softmax) that the dtype checks rightly refuse. Outside autocast: the inputs as they are.
+    """
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors  # (bad arguments are reported by the checks that follow)
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def aggregation(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -69,6 +84,7 @@ def aggregation(
         (N, C, H_out, W_out).
     """
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    x, weight = _autocast(x, weight)
     h_out, w_out = _checks.check_aggregation(x, weight, fp)
     return implementation(x).aggregation(x, weight, fp, h_out, w_out)
 
@@ -105,6 +121,7 @@ def subtraction2(
     x1, x2: (N, C, H, W) of the same shape -> (N, C, K, L).
     """
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    x1, x2 = _autocast(x1, x2)
     h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
     return implementation(x1).subtraction2(x1, x2, fp, h_out, w_out)
 
@@ -158,6 +175,7 @@ def bn_relu_conv(
         (N, Cout, *spatial).
     """
     _checks.check_tensor("x", x, min_dim=2)
+    x, scale, shift, weight, bias = _autocast(x, scale, shift, weight, bias)
     c_in = x.shape[1]
     for name, t, shape in (("scale", scale, (c_in,)), ("shift", shift, (c_in,)),
                            ("weight", weight, (weight.shape[0] if weight.dim() == 2 else -1, c_in))):

@@ -1,0 +1,89 @@
+"""Checkpoints: written atomically, the newest N kept, read back with ``weights_only=True``.
+
+A checkpoint is a dict of tensors and plain values (so ``torch.load(weights_only=True)`` reads it):
+``state_dict`` (the model), ``model`` (its name), ``optimizer``, ``scheduler``, ``scaler``,
+``epoch`` and ``step`` (the position in the schedule: ``step`` iterations of epoch ``epoch`` are
+done), ``rng``, ``config``, ``history`` (per-epoch metrics), ``best_top1`` and ``classes``.
+``model_best.pth`` holds only the model, its name, config and metrics; ``torchsan eval`` and
+``torchsan.models.load_checkpoint`` read both kinds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models._helpers import read_checkpoint
+
+__all__ = ["save_atomic", "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "rng_state",
+           "set_rng_state", "checkpoint_name", "read_checkpoint"]
+
+_PATTERN = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pth$")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """``checkpoint-e0003-s000000.pth``: epoch 3 starts (3 epochs done); sorted by name = by progress."""
+    return f"checkpoint-e{epoch:04d}-s{step:06d}.pth"
+
+
+def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A reader (or a crash at any moment) sees either the old file or the complete new one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The run's training checkpoints, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if _PATTERN.match(p.name))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the newest ``keep`` training checkpoints (``model_best.pth`` is never touched)."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator's state, as tensors and plain values."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,178 @@
+"""Training configuration: one dataclass, the single source of truth for every default.
+
+A run is configured by, in order of precedence: command-line flags (``--lr 0.05``), a YAML file
+(``torchsan train configs/imagenet/san10_pairwise.yaml``), then the defaults below, which are
+the authors' ImageNet recipe (Zhao et al. 2020, Section 5; ``config/imagenet/*.yaml`` of
+hszhao/SAN). An unknown key in a file or a bad value is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["TrainConfig", "load_config", "config_path", "CONFIG_ROOT"]
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (defaults: the authors' ImageNet recipe)."""
+
+    # model
+    model: str = "san10_pairwise"  # any timm model name; torchsan registers san*/san_resnet*
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {small_input: true, relation: hadamard}
+    # data
+    data: str = "fashion-mnist"  # an ImageNet-layout folder, or the embedded default "fashion-mnist"
+    image_size: int = 224
+    train_subset: int = 0  # use this many training images (balanced over classes); 0 = all
+    val_subset: int = 0  # the same for validation
+    augment: bool = True  # random resized crop + flip (folders) or shift + flip (small images)
+    skip_corrupt: bool = False  # drop and count corrupt images instead of stopping
+    workers: int = 0  # data loader processes per training process
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 256  # global: split evenly over the processes
+    base_lr: float = 0.1  # learning rate for a batch of 256, scaled linearly to batch_size
+    lr: float | None = None  # if set, used as is (no scaling)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # on all parameters, as the authors
+    schedule: str = "cosine"  # cosine | step | constant
+    schedule_unit: str = "epoch"  # the authors step the cosine per epoch; "step" anneals per iteration
+    step_milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # for schedule "step" (x0.1 each)
+    warmup_epochs: float = 0.0  # linear warm-up from 0, per iteration
+    label_smoothing: float = 0.1  # authors' form: 1-eps on the target, eps/(classes-1) elsewhere
+    mixup_alpha: float = 0.0  # 0 = off; the authors' ImageNet configs use 0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    # hardware
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a gradient scaler)
+    channels_last: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across processes (GPU)
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    # run
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-for-bit repeatable runs)
+    output: str = "runs/{model}"  # run folder; {model} and {data} are filled in
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept, plus model_best.pth
+    checkpoint_every_steps: int = 0  # also checkpoint every N iterations inside an epoch; 0 = per epoch only
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"config: {msg}")
+
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
+        need(self.schedule in ("cosine", "step", "constant"),
+             f"schedule must be cosine, step or constant, got {self.schedule!r}")
+        need(self.schedule_unit in ("epoch", "step"),
+             f"schedule_unit must be epoch or step, got {self.schedule_unit!r}")
+        need(self.amp in ("none", "bf16", "fp16"), f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        need(self.progress in ("auto", "bar", "lines", "none"),
+             f"progress must be auto, bar, lines or none, got {self.progress!r}")
+        need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.mixup_alpha >= 0.0, f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
+        need(self.warmup_epochs >= 0.0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+        need(self.workers >= 0 and self.threads >= 0, "workers and threads must be >= 0")
+        need(isinstance(self.model_kwargs, dict), f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate: ``lr`` if given, else ``base_lr * batch_size / 256``."""
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_dir(self) -> Path:
+        data = "fashion-mnist" if self.data == "fashion-mnist" else Path(self.data).name
+        return Path(self.output.format(model=self.model, data=data))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    for key in values:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def config_path(name: str) -> Path:
+    """A config file by path, or by name under the packaged configs (``imagenet/san10_pairwise``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_ROOT / name, CONFIG_ROOT / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(str(p.relative_to(CONFIG_ROOT).with_suffix("")) for p in CONFIG_ROOT.rglob("*.yaml"))
+    raise FileNotFoundError(f"config {name!r} not found (a YAML path, or one of: {', '.join(known)})")
+
+
+def load_config(source: str | os.PathLike[str] | None = None, **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file (path or packaged name) and keyword overrides."""
+    values: dict[str, Any] = {}
+    if source is not None:
+        path = config_path(os.fspath(source))
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"config {str(path)!r} must be a mapping of keys to values")
+        values.update(loaded or {})
+        _check_keys(values, repr(str(path)))
+    _check_keys(overrides, "the overrides")
+    values.update(overrides)
+    for key, value in values.items():
+        values[key] = _coerce(key, value)
+    return TrainConfig(**values)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check a value against its field's type; accept YAML 1.1's "1e-4" (a string) as a float."""
+    default = FIELDS[key].default
+    if key == "lr":
+        if value is None:
+            return None
+        default = 0.0
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"config: {key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"config: {key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config: {key} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config: {key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"config: {key} must be a string, got {value!r}")
+    return value

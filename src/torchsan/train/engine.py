@@ -1,0 +1,479 @@
+"""The training and evaluation loops.
+
+``train(config)`` runs on one process or, launched by ``torchrun``, on many (DistributedDataParallel,
+gloo on the CPU, NCCL on GPUs). Every random draw is a function of (seed, rank, epoch, iteration)
+and the checkpoint holds the whole state, so a resumed run, after a crash or a SIGKILL, continues
+bit-for-bit where its last checkpoint left off (in deterministic mode on the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import build_datasets, build_loader
+from ..data.build import _mix
+from ..models._helpers import load_converted, read_checkpoint
+from .checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from .config import TrainConfig, load_config
+from .distributed import DistEnv, all_reduce_sum, init_distributed, shutdown
+from .logger import MetricsLogger
+from .losses import mixup, smooth_targets, soft_cross_entropy
+
+__all__ = ["train", "evaluate", "evaluate_checkpoint", "lr_factor", "SCHEDULE_KEYS"]
+
+# Settings a resumed run must share with its checkpoint: they define the function being trained
+# and the schedule. Everything else (workers, threads, progress, output, ...) may change.
+SCHEDULE_KEYS = (
+    "model", "model_kwargs", "data", "image_size", "train_subset", "augment", "epochs", "batch_size", "base_lr",
+    "lr", "momentum", "weight_decay", "schedule", "schedule_unit", "step_milestones", "warmup_epochs",
+    "label_smoothing", "mixup_alpha", "grad_clip", "amp", "seed",
+)
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Iteration -> multiplier of the peak learning rate (warm-up, then cosine, step or constant)."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(it: int) -> float:
+        if it < warm:
+            return (it + 1) / warm
+        e = it // steps_per_epoch if cfg.schedule_unit == "epoch" else it / steps_per_epoch
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(e, cfg.epochs) / cfg.epochs))
+        if cfg.schedule == "step":
+            return 0.1 ** sum(e >= m for m in cfg.step_milestones)
+        return 1.0
+
+    return factor
+
+
+def _autocast(cfg_amp: str, device: torch.device):
+    if cfg_amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg_amp == "bf16" else torch.float16)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+
+    import torchsan.models  # noqa: F401  (registers the models with timm)
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r} (torchsan models: {', '.join(torchsan.models.MODEL_NAMES)})")
+
+
+def _create_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    import timm
+
+    _check_model_name(cfg.model)
+    try:
+        return timm.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, **cfg.model_kwargs)
+    except TypeError as err:
+        raise ValueError(f"model_kwargs {cfg.model_kwargs} do not fit {cfg.model!r}: {err}") from err
+
+
+class _Progress:
+    """A tqdm bar on a terminal, else a line every ~10% of the epoch (main process only)."""
+
+    def __init__(self, mode: str, enabled: bool, total: int, initial: int, desc: str) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if enabled else "none"
+        self.total, self.desc, self.bar, self.start, self.done = total, desc, None, time.perf_counter(), initial
+        self.images, self.every = 0, max(1, total // 10)
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True, leave=False)
+
+    def update(self, images: int, **stats: float) -> None:
+        self.done += 1
+        self.images += images
+        rate = self.images / max(time.perf_counter() - self.start, 1e-9)
+        eta = (self.total - self.done) * (time.perf_counter() - self.start) / max(self.done, 1)
+        text = {**{k: f"{v:.4g}" for k, v in stats.items()}, "img/s": f"{rate:.1f}"}
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=False)
+            self.bar.update(1)
+        elif self.mode == "lines" and (self.done % self.every == 0 or self.done == self.total):
+            fields = " ".join(f"{k} {v}" for k, v in text.items())
+            print(f"{self.desc} {self.done}/{self.total} {fields} eta {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv, amp: str = "none",
+             channels_last: bool = False) -> dict[str, float]:
+    """Loss (plain cross-entropy), top-1 and top-5 accuracy (%) over every sample of the loader's data set."""
+    model.eval()
+    loss_sum = correct1 = correct5 = count = skipped = 0.0
+    for batch in loader:
+        if batch is None:
+            continue
+        images, labels, n_skipped = batch
+        images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(amp, env.device):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels.unsqueeze(1)
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += labels.numel()
+        skipped += n_skipped
+    loss_sum, correct1, correct5, count, skipped = all_reduce_sum([loss_sum, correct1, correct5, count, skipped], env)
+    if count == 0:
+        raise ValueError("evaluation saw no images (every image was skipped as corrupt?)")
+    return dict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count,
+                count=int(count), skipped=int(skipped))
+
+
+def _resume_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    ckpt = read_checkpoint(path)
+    missing = [k for k in ("state_dict", "optimizer", "scheduler", "epoch", "step", "config", "rng") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a training checkpoint (no {', '.join(missing)}); "
+                         f"model_best.pth holds weights only: use it with 'torchsan eval'")
+    if ckpt.get("model") != cfg.model:
+        raise ValueError(f"checkpoint {str(path)!r} is of model {ckpt.get('model')!r}, not {cfg.model!r}")
+    saved = ckpt["config"]
+    differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {getattr(cfg, k)!r} now" for k in SCHEDULE_KEYS
+              if saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"cannot resume from {str(path)!r} with different settings ({'; '.join(differ)})")
+    return ckpt
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data``; returns the run summary (also written to ``summary.json``).
+
+    ``resume``: a checkpoint file, a run folder (its newest checkpoint), or "auto" (the newest
+    checkpoint of this run's folder, if any).
+    """
+    env = init_distributed(cfg.device)
+    try:
+        return _train(cfg, env, resume)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> dict[str, Any]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if cfg.batch_size % env.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {env.world_size} processes")
+    if cfg.amp == "fp16" and env.device.type != "cuda":
+        raise ValueError("amp fp16 needs a GPU; use bf16 on the CPU")
+    if cfg.sync_bn and env.device.type != "cuda":
+        raise ValueError("sync_bn needs GPUs (torch's SyncBatchNorm has no CPU implementation)")
+    run_dir = cfg.run_dir()
+    main = env.is_main
+    say = print if main else (lambda *a, **k: None)
+
+    ckpt_path: Path | None = None
+    if resume is not None:
+        target = run_dir if resume == "auto" else Path(resume)
+        ckpt_path = latest_checkpoint(target) if target.is_dir() or resume == "auto" else target
+        if ckpt_path is None and resume != "auto":
+            raise FileNotFoundError(f"no checkpoint to resume from in {str(target)!r}")
+        if ckpt_path is not None and ckpt_path.resolve().parent != run_dir.resolve() and latest_checkpoint(run_dir):
+            raise FileExistsError(f"resuming {str(ckpt_path)!r} would write into {str(run_dir)!r}, which holds "
+                                  f"another run's checkpoints; choose another --output")
+    elif latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{str(run_dir)!r} already holds checkpoints: pass --resume to continue that run, "
+                              f"or choose another --output")
+    ckpt = _resume_state(ckpt_path, cfg) if ckpt_path is not None else None  # all checks before any write
+    _check_model_name(cfg.model)
+
+    datasets, info = build_datasets(cfg.data, cfg.image_size, cfg.train_subset, cfg.val_subset, cfg.augment,
+                                    cfg.skip_corrupt)
+    per_rank = cfg.batch_size // env.world_size
+    pin = env.device.type == "cuda"
+    train_loader = build_loader(datasets["train"], per_rank, train=True, rank=env.rank, world_size=env.world_size,
+                                seed=cfg.seed, workers=cfg.workers, pin_memory=pin)
+    val_loader = build_loader(datasets["val"], per_rank, train=False, rank=env.rank, world_size=env.world_size,
+                              workers=cfg.workers, pin_memory=pin)
+    steps_per_epoch = train_loader.batch_sampler.steps_per_epoch()
+
+    torch.manual_seed(_mix(cfg.seed, 7))  # the same initial weights on every rank (DDP also broadcasts them)
+    model = _create_model(cfg, info.num_classes, info.in_chans).to(env.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and env.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    gmacs = _gmacs(model, info.in_chans, cfg.image_size)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
+
+    peak_lr = cfg.learning_rate
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
+
+    history: list[dict[str, Any]] = []
+    best_top1, start_epoch, start_step, carried, elapsed_before = -1.0, 0, 0, [0.0] * 5, 0.0
+    if ckpt is not None:
+        load_converted(model, ckpt["state_dict"], f"checkpoint {str(ckpt_path)!r}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        history, best_top1 = list(ckpt.get("history", [])), float(ckpt.get("best_top1", -1.0))
+        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
+        per_rank = ckpt.get("epoch_sums") or [carried] * env.world_size  # one list of 5 sums per rank
+        if len(per_rank) != env.world_size:
+            raise ValueError(f"checkpoint {str(ckpt_path)!r} was written mid-epoch by {len(per_rank)} processes; "
+                             f"resume it with the same number ({env.world_size} now), or from an epoch checkpoint")
+        carried = list(per_rank[env.rank])
+        elapsed_before = float(ckpt.get("elapsed", 0.0))
+        if start_epoch >= cfg.epochs:
+            say(f"{ckpt_path}: the run is already complete ({cfg.epochs} epochs); reporting it")
+        else:
+            say(f"resumed from {ckpt_path} (epoch {start_epoch + 1}, iteration {start_step}/{steps_per_epoch})")
+    else:
+        random.seed(cfg.seed)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
+    logger = MetricsLogger(run_dir, cfg.tensorboard) if main else None
+    if main and history:  # a run killed between its checkpoint and its logs: rewrite them
+        logger.log_epoch(history, tensorboard=False)
+    classes = list(info.classes)
+
+    def state(epoch: int, step: int, sums: list[list[float]] | None) -> dict[str, Any]:
+        return dict(state_dict=_unwrap(ddp).state_dict(), model=cfg.model, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
+                    epoch_sums=sums, rng=rng_state(), config=cfg.to_dict(), history=history,
+                    best_top1=best_top1, classes=classes, in_chans=info.in_chans, torch_version=str(torch.__version__),
+                    elapsed=elapsed_before + time.perf_counter() - start_time)
+
+    def save(epoch: int, step: int, sums: list[list[float]] | None) -> None:
+        if main:
+            save_atomic(state(epoch, step, sums), run_dir / checkpoint_name(epoch, step))
+            prune_checkpoints(run_dir, cfg.keep_checkpoints)
+
+    macs_text = f", {gmacs:.3f} GMACs/image" if gmacs is not None else ""
+    say(f"training {cfg.model} ({n_params / 1e6:.2f}M params{macs_text}) on {info.name}: {info.num_train} train / "
+        f"{info.num_val} val images, {info.num_classes} classes, {cfg.image_size} px, {env.world_size} process(es) "
+        f"on {env.device}, batch {cfg.batch_size}, peak lr {peak_lr:.4g}, {cfg.epochs} epochs x {steps_per_epoch} "
+        f"iterations -> {run_dir}")
+    start_time = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        first = start_step if epoch == start_epoch else 0
+        sums = carried if epoch == start_epoch else [0.0] * 5  # loss*n, correct, n, skipped, seconds
+        train_loader.batch_sampler.set_epoch(epoch, first)
+        epoch_lr = optimizer.param_groups[0]["lr"]  # the rate this epoch starts with
+        ddp.train()
+        progress = _Progress(cfg.progress, main, steps_per_epoch, first, f"epoch {epoch + 1}/{cfg.epochs}")
+        t0 = time.perf_counter()
+        for step, batch in enumerate(train_loader, start=first):
+            if env.distributed and _any_rank(batch is None, env):  # all ranks stop together, none waits
+                raise ValueError(f"every image of a batch is corrupt (epoch {epoch + 1}, iteration {step})")
+            if batch is not None:
+                images, labels, n_skipped = batch
+                images = images.to(env.device, non_blocking=True)
+                labels = labels.to(env.device, non_blocking=True)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                torch.manual_seed(_mix(cfg.seed, env.rank, epoch, step))  # dropout and friends
+                q = smooth_targets(labels, info.num_classes, cfg.label_smoothing)
+                if cfg.mixup_alpha > 0:
+                    g = torch.Generator().manual_seed(_mix(cfg.seed, env.rank, epoch, step, 2))
+                    images, q = mixup(images, q, cfg.mixup_alpha, g)
+                with _autocast(cfg.amp, env.device):
+                    logits = ddp(images)
+                loss = soft_cross_entropy(logits, q)
+                if _any_rank(not torch.isfinite(loss), env):
+                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {step}: lower "
+                                             f"the learning rate (checkpoints so far are kept)")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                n = labels.numel()
+                sums[0] += loss.item() * n
+                sums[1] += (logits.argmax(dim=1) == labels).sum().item()
+                sums[2] += n
+                sums[3] += n_skipped
+                progress.update(n * env.world_size, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+            scheduler.step()  # per iteration; the factor function decides per-epoch or per-step annealing
+            done = step + 1
+            if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < steps_per_epoch:
+                save(epoch, done, _gather_sums(sums[:4] + [sums[4] + time.perf_counter() - t0], env))
+        progress.close()
+        _sync_buffers(_unwrap(ddp), env)  # BN running stats differ per rank: evaluate and save rank 0's
+        seconds = sums[4] + time.perf_counter() - t0
+        loss_sum, correct, count, skipped = all_reduce_sum(sums[:4], env)
+        row: dict[str, Any] = dict(epoch=epoch + 1, lr=epoch_lr,
+                                   train_loss=loss_sum / max(count, 1),
+                                   train_top1=None if cfg.mixup_alpha > 0 else 100 * correct / max(count, 1),
+                                   train_images=int(count), train_skipped=int(skipped), train_seconds=seconds,
+                                   train_images_per_s=count / max(seconds, 1e-9))
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            t1 = time.perf_counter()
+            # The unwrapped model: DDP's forward is a collective, and ranks may have unequal val batches.
+            val = evaluate(_unwrap(ddp), val_loader, env, cfg.amp, cfg.channels_last)
+            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_images=val["count"],
+                       val_skipped=val["skipped"], val_seconds=time.perf_counter() - t1)
+        history.append(row)
+        is_best = row.get("val_top1") is not None and row["val_top1"] > best_top1
+        if is_best:
+            best_top1 = row["val_top1"]
+        if main and is_best:  # before the epoch checkpoint, which records best_top1
+            save_atomic(dict(state_dict=_unwrap(ddp).state_dict(), model=cfg.model, config=cfg.to_dict(),
+                             epoch=epoch + 1, metrics=row, classes=classes, in_chans=info.in_chans),
+                        run_dir / "model_best.pth")
+        save(epoch + 1, 0, None)
+        if main:
+            logger.log_epoch(history)
+            val_text = (f", val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+                        if "val_top1" in row else "")
+            skipped_text = f", {row['train_skipped']} corrupt images skipped" if row["train_skipped"] else ""
+            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}{val_text}, "
+                f"{row['train_images_per_s']:.1f} img/s, {seconds:.0f} s{skipped_text}", flush=True)
+
+    in_sync = _ranks_in_sync(ddp, env)
+    summary = dict(model=cfg.model, data=info.name, params=n_params, gmacs=gmacs, epochs=cfg.epochs,
+                   image_size=cfg.image_size,
+                   world_size=env.world_size, device=str(env.device), ranks_in_sync=in_sync,
+                   seconds=elapsed_before + time.perf_counter() - start_time, best_val_top1=best_top1,
+                   final=history[-1] if history else {}, run_dir=str(run_dir))
+    if main:
+        import json
+
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        logger.close()
+        final = summary["final"]
+        say(f"done: {cfg.model} val top-1 {final.get('val_top1', float('nan')):.2f}%, top-5 "
+            f"{final.get('val_top5', float('nan')):.2f}% (best top-1 {best_top1:.2f}%) after {cfg.epochs} epochs; "
+            f"run folder {run_dir} (checkpoints, model_best.pth, metrics.csv/json, curves.png, tensorboard/)")
+    return summary
+
+
+def _any_rank(flag: bool, env: DistEnv) -> bool:
+    """Whether ``flag`` holds on any process (a collective: every rank must call it at the same point)."""
+    if not env.distributed:
+        return bool(flag)
+    return all_reduce_sum([float(flag)], env)[0] > 0
+
+
+def _gather_sums(sums: list[float], env: DistEnv) -> list[list[float]]:
+    """Every rank's running sums (for a mid-epoch checkpoint, so each rank resumes its own)."""
+    if not env.distributed:
+        return [list(sums)]
+    t = torch.tensor(sums, dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
+    gathered = [torch.zeros_like(t) for _ in range(env.world_size)]
+    dist.all_gather(gathered, t)
+    return [g.tolist() for g in gathered]
+
+
+def _sync_buffers(model: nn.Module, env: DistEnv) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+    if env.distributed:
+        for buf in model.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
+def _gmacs(model: nn.Module, in_chans: int, size: int) -> float | None:
+    """Multiply-adds of one image with the authors' counting rules (None for models they do not cover)."""
+    from ..profile import profile_model
+
+    try:
+        return profile_model(model, (in_chans, size, size)).gmacs
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def _ranks_in_sync(model: nn.Module, env: DistEnv) -> bool:
+    """Whether every process holds bit-identical parameters (DDP keeps them so)."""
+    if not env.distributed:
+        return True
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])
+    digest = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+    digest = digest.to(env.device)
+    buffers = [b.detach().reshape(-1).double().cpu() for b in model.buffers() if b.is_floating_point()]
+    if buffers:
+        digest = torch.cat([digest, torch.cat(buffers).sum().reshape(1).to(env.device)])
+    gathered = [torch.zeros_like(digest) for _ in range(env.world_size)]
+    dist.all_gather(gathered, digest)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _yaml(values: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def evaluate_checkpoint(path: str, **overrides: Any) -> dict[str, Any]:
+    """Top-1/top-5 of a checkpoint (training checkpoint or model_best.pth) on its data or ``overrides["data"]``.
+
+    ``overrides`` may set ``data``, ``image_size``, ``val_subset``, ``batch_size``, ``workers``, ``device``,
+    ``amp``, ``skip_corrupt`` and ``threads``.
+    """
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), str):
+        raise ValueError(f"{path!r} has no torchsan training config; for other checkpoints build the model "
+                         f"and use torchsan.models.load_checkpoint")
+    saved = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+    cfg = load_config(None, **{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+    env = init_distributed(cfg.device)
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        datasets, info = build_datasets(cfg.data, cfg.image_size, val_subset=cfg.val_subset,
+                                        skip_corrupt=cfg.skip_corrupt, splits=("val",))
+        classes = ckpt.get("classes")
+        if classes is not None and len(classes) != info.num_classes:
+            raise ValueError(f"checkpoint {path!r} has {len(classes)} classes, the data {info.num_classes}")
+        model = _create_model(cfg, info.num_classes, int(ckpt.get("in_chans", info.in_chans)))
+        load_converted(model, ckpt["state_dict"], f"checkpoint {path!r}")
+        model.to(env.device)
+        loader = build_loader(datasets["val"], max(1, cfg.batch_size // env.world_size), train=False, rank=env.rank,
+                              world_size=env.world_size, workers=cfg.workers, pin_memory=env.device.type == "cuda")
+        t0 = time.perf_counter()
+        result = evaluate(model, loader, env, cfg.amp)
+        result.update(model=cfg.model, data=info.name, image_size=cfg.image_size, checkpoint=path,
+                      seconds=time.perf_counter() - t0)
+        return result
+    finally:
+        shutdown()
