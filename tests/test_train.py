@@ -264,3 +264,41 @@ def test_ops_under_autocast_match_float32():
     assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.02)
     with pytest.raises(TypeError):  # outside autocast a dtype mix is still an error
         torchsan.ops.aggregation(x.to(torch.bfloat16), w, kernel_size=3)
+
+
+def test_torchrun_resume_mid_epoch_is_bit_exact(image_folder, tmp_path):
+    # Two processes, a checkpoint every 2 iterations; resume both ranks from one taken inside epoch 2
+    # and finish: weights and per-epoch metrics equal those of the uninterrupted run.
+    run = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "torchsan"]
+    args = _cli_args(image_folder, run, "--batch-size", "4", "--deterministic", "--checkpoint-every-steps", "2",
+                     "--keep-checkpoints", "50")
+    proc = subprocess.run([*torchrun, *args], env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = run / "checkpoint-e0002-s000000.pth"
+    expected_state, expected_history = _state(final), json.loads((run / "metrics.json").read_text())
+    mid = run / "checkpoint-e0001-s000004.pth"  # 9 iterations per epoch: this one is inside epoch 2
+    assert mid.exists()
+    for later in [p for p in list_checkpoints(run) if p.name > mid.name]:
+        later.unlink()
+    proc = subprocess.run([*torchrun, "train", "--resume", str(mid), "--progress", "none"], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = _state(final)
+    assert all(torch.equal(state[k], expected_state[k]) for k in expected_state)
+    history = json.loads((run / "metrics.json").read_text())
+    assert [r["train_loss"] for r in history] == [r["train_loss"] for r in expected_history]
+    assert [r["val_top1"] for r in history] == [r["val_top1"] for r in expected_history]
+
+
+def test_mixup_option(image_folder, tmp_path):
+    from torchsan.train.losses import mixup
+
+    images, q = torch.randn(6, 3, 4, 4), smooth_targets(torch.tensor([0, 1, 2, 0, 1, 2]), 3, 0.1)
+    mixed, mq = mixup(images, q, 0.2, torch.Generator().manual_seed(1))
+    assert torch.allclose(mq.sum(1), torch.ones(6)) and not torch.equal(mixed, images)
+    assert main(_cli_args(image_folder, tmp_path / "mix", "--epochs", "1", "--mixup-alpha", "0.2")) == 0
+    summary = json.loads((tmp_path / "mix" / "summary.json").read_text())
+    assert summary["final"]["train_top1"] is None  # no hard labels to score under mixup
+    assert main(_cli_args(image_folder, tmp_path / "sbn", "--sync-bn")) == 2  # SyncBatchNorm needs GPUs
