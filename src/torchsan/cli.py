@@ -102,13 +102,14 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     import typing
 
     from .train import TrainConfig
+    from .train.config import field_help
 
-    hints = typing.get_type_hints(TrainConfig)
+    hints, helps = typing.get_type_hints(TrainConfig), field_help()
     group = parser.add_argument_group("recipe (every key of a config file; defaults: the authors' ImageNet recipe)")
     for f in dataclasses.fields(TrainConfig):
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        text = f"(default {default!r})"
+        text = f"{helps.get(f.name, '')} (default {default!r})".strip().replace("%", "%%")
         if hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "model_kwargs":
@@ -208,7 +209,7 @@ def _results(args: argparse.Namespace) -> int:
         with open(path) as f:
             rows.append(json.load(f))
     header = (f"{'model':<18} {'params':>8} {'GMACs':>6} {'epochs':>6} {'px':>4} {'val top-1':>9} {'top-5':>7} "
-              f"{'best':>7} {'minutes':>7}")
+              f"{'best':>7} {'minutes':>7}  run")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -216,7 +217,7 @@ def _results(args: argparse.Namespace) -> int:
         gmacs = f"{r['gmacs']:.3f}" if r.get("gmacs") is not None else "-"
         print(f"{r['model']:<18} {r['params'] / 1e6:>7.2f}M {gmacs:>6} {r['epochs']:>6} {r['image_size']:>4} "
               f"{final.get('val_top1', float('nan')):>8.2f}% {final.get('val_top5', float('nan')):>6.2f}% "
-              f"{r['best_val_top1']:>6.2f}% {r['seconds'] / 60:>7.1f}")
+              f"{r['best_val_top1']:>6.2f}% {r['seconds'] / 60:>7.1f}  {r.get('run_dir', '')}")
     return 0
 
 

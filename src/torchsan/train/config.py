@@ -31,18 +31,18 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {small_input: true, relation: hadamard}
     # data
     data: str = "fashion-mnist"  # an ImageNet-layout folder, or the embedded default "fashion-mnist"
-    image_size: int = 224
+    image_size: int = 224  # training crop / evaluation size in pixels
     train_subset: int = 0  # use this many training images (balanced over classes); 0 = all
     val_subset: int = 0  # the same for validation
     augment: bool = True  # random resized crop + flip (folders) or shift + flip (small images)
     skip_corrupt: bool = False  # drop and count corrupt images instead of stopping
     workers: int = 0  # data loader processes per training process
     # optimisation
-    epochs: int = 100
+    epochs: int = 100  # length of the schedule
     batch_size: int = 256  # global: split evenly over the processes
     base_lr: float = 0.1  # learning rate for a batch of 256, scaled linearly to batch_size
     lr: float | None = None  # if set, used as is (no scaling)
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # on all parameters, as the authors
     schedule: str = "cosine"  # cosine | step | constant
     schedule_unit: str = "epoch"  # the authors step the cosine per epoch; "step" anneals per iteration
@@ -54,18 +54,18 @@ class TrainConfig:
     # hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a gradient scaler)
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     sync_bn: bool = False  # SyncBatchNorm across processes (GPU)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     # run
-    seed: int = 0
+    seed: int = 0  # initial weights, data order, augmentation: all follow from it
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-for-bit repeatable runs)
     output: str = "runs/{model}"  # run folder; {model} and {data} are filled in
     keep_checkpoints: int = 2  # the newest N checkpoints are kept, plus model_best.pth
     checkpoint_every_steps: int = 0  # also checkpoint every N iterations inside an epoch; 0 = per epoch only
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
-    tensorboard: bool = True
+    tensorboard: bool = True  # write TensorBoard event files to <run>/tensorboard
 
     def __post_init__(self) -> None:
         self.validate()
@@ -109,6 +109,19 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def field_help() -> dict[str, str]:
+    """Each field's comment in the class body above (the help text of its command-line flag)."""
+    import inspect
+    import re
+
+    found = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s{4}(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m and m.group(1) in FIELDS:
+            found[m.group(1)] = m.group(2)
+    return found
+
+
 def _check_keys(values: dict[str, Any], source: str) -> None:
     for key in values:
         if key not in FIELDS:
@@ -126,7 +139,13 @@ def config_path(name: str) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted(str(p.relative_to(CONFIG_ROOT).with_suffix("")) for p in CONFIG_ROOT.rglob("*.yaml"))
-    raise FileNotFoundError(f"config {name!r} not found (a YAML path, or one of: {', '.join(known)})")
+    import timm
+
+    models = [m for m in timm.list_models() if m.startswith("san")]
+    close = difflib.get_close_matches(name, known + models, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise FileNotFoundError(f"{name!r} is neither a config nor a model.{hint} Give a YAML path, a packaged config "
+                            f"({', '.join(known)}) or a model name (timm.list_models('san*'))")
 
 
 def load_config(source: str | os.PathLike[str] | None = None, **overrides: Any) -> TrainConfig:

@@ -92,7 +92,7 @@ def _create_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Modul
     _check_model_name(cfg.model)
     try:
         return timm.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, **cfg.model_kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"model_kwargs {cfg.model_kwargs} do not fit {cfg.model!r}: {err}") from err
 
 
@@ -255,11 +255,11 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> dict[str, Any]
         set_rng_state(ckpt["rng"])
         history, best_top1 = list(ckpt.get("history", [])), float(ckpt.get("best_top1", -1.0))
         start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
-        per_rank = ckpt.get("epoch_sums") or [carried] * env.world_size  # one list of 5 sums per rank
-        if len(per_rank) != env.world_size:
-            raise ValueError(f"checkpoint {str(ckpt_path)!r} was written mid-epoch by {len(per_rank)} processes; "
+        rank_sums = ckpt.get("epoch_sums") or [carried] * env.world_size  # one list of 5 sums per rank
+        if len(rank_sums) != env.world_size:
+            raise ValueError(f"checkpoint {str(ckpt_path)!r} was written mid-epoch by {len(rank_sums)} processes; "
                              f"resume it with the same number ({env.world_size} now), or from an epoch checkpoint")
-        carried = list(per_rank[env.rank])
+        carried = list(rank_sums[env.rank])
         elapsed_before = float(ckpt.get("elapsed", 0.0))
         if start_epoch >= cfg.epochs:
             say(f"{ckpt_path}: the run is already complete ({cfg.epochs} epochs); reporting it")
@@ -289,10 +289,11 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> dict[str, Any]
             prune_checkpoints(run_dir, cfg.keep_checkpoints)
 
     macs_text = f", {gmacs:.3f} GMACs/image" if gmacs is not None else ""
-    say(f"training {cfg.model} ({n_params / 1e6:.2f}M params{macs_text}) on {info.name}: {info.num_train} train / "
-        f"{info.num_val} val images, {info.num_classes} classes, {cfg.image_size} px, {env.world_size} process(es) "
-        f"on {env.device}, batch {cfg.batch_size}, peak lr {peak_lr:.4g}, {cfg.epochs} epochs x {steps_per_epoch} "
-        f"iterations -> {run_dir}")
+    if start_epoch < cfg.epochs:
+        say(f"training {cfg.model} ({n_params / 1e6:.2f}M params{macs_text}) on {info.name}: {info.num_train} train / "
+            f"{info.num_val} val images, {info.num_classes} classes, {cfg.image_size} px, {env.world_size} "
+            f"process(es) on {env.device}, batch {cfg.batch_size}, peak lr {peak_lr:.4g}, {cfg.epochs} epoch(s) x "
+            f"{steps_per_epoch} iterations -> {run_dir}")
     start_time = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         first = start_step if epoch == start_epoch else 0
@@ -384,7 +385,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> dict[str, Any]
         logger.close()
         final = summary["final"]
         say(f"done: {cfg.model} val top-1 {final.get('val_top1', float('nan')):.2f}%, top-5 "
-            f"{final.get('val_top5', float('nan')):.2f}% (best top-1 {best_top1:.2f}%) after {cfg.epochs} epochs; "
+            f"{final.get('val_top5', float('nan')):.2f}% (best top-1 {best_top1:.2f}%) after {cfg.epochs} epoch(s); "
             f"run folder {run_dir} (checkpoints, model_best.pth, metrics.csv/json, curves.png, tensorboard/)")
     return summary
 
