@@ -338,3 +338,22 @@ def test_fused_mapping_respects_hooks_and_rejects_one_value_per_channel():
     assert calls == [1]  # the hooked triple ran module by module
     with ops.use_backend("cpu"), pytest.raises(ValueError, match="more than 1 value per channel"):
         run_mapping(build_mapping("R-L", 3, 4, 2).train(), torch.randn(1, 3, 1, 1))
+
+
+def test_var_mean_function_gradients():
+    # The fused mapping's BN statistics: values and (double) gradients equal autograd's var_mean.
+    from torchsan.layers.mapping import _VarMean
+
+    x = (torch.randn(3, 4, 5, 6, dtype=torch.float64) * 2 + 3).requires_grad_()
+    var, mean = _VarMean.apply(x)
+    ref_var, ref_mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
+    assert torch.equal(var, ref_var) and torch.equal(mean, ref_mean)
+    gv, gm = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    ours = torch.autograd.grad((var * gv).sum() + (mean * gm).sum(), x)[0]
+    ref = torch.autograd.grad((ref_var * gv).sum() + (ref_mean * gm).sum(), x)[0]
+    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
+    only_var = torch.autograd.grad(_VarMean.apply(x)[0].sum(), x)[0]  # the other output unused
+    assert torch.allclose(only_var, torch.autograd.grad(torch.var_mean(x, dim=[0, 2, 3], correction=0)[0].sum(), x)[0])
+    small = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_VarMean.apply, (small,))
+    assert torch.autograd.gradgradcheck(_VarMean.apply, (small,))

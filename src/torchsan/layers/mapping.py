@@ -47,18 +47,43 @@ def build_mapping(spec: str, in_channels: int, hidden_channels: int, out_channel
     return nn.Sequential(*modules)
 
 
+class _VarMean(torch.autograd.Function):
+    """``torch.var_mean(x, dims, correction=0)`` per channel of (N, C, ...), with a leaner backward.
+
+    autograd's own backward of var_mean recomputes the mean and makes about five passes over x,
+    each writing a tensor of x's size; this one makes two: ``d = x - mean`` and
+    ``grad_x = grad_mean / n + (2 grad_var / n) * d``. It stays differentiable (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        ctx.save_for_backward(x, mean)
+        return var, mean
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_var: torch.Tensor | None,
+                 grad_mean: torch.Tensor | None) -> torch.Tensor:
+        x, mean = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        n = x.numel() // x.shape[1]
+        grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        return torch.addcmul((grad_mean / n).view(shape), (grad_var * (2.0 / n)).view(shape), x - mean.view(shape))
+
+
 def _batchnorm_affine(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BN as the per-channel affine map it applies to ``x`` (scale, shift), updating running statistics
     exactly as ``nn.BatchNorm2d.forward`` does."""
     use_batch_stats = bn.training or bn.running_mean is None
     if use_batch_stats:
-        dims = [0, *range(2, x.dim())]
         count = x.numel() // x.shape[1]
         if bn.training and count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         # var_mean (Welford) rather than E[x^2] - E[x]^2: about 4x slower here, but exact when the mean is
         # large against the standard deviation, where the shortcut cancels catastrophically in float32.
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        var, mean = _VarMean.apply(x)
         if bn.training and bn.track_running_stats and bn.running_mean is not None:
             with torch.no_grad():
                 if bn.num_batches_tracked is not None:
@@ -77,7 +102,9 @@ def _batchnorm_affine(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor
 
 # The fused kernel keeps a weight-gradient accumulator per (out, in) channel pair in registers/L1; past this
 # many pairs (patchwise gamma, pairwise stage 4) the unfused modules (a GEMM-backed conv) are faster.
-MAX_FUSED_CHANNEL_PAIRS = 1024
+# Measured forward+backward at batch 8 (2 cores): 34x32 pairs over (49, 784): fused 105 ms vs. the conv
+# alone 242 ms; 66x64 over (49, 196): fused 93 ms vs. conv 41 ms.
+MAX_FUSED_CHANNEL_PAIRS = 2048
 
 
 def _has_hooks(*modules: nn.Module) -> bool:
