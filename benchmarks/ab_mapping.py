@@ -17,11 +17,15 @@ import statistics
 import time
 from pathlib import Path
 
-import timm
-import torch
+import _common
 
-import torchsan  # noqa: F401
-import torchsan.layers.mapping as mapping
+_common.use_checkout()  # measure this checkout's src/, installed or not
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import torchsan  # noqa: E402, F401
+import torchsan.layers.mapping as mapping  # noqa: E402
 
 
 def _autograd_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -289,15 +289,19 @@ def test_memory_efficient_is_the_same_function(sa_type):
 
 @pytest.mark.parametrize("spec", ["R-L-R-L", "L-R-L", "R-L", "L"])
 @pytest.mark.parametrize("train", [True, False])
-def test_fused_mapping_matches_modules(spec, train):
+@pytest.mark.parametrize("channels", [(6, 5, 3), (34, 32, 4)], ids=["small", "stage3"])
+def test_fused_mapping_matches_modules(spec, train, channels):
     """run_mapping on the fused backend == the nn.Sequential run module by module (outputs, gradients,
-    BN running statistics)."""
+    BN running statistics). "stage3": SAN10's stage-3 widths, 34 x 32 = 1,088 channel pairs, fused
+    since the limit went to 2,048."""
     from torchsan import ops
-    from torchsan.layers.mapping import run_mapping
+    from torchsan.layers.mapping import _fusable, run_mapping
 
     torch.manual_seed(5)
-    seq = _randomise(build_mapping(spec, 6, 5, 3)).train(train)
-    z = torch.randn(2, 6, 9, 13, dtype=torch.float64)
+    seq = _randomise(build_mapping(spec, *channels)).train(train)
+    if spec == "R-L-R-L":
+        assert _fusable(seq, 0)  # the triple really takes the fused op
+    z = torch.randn(2, channels[0], 9, 13, dtype=torch.float64)
     results = []
     for backend in ("cpu", "reference"):
         model = __import__("copy").deepcopy(seq)
