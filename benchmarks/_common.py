@@ -34,6 +34,21 @@ def use_checkout() -> None:
         sys.path.insert(0, str(src))
 
 
+def add_malloc_flag(parser: Any) -> None:
+    parser.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                        help="keep: glibc keeps freed memory for reuse, as torchsan train does "
+                             "(torchsan.allocator); system: glibc's defaults, every large tensor faulted in afresh")
+
+
+def apply_malloc(choice: str) -> str:
+    """Apply ``--malloc`` in this process (before the first large allocation); returns what is in effect."""
+    from torchsan import allocator
+
+    if choice == "keep":
+        allocator.keep_freed_memory()
+    return allocator.malloc_setting()
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

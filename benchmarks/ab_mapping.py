@@ -1,12 +1,14 @@
-"""A/B of the fused mapping's two latest changes on a SAN10 train step, in one process.
+"""A/B of the layer-level fusions on a SAN train step, in one process.
 
     python benchmarks/ab_mapping.py [--model san10_pairwise] [--rounds 4]
 
-"before": BN statistics through autograd's ``var_mean`` and fusion only up to 1024 channel pairs;
-"after": the lean ``_VarMean`` backward and fusion up to 2048 pairs (the current defaults). The two
-settings alternate in one process after warm-up steps, so both see the same allocator state (a fresh
-process pays page faults that a long run does not; see docs/performance.md). Prints the median step
-of each and writes benchmarks/results/ab_mapping.json. A measurement, not a test.
+"modules": gamma's BN, ReLU and 1x1 convolutions, and each stage boundary's BN, ReLU and max-pool, run
+module by module; "fused": the default on the ``cpu`` backend, each gamma BN-ReLU-conv triple as
+``torchsan.ops.bn_relu_conv`` with its statistics from ``torchsan.ops.channel_var_mean``, and each
+BN-ReLU-max-pool as ``torchsan.ops.bn_relu_maxpool``. Both use the fused aggregation and subtraction
+kernels. The two settings alternate in one process after warm-up steps, so both see the same
+allocator state. Prints the median step of each and writes benchmarks/results/ab_mapping.json.
+A measurement, not a test.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import torch  # noqa: E402
 
 import torchsan  # noqa: E402, F401
 import torchsan.layers.mapping as mapping  # noqa: E402
+import torchsan.models.san as san  # noqa: E402
 
 
-def _autograd_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+def _unfused_norm_act_pool(norm: torch.nn.Module, act: torch.nn.Module, pool: torch.nn.Module,
+                           x: torch.Tensor) -> torch.Tensor:
+    return pool(act(norm(x)))
 
 
 def main() -> None:
@@ -40,7 +44,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=2, help="timed steps per setting and round")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "ab_mapping.json"))
+    _common.add_malloc_flag(p)
     args = p.parse_args()
+    malloc = _common.apply_malloc(args.malloc)
     torch.manual_seed(0)
     model = timm.create_model(args.model).train()
     x = torch.randn(args.batch, 3, args.image_size, args.image_size)
@@ -55,23 +61,28 @@ def main() -> None:
         opt.step()
         return time.perf_counter() - t
 
-    lean, limit = mapping._VarMean.apply, mapping.MAX_FUSED_CHANNEL_PAIRS
-    settings = {"before": (_autograd_var_mean, 1024), "after": (lean, limit)}
+    limits = mapping.MAX_FUSED_IN_CHANNELS, mapping.MAX_FUSED_OUT_CHANNELS
+    fused_pool = san._norm_act_pool
+    settings = {"modules": (0, 0, _unfused_norm_act_pool), "fused": (*limits, fused_pool)}
     for _ in range(3):
         step()
     times: dict[str, list[float]] = {k: [] for k in settings}
-    for _ in range(args.rounds):
-        for name, (var_mean, pairs) in settings.items():
-            mapping._VarMean.apply, mapping.MAX_FUSED_CHANNEL_PAIRS = var_mean, pairs
-            times[name] += [step() for _ in range(args.steps)]
-    mapping._VarMean.apply, mapping.MAX_FUSED_CHANNEL_PAIRS = lean, limit
+    try:
+        for _ in range(args.rounds):
+            for name, (max_in, max_out, pool) in settings.items():
+                mapping.MAX_FUSED_IN_CHANNELS, mapping.MAX_FUSED_OUT_CHANNELS = max_in, max_out
+                san._norm_act_pool = pool
+                times[name] += [step() for _ in range(args.steps)]
+    finally:
+        mapping.MAX_FUSED_IN_CHANNELS, mapping.MAX_FUSED_OUT_CHANNELS = limits
+        san._norm_act_pool = fused_pool
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.model}, batch {args.batch}, {args.image_size} px, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds x {args.steps} steps each")
+          f"{args.rounds} rounds x {args.steps} steps each; malloc: {malloc}")
     for name, value in med.items():
-        print(f"  {name:<7} median train step {value:.3f} s")
-    print(f"  after/before {med['after'] / med['before']:.3f}")
-    Path(args.json).write_text(json.dumps(dict(args=vars(args), times=times, median=med), indent=1))
+        print(f"  {name:<8} median train step {value:.3f} s")
+    print(f"  fused/modules {med['fused'] / med['modules']:.3f}")
+    Path(args.json).write_text(json.dumps(dict(args=vars(args), malloc=malloc, times=times, median=med), indent=1))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
     python benchmarks/mapping_triples.py [--repeats 5]
 
-Shapes: SAN10 pairwise gamma at batch 8, 224 px (stage 1: 18->16, 16->8; stage 3: 34->32, 32->4;
-stage 4: 66->64, 64->8). Columns, each the best of ``--repeats`` runs in milliseconds:
+Shapes: SAN10 gamma at batch 8, 224 px: pairwise stages 1-4 ((rel + 2) -> rel -> mid / share over the
+(K, L) grid) and patchwise stages 1 and 3 (rel * (K + 1) -> mid / share -> K * mid / share).
+Columns, each the best of ``--repeats`` runs in milliseconds:
 ``conv`` (the 1x1 convolution alone, as torch runs it), ``bn+relu+conv`` (the unfused modules'
 arithmetic: affine BN, ReLU, convolution) and ``fused`` (``torchsan.ops.bn_relu_conv``). The fused
-op is used where in x out <= ``torchsan.layers.mapping.MAX_FUSED_CHANNEL_PAIRS``. Writes
+op is used up to ``MAX_FUSED_IN_CHANNELS`` inputs and ``MAX_FUSED_OUT_CHANNELS`` outputs
+(``torchsan.layers.mapping``). Writes
 benchmarks/results/mapping_triples.json. A measurement, not a test.
 """
 
@@ -25,10 +27,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import torchsan  # noqa: E402
-from torchsan.layers.mapping import MAX_FUSED_CHANNEL_PAIRS  # noqa: E402
+from torchsan.layers.mapping import MAX_FUSED_IN_CHANNELS, MAX_FUSED_OUT_CHANNELS  # noqa: E402
 
-SHAPES = [((8, 18, 49, 3136), 16), ((8, 16, 49, 3136), 8), ((8, 34, 49, 784), 32), ((8, 32, 49, 784), 4),
-          ((8, 66, 49, 196), 64), ((8, 64, 49, 196), 8)]
+SHAPES = [
+    # pairwise gamma, stages 1-4: (rel + 2) -> rel -> mid / share over the (K, L) grid
+    ((8, 18, 49, 3136), 16), ((8, 16, 49, 3136), 8), ((8, 34, 49, 784), 32), ((8, 32, 49, 784), 16),
+    ((8, 66, 49, 196), 64), ((8, 64, 49, 196), 32), ((8, 130, 49, 49), 128), ((8, 128, 49, 49), 64),
+    # patchwise gamma, stages 1 and 3: rel * (K + 1) -> mid / share -> K * mid / share over (1, L)
+    ((8, 800, 1, 3136), 8), ((8, 8, 1, 3136), 392), ((8, 3200, 1, 196), 32), ((8, 32, 1, 196), 1568),
+]
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -60,7 +67,7 @@ def measure(shape: tuple[int, ...], c_out: int, repeats: int) -> dict:
 
     row = dict(shape=list(shape), c_in=c_in, c_out=c_out, conv_ms=best_ms(conv, repeats),
                unfused_ms=best_ms(unfused, repeats), fused_ms=best_ms(fused, repeats),
-               fused_in_models=c_in * c_out <= MAX_FUSED_CHANNEL_PAIRS)
+               fused_in_models=c_in <= MAX_FUSED_IN_CHANNELS and c_out <= MAX_FUSED_OUT_CHANNELS)
     return row
 
 
@@ -68,7 +75,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "mapping_triples.json"))
+    _common.add_malloc_flag(p)
     args = p.parse_args()
+    print(f"malloc: {_common.apply_malloc(args.malloc)}")
     torch.manual_seed(0)
     rows = []
     print(f"{'shape':<22} {'in->out':>8} {'pairs':>6} {'conv':>8} {'bn+relu+conv':>13} {'fused':>8} "

@@ -26,7 +26,9 @@ includes the Python interpreter, torch, timm and the model (about 0.8 GB here); 
 reached before the first step (imports, model, input), so it is what the steps themselves needed
 (activations, gradients, momentum buffers). ``san_resnet26`` is always measured (it is added if missing)
 and every train row shows its step time over san_resnet26's train step, measured in the same run.
-The table shows the median step; ``img/s`` = batch / median step.
+The table shows the median step; ``img/s`` = batch / median step. ``--malloc keep`` (the default, as in
+``torchsan train``) lets glibc keep freed memory for reuse; ``--malloc system`` measures glibc's defaults,
+under which every large tensor is faulted in afresh each step (see ``torchsan/allocator.py``).
 
 Output: a table and ``--json`` (default ``benchmarks/results/models.json``; ``models.quick.json``
 with ``--quick``) with every step time, the machine and the command line. These are measurements,
@@ -81,6 +83,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torchsan
     from torchsan import ops
 
+    malloc = _common.apply_malloc(spec.get("malloc", "keep"))
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     backend = spec["backend"]
@@ -126,7 +129,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_before_steps_bytes": rss_ready, "current_rss_before_steps_bytes": rss_ready_now,
         "step_rss_bytes": peak - rss_ready, "params": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(), "torchsan_backend": ops.get_backend(),
-        "torchsan_path": str(Path(torchsan.__file__).parent),
+        "torchsan_path": str(Path(torchsan.__file__).parent), "malloc": malloc,
     }
 
 
@@ -148,7 +151,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                     continue  # memory_efficient only changes training
                 jobs.append({"model": model, "backend": backend, "mode": mode, "batch": args.batch,
                              "image_size": args.image_size, "warmup": args.warmup, "steps": args.steps,
-                             "threads": args.threads})
+                             "threads": args.threads, "malloc": args.malloc})
     return jobs
 
 
@@ -216,6 +219,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; 2 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
+    _common.add_malloc_flag(p)
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per subprocess (default 3600)")
     p.add_argument("--json", type=str, default=None,
                    help="output file (default benchmarks/results/models.json, or models.quick.json with --quick)")

@@ -426,6 +426,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conv-layout", choices=("channels_last", "nchw"), default="channels_last",
                    help="memory layout of the convolution baselines (default channels_last: see the docstring)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing measurements")
+    _common.add_malloc_flag(p)
     args = p.parse_args(argv)
     quick = args.quick
     for name, full, small in (("batch", 8, 2), ("reps", 7, 3), ("warmup", 2, 1), ("min_sample_ms", 20.0, 5.0)):
@@ -438,6 +439,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    malloc = _common.apply_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -446,9 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _cpu.available():
         print(f"warning: the fused CPU kernels are unavailable ({_cpu.unavailable_reason()}); "
               "the 'fused' column will show errors", file=sys.stderr)
-    machine = _common.machine_info()
+    machine = _common.machine_info() | {"malloc": malloc}
     print(f"{machine['cpu_model']}; torch {machine['torch_version']}, {machine['torch_threads']} threads; "
-          f"load average {machine['load_average_at_start']}", flush=True)
+          f"load average {machine['load_average_at_start']}; malloc: {malloc}", flush=True)
     records = []
     start = time.perf_counter()
     for op in args.ops:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import oracle
+from torchsan import ops
 from torchsan.layers import (
     PAIRWISE_RELATIONS,
     PATCHWISE_RELATIONS,
@@ -294,7 +295,7 @@ def test_fused_mapping_matches_modules(spec, train, channels):
     """run_mapping on the fused backend == the nn.Sequential run module by module (outputs, gradients,
     BN running statistics). "stage3": SAN10's stage-3 widths, 34 x 32 = 1,088 channel pairs, fused
     since the limit went to 2,048."""
-    from torchsan import ops
+
     from torchsan.layers.mapping import _fusable, run_mapping
 
     torch.manual_seed(5)
@@ -319,7 +320,7 @@ def test_fused_mapping_matches_modules(spec, train, channels):
 
 @pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
 def test_memory_efficient_recomputes_with_the_forward_backend(sa_type):
-    from torchsan import ops
+
 
     block = SelfAttentionBlock(16, sa_type, kernel_size=3, rel_reduction=4, mid_reduction=2, share_planes=2,
                                memory_efficient=True).double()
@@ -331,7 +332,7 @@ def test_memory_efficient_recomputes_with_the_forward_backend(sa_type):
 
 
 def test_fused_mapping_respects_hooks_and_rejects_one_value_per_channel():
-    from torchsan import ops
+
     from torchsan.layers.mapping import run_mapping
 
     seq = build_mapping("R-L-R-L", 4, 3, 2)
@@ -344,20 +345,47 @@ def test_fused_mapping_respects_hooks_and_rejects_one_value_per_channel():
         run_mapping(build_mapping("R-L", 3, 4, 2).train(), torch.randn(1, 3, 1, 1))
 
 
-def test_var_mean_function_gradients():
-    # The fused mapping's BN statistics: values and (double) gradients equal autograd's var_mean.
-    from torchsan.layers.mapping import _VarMean
-
-    x = (torch.randn(3, 4, 5, 6, dtype=torch.float64) * 2 + 3).requires_grad_()
-    var, mean = _VarMean.apply(x)
-    ref_var, ref_mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
-    assert torch.equal(var, ref_var) and torch.equal(mean, ref_mean)
-    gv, gm = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    ours = torch.autograd.grad((var * gv).sum() + (mean * gm).sum(), x)[0]
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 3, 4099), (1, 2, 9000), (5, 1, 1, 1)])
+def test_channel_var_mean_matches_torch(shape):
+    # The fused mapping's BN statistics: values and gradients equal torch.var_mean's (the oracle), across
+    # chunk boundaries (4,096 values) and with a mean far larger than the spread.
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).requires_grad_()
+    ref_var, ref_mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+    gv, gm = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
     ref = torch.autograd.grad((ref_var * gv).sum() + (ref_mean * gm).sum(), x)[0]
-    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
-    only_var = torch.autograd.grad(_VarMean.apply(x)[0].sum(), x)[0]  # the other output unused
-    assert torch.allclose(only_var, torch.autograd.grad(torch.var_mean(x, dim=[0, 2, 3], correction=0)[0].sum(), x)[0])
+    with ops.use_backend("cpu"):
+        var, mean = ops.channel_var_mean(x)
+        ours = torch.autograd.grad((var * gv).sum() + (mean * gm).sum(), x)[0]
+        only_var = torch.autograd.grad(ops.channel_var_mean(x)[0].sum(), x)[0]  # the other output unused
+    torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    ref_only = torch.autograd.grad(torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)[0].sum(), x)[0]
+    torch.testing.assert_close(only_var, ref_only)
+    # float32 with |mean| / std = 1e4: E[x^2] - E[x]^2 would lose every digit; the chunked two-pass keeps them.
+    big = (torch.randn(shape, dtype=torch.float64) * 0.1 + 1000.0)
+    with ops.use_backend("cpu"):
+        var32, mean32 = ops.channel_var_mean(big.float())
+    ref_var64, ref_mean64 = torch.var_mean(big, dim=[0, *range(2, big.dim())], correction=0)
+    torch.testing.assert_close(var32.double(), ref_var64, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mean32.double(), ref_mean64, rtol=1e-6, atol=1e-6)
+
+
+def test_channel_var_mean_gradcheck_opcheck_and_threads():
+    from torch.library import opcheck
+
     small = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_VarMean.apply, (small,))
-    assert torch.autograd.gradgradcheck(_VarMean.apply, (small,))
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.channel_var_mean, (small,))
+        assert torch.autograd.gradgradcheck(ops.channel_var_mean, (small,))
+    opcheck(torch.ops.torchsan.channel_var_mean.default, (small,))
+    x = torch.randn(4, 6, 10000)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.torchsan.channel_var_mean(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))  # a fixed reduction order

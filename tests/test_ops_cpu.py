@@ -106,6 +106,9 @@ def test_gradcheck_full_and_double_backward(mode):
 def test_same_result_with_1_and_2_threads():
     x = torch.randn(3, 16, 17, 15)
     weight = torch.randn(3, 8, 49, 17 * 15)
+    brc_args = (torch.randn(9, dtype=torch.float64), torch.randn(9, dtype=torch.float64),
+                torch.randn(6, 9, dtype=torch.float64), torch.randn(6, dtype=torch.float64))
+    z = torch.randn(2, 9, 3, 5000, dtype=torch.float64)  # several pixel chunks per image
     previous = torch.get_num_threads()
     outs = []
     try:
@@ -113,12 +116,13 @@ def test_same_result_with_1_and_2_threads():
             torch.set_num_threads(threads)
             (y, g), _ = _both(lambda a, b: ops.aggregation(a, b, 7), x, weight)
             s = ops.subtraction2(x, x.flip(3), 7)
-            outs.append((y, g, s))
+            (yb, gb), _ = _both(lambda *t: ops.bn_relu_conv(*t), z, *brc_args)
+            outs.append((y, g, s, yb, gb))
     finally:
         torch.set_num_threads(previous)
-    (y1, g1, s1), (y2, g2, s2) = outs
-    assert torch.equal(y1, y2) and torch.equal(s1, s2)
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    (y1, g1, s1, yb1, gb1), (y2, g2, s2, yb2, gb2) = outs
+    assert torch.equal(y1, y2) and torch.equal(s1, s2) and torch.equal(yb1, yb2)
+    assert all(torch.equal(a, b) for a, b in zip(g1 + gb1, g2 + gb2))
 
 
 def test_opcheck():
@@ -198,26 +202,32 @@ def test_every_backend_rejects_bad_input_the_same_way(backend, i):
 
 
 @pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
-def test_model_fused_matches_reference(sa_type):
+@pytest.mark.parametrize("pools,size", [(None, (20, 18)), ((True, True, True, False, False), (36, 34))])
+def test_model_fused_matches_reference(sa_type, pools, size):
+    # pools=None: the small-input form (no pool before stage 0). The other case pools after the stem too, at odd
+    # sizes (17 -> 8 px), so the fused BN-ReLU-max-pool runs at every kind of stage boundary.
     import timm
 
     model = timm.create_model(f"san10_{sa_type}", small_input=True, num_classes=7, widths=(16, 32, 32, 64, 64),
-                              stem_width=16, share_planes=4, layers=(1, 1, 1, 1, 1)).double()
+                              stem_width=16, share_planes=4, layers=(1, 1, 1, 1, 1), stage_pools=pools).double()
     # Random parameters: at the default init (BN bias 0) the centre tap of the symmetric position encoding
     # sits exactly on ReLU's kink, where two correct implementations may pick different subgradients.
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
-    x = torch.randn(2, 3, 20, 18, dtype=torch.float64)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
     outs = []
     for backend in ("cpu", "reference"):
+        model.load_state_dict(initial)
         model.zero_grad()
         with ops.use_backend(backend):
             y = model(x)
             y.square().sum().backward()
-        outs.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+        outs.append((y.detach(), [p.grad.clone() for p in model.parameters()],
+                     [b.clone() for b in model.buffers()]))
     torch.testing.assert_close(outs[0][0], outs[1][0])
-    for a, b in zip(outs[0][1], outs[1][1]):
+    for a, b in zip(outs[0][1] + outs[0][2], outs[1][1] + outs[1][2]):
         torch.testing.assert_close(a, b)
 
 
@@ -240,7 +250,9 @@ def test_torch_compile_fullgraph_matches_eager(sa_type, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,cin,cout,spatial,bias", [(2, 18, 16, (9, 23), False), (3, 16, 8, (49, 97), True),
-                                                     (1, 5, 3, (1, 7), True), (2, 40, 3, (1, 4099), True)])
+                                                     (1, 5, 3, (1, 7), True), (2, 40, 3, (1, 4099), True),
+                                                     (2, 7, 13, (3, 300), True), (1, 1, 1, (1, 1), False),
+                                                     (2, 130, 9, (17, 17), True)])
 def test_bn_relu_conv_matches_reference(dtype, n, cin, cout, spatial, bias):
     x = torch.randn(n, cin, *spatial, dtype=dtype)
     params = [torch.randn(cin, dtype=dtype), torch.randn(cin, dtype=dtype), torch.randn(cout, cin, dtype=dtype)]
@@ -305,3 +317,56 @@ def test_raw_ops_check_their_geometry():
         torch.ops.torchsan.unfold(x, 5, 1, 0, 1, False)
     with pytest.raises(RuntimeError, match="same shape"):
         torch.ops.torchsan.subtraction2(torch.randn(1, 1, 2, 2), torch.randn(2, 4, 20, 20), 3, 1, 1, 1, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 5, 7, 9), (3, 2, 2, 3), (2, 4, 33, 17)])
+def test_bn_relu_maxpool_matches_reference(dtype, shape):
+    x = torch.randn(shape, dtype=dtype)
+    x[0, 0, :2, :2] = 0.5  # a tie inside one window: the first wins, as in max_pool2d
+    scale = torch.randn(shape[1], dtype=dtype)  # some negative: the pool sees the flipped order
+    shift = torch.randn(shape[1], dtype=dtype)
+    (yf, gf), (yr, gr) = _both(lambda *t: ops.bn_relu_maxpool(*t), x, scale, shift)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(yf, yr, **tol)
+    for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_bn_relu_maxpool_gradcheck_opcheck_nan_threads():
+    from torch.library import opcheck
+
+    args = [torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True),
+            torch.randn(3, dtype=torch.float64, requires_grad=True),
+            torch.randn(3, dtype=torch.float64, requires_grad=True)]
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.bn_relu_maxpool, args)
+        assert torch.autograd.gradgradcheck(ops.bn_relu_maxpool, args)
+    opcheck(torch.ops.torchsan.bn_relu_maxpool.default, tuple(args))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x[1, 2, 1, 0] = float("nan")
+    nan_args = (x, torch.ones(3, dtype=x.dtype), torch.zeros(3, dtype=x.dtype))
+    with ops.use_backend("cpu"):
+        fused = ops.bn_relu_maxpool(*nan_args)
+    assert torch.equal(fused.isnan(), torch.nn.functional.max_pool2d(torch.relu(x), 2, 2).isnan())
+    assert fused.isnan().sum() == 1
+    x = torch.randn(4, 6, 50, 52)
+    scale, shift, grad = torch.randn(6), torch.randn(6), torch.randn(4, 6, 25, 26)
+    previous, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.torchsan.bn_relu_maxpool_backward(grad, x, scale, shift))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_bn_relu_maxpool_rejects_bad_input():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        ops.bn_relu_maxpool(x, torch.ones(4), torch.zeros(3))
+    with pytest.raises(ValueError, match="at least 2x2"):
+        ops.bn_relu_maxpool(torch.randn(2, 3, 1, 4), torch.ones(3), torch.zeros(3))
+    with pytest.raises(TypeError):
+        ops.bn_relu_maxpool(x, torch.ones(3, dtype=torch.float64), torch.zeros(3))

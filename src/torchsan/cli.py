@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import __version__, ops
+from .allocator import keep_freed_memory
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval", "summary"):
+        keep_freed_memory()  # large tensors are reused instead of faulted in afresh every step (allocator.py)
     try:
         return args.func(args)
     except (ValueError, TypeError, KeyError, RuntimeError, OSError, FloatingPointError) as err:

@@ -8,10 +8,23 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 namespace {
+
+// at::parallel_for inlines its body twice (a serial and a threaded path), and the two copies may be compiled with
+// different vectorisation or floating-point contraction. Every kernel goes through this wrapper, which calls one
+// out-of-line copy of the body from both paths, so results are the same for any number of threads.
+template <typename F>
+__attribute__((noinline)) void run_range(const F& f, int64_t begin, int64_t end) {
+  f(begin, end);
+}
+template <typename F>
+void parallel_range(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run_range(f, b, e); });
+}
 
 struct Geometry {
   int64_t H, W, Ho, Wo, Hp, Wp, k, s, p, d;
@@ -85,7 +98,7 @@ void fold_plane(const T* src, T* dst, const Geometry& g) {
 template <typename T>
 void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t C, int64_t Cw, const Geometry& g) {
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
-  at::parallel_for(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xp(S * g.plane());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
@@ -124,7 +137,7 @@ template <typename T>
 void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* gw, int64_t N, int64_t C, int64_t Cw,
                                  const Geometry& g) {
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
-  at::parallel_for(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xp(gw ? S * g.plane() : 0), gxp(gx ? S * g.plane() : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
@@ -184,7 +197,7 @@ void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* 
 template <typename T>
 void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t NC, const Geometry& g) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W, c0 = (g.k / 2) * g.d;
-  at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, NC, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p1(x1 ? g.plane() : 0), p2(g.plane());
     for (int64_t t = begin; t < end; ++t) {
       if (x1) pad_plane(x1 + t * HW, p1.data(), g);
@@ -211,7 +224,7 @@ void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t NC,
 template <typename T>
 void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t NC, const Geometry& g) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W, c0 = (g.k / 2) * g.d;
-  at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, NC, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p1(gx1 ? g.plane() : 0), p2(gx2 ? g.plane() : 0);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(p1.begin(), p1.end(), T(0));
@@ -290,26 +303,86 @@ inline T hsum(V<T> v) {
 }
 
 constexpr int64_t kPixelChunk = 4096;  // pixels per task: fixed, so reductions do not depend on thread count
+constexpr int64_t kSub = 256;          // pixels per sub-block: its staged rows stay in L1/L2 (a multiple of 2 * VW)
+constexpr int64_t kRows = 4;           // output rows per register block of the small GEMMs below
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// A (rows x cols) packed in blocks of kRows rows, column-major within a block, zero-padded:
+// out[(b * cols + c) * kRows + j] = A[b * kRows + j][c]. `transpose` reads A as the transpose of a (cols x rows) src.
+template <typename T>
+std::vector<T> pack_rows(const T* src, int64_t rows, int64_t cols, bool transpose) {
+  std::vector<T> out(round_up(rows, kRows) * cols, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out[((r / kRows) * cols + c) * kRows + r % kRows] = transpose ? src[c * rows + r] : src[r * cols + c];
+  return out;
+}
+
+// For one packed block of kRows rows of A: acc = A_block (kRows x inner) @ B (inner x kSub staged rows), for the
+// columns [0, m) in steps of 2 * VW; epi(j, q, acc_lo, acc_hi) receives row j, columns q .. q + 2 * VW.
+// 8 accumulators stay in registers; each step loads two B vectors and broadcasts kRows weights.
+template <typename T, typename Epilogue>
+inline void gemm_block(const T* ap, int64_t inner, const T* B, int64_t m, Epilogue&& epi) {
+  for (int64_t q = 0; q < m; q += 2 * VW<T>) {
+    V<T> acc[kRows][2] = {};
+    for (int64_t i = 0; i < inner; ++i) {
+      V<T> b0, b1;
+      std::memcpy(&b0, B + i * kSub + q, sizeof(V<T>));
+      std::memcpy(&b1, B + i * kSub + q + VW<T>, sizeof(V<T>));
+      const T* a = ap + i * kRows;
+      for (int64_t j = 0; j < kRows; ++j) {
+        acc[j][0] += a[j] * b0;
+        acc[j][1] += a[j] * b1;
+      }
+    }
+    for (int64_t j = 0; j < kRows; ++j) epi(j, q, acc[j][0], acc[j][1]);
+  }
+}
+
+// Store the columns [q, q + 2 * VW) of a row, clipped to m.
+template <typename T>
+inline void store_pair(T* row, int64_t q, int64_t m, V<T> lo, V<T> hi) {
+  store_part(row + q, lo, std::min(VW<T>, m - q));
+  if (m - q > VW<T>) store_part(row + q + VW<T>, hi, std::min(VW<T>, m - q - VW<T>));
+}
+
+// Stage relu(scale * x + shift) for columns [q0, q0 + m) of every input channel into r (rows of kSub), zero tails.
+template <typename T>
+inline void stage_relu(const T* x, const T* scale, const T* shift, T* r, int64_t Cin, int64_t P, int64_t q0,
+                       int64_t m) {
+  for (int64_t ci = 0; ci < Cin; ++ci) {
+    const T* xr = x + ci * P + q0;
+    T* rr = r + ci * kSub;
+    const T a = scale[ci], b = shift[ci];
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) {
+      const T pre = xr[i] * a + b;
+      rr[i] = pre <= 0 ? T(0) : pre;  // NaN passes through, like torch.relu
+    }
+    std::fill(rr + m, rr + kSub, T(0));
+  }
+}
 
 template <typename T>
 void brc_forward_kernel(const T* x, const T* scale, const T* shift, const T* w, const T* bias, T* y, int64_t N,
                         int64_t Cin, int64_t Cout, int64_t P) {
-  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk;
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<V<T>> r(Cin);
+  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, blocks = round_up(Cout, kRows) / kRows;
+  const std::vector<T> wp = pack_rows(w, Cout, Cin, false);
+  parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> r(Cin * kSub);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
-      for (int64_t p = p0; p < p1; p += VW<T>) {
-        const int64_t nv = std::min(VW<T>, p1 - p);
-        for (int64_t ci = 0; ci < Cin; ++ci) {
-          V<T> pre = load_part(x + (n * Cin + ci) * P + p, nv) * scale[ci] + shift[ci];
-          r[ci] = pre <= 0 ? V<T>{} : pre;
-        }
-        for (int64_t co = 0; co < Cout; ++co) {
-          V<T> acc = V<T>{} + (bias ? bias[co] : T(0));
-          const T* wr = w + co * Cin;
-          for (int64_t ci = 0; ci < Cin; ++ci) acc += wr[ci] * r[ci];
-          store_part(y + (n * Cout + co) * P + p, acc, nv);
+      for (int64_t q0 = p0; q0 < p1; q0 += kSub) {
+        const int64_t m = std::min(kSub, p1 - q0);
+        stage_relu(x + n * Cin * P, scale, shift, r.data(), Cin, P, q0, m);
+        for (int64_t b = 0; b < blocks; ++b) {
+          gemm_block<T>(wp.data() + b * Cin * kRows, Cin, r.data(), m, [&](int64_t j, int64_t q, V<T> lo, V<T> hi) {
+            const int64_t co = b * kRows + j;
+            if (co >= Cout) return;
+            const T bv = bias ? bias[co] : T(0);
+            store_pair<T>(y + (n * Cout + co) * P + q0, q, m, lo + bv, hi + bv);
+          });
         }
       }
     }
@@ -317,40 +390,73 @@ void brc_forward_kernel(const T* x, const T* scale, const T* shift, const T* w, 
 }
 
 // Gradients: gx (N, Cin, P); and per-task partial sums of gscale, gshift (Cin), gw (Cout x Cin), gbias (Cout),
-// reduced in task order at the end.
+// reduced in task order at the end. Per sub-block: stage relu(pre) and grad rows, then
+//   gw += G R^T (register blocks of 4 x 2 channel pairs), gR = W^T G (gemm_block), gpre = gR * (pre > 0).
 template <typename T>
 void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift, const T* w, T* gx, T* gscale,
                          T* gshift, T* gw, T* gbias, int64_t N, int64_t Cin, int64_t Cout, int64_t P) {
   const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, tasks = N * chunks;
+  const int64_t cin_pad = round_up(Cin, 2), cout_pad = round_up(Cout, kRows), in_blocks = round_up(Cin, kRows) / kRows;
   const int64_t width = 2 * Cin + Cout * Cin + Cout;  // partial sums of one task
+  const std::vector<T> wtp = pack_rows(w, Cin, Cout, true);
   std::vector<T> partial(tasks * width, T(0));
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<V<T>> r(Cin), g(Cout), acc_w(Cout * Cin), acc_s(Cin), acc_b(Cin), acc_bias(Cout);
+  parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> r(cin_pad * kSub, T(0)), g(cout_pad * kSub, T(0));  // padding rows stay zero
+    std::vector<V<T>> acc_w(cout_pad * cin_pad), acc_s(Cin), acc_b(Cin), acc_bias(Cout);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
       std::fill(acc_w.begin(), acc_w.end(), V<T>{});
       std::fill(acc_s.begin(), acc_s.end(), V<T>{});
       std::fill(acc_b.begin(), acc_b.end(), V<T>{});
       std::fill(acc_bias.begin(), acc_bias.end(), V<T>{});
-      for (int64_t p = p0; p < p1; p += VW<T>) {
-        const int64_t nv = std::min(VW<T>, p1 - p);
+      const T* xn = x + n * Cin * P;
+      for (int64_t q0 = p0; q0 < p1; q0 += kSub) {
+        const int64_t m = std::min(kSub, p1 - q0), mv = round_up(m, VW<T>);
+        stage_relu(xn, scale, shift, r.data(), Cin, P, q0, m);
         for (int64_t co = 0; co < Cout; ++co) {
-          g[co] = load_part(gy + (n * Cout + co) * P + p, nv);
-          acc_bias[co] += g[co];
+          const T* src = gy + (n * Cout + co) * P + q0;
+          T* gr = g.data() + co * kSub;
+          std::copy(src, src + m, gr);
+          std::fill(gr + m, gr + kSub, T(0));
+          V<T> s = {};
+          for (int64_t q = 0; q < mv; q += VW<T>) s += load_part(gr + q, VW<T>);
+          acc_bias[co] += s;
         }
-        for (int64_t ci = 0; ci < Cin; ++ci) {
-          const V<T> xv = load_part(x + (n * Cin + ci) * P + p, nv);
-          const V<T> pre = xv * scale[ci] + shift[ci];
-          const V<T> rv = pre <= 0 ? V<T>{} : pre;
-          V<T> gr = {};
-          for (int64_t co = 0; co < Cout; ++co) {
-            gr += w[co * Cin + ci] * g[co];
-            acc_w[co * Cin + ci] += g[co] * rv;
+        // gw[co][ci] += sum_q g[co][q] * r[ci][q]
+        for (int64_t cb = 0; cb < cout_pad; cb += kRows) {
+          for (int64_t ib = 0; ib < cin_pad; ib += 2) {
+            V<T> acc[kRows][2] = {};
+            for (int64_t q = 0; q < mv; q += VW<T>) {
+              const V<T> r0 = load_part(r.data() + ib * kSub + q, VW<T>);
+              const V<T> r1 = load_part(r.data() + (ib + 1) * kSub + q, VW<T>);
+              for (int64_t j = 0; j < kRows; ++j) {
+                const V<T> gv = load_part(g.data() + (cb + j) * kSub + q, VW<T>);
+                acc[j][0] += gv * r0;
+                acc[j][1] += gv * r1;
+              }
+            }
+            for (int64_t j = 0; j < kRows; ++j) {
+              acc_w[(cb + j) * cin_pad + ib] += acc[j][0];
+              acc_w[(cb + j) * cin_pad + ib + 1] += acc[j][1];
+            }
           }
-          const V<T> gpre = pre <= 0 ? V<T>{} : gr;
-          acc_s[ci] += gpre * xv;
-          acc_b[ci] += gpre;
-          store_part(gx + (n * Cin + ci) * P + p, gpre * scale[ci], nv);
+        }
+        // gR = W^T g, then the ReLU mask, the BN-affine gradients and gx.
+        for (int64_t b = 0; b < in_blocks; ++b) {
+          gemm_block<T>(wtp.data() + b * Cout * kRows, Cout, g.data(), m, [&](int64_t j, int64_t q, V<T> lo, V<T> hi) {
+            const int64_t ci = b * kRows + j;
+            if (ci >= Cin) return;
+            const T* rr = r.data() + ci * kSub + q;
+            const T* xr = xn + ci * P + q0 + q;
+            T* gxr = gx + (n * Cin + ci) * P + q0;
+            const V<T> r0 = load_part(rr, VW<T>), r1 = load_part(rr + VW<T>, VW<T>);
+            const int64_t n0 = std::min(VW<T>, m - q), n1 = std::max<int64_t>(0, std::min(VW<T>, m - q - VW<T>));
+            const V<T> x0 = load_part(xr, n0), x1 = n1 > 0 ? load_part(xr + VW<T>, n1) : V<T>{};
+            const V<T> g0 = r0 <= 0 ? V<T>{} : lo, g1 = r1 <= 0 ? V<T>{} : hi;  // zero past m: g rows are zero
+            acc_s[ci] += g0 * x0 + g1 * x1;
+            acc_b[ci] += g0 + g1;
+            store_pair<T>(gxr, q, m, g0 * scale[ci], g1 * scale[ci]);
+          });
         }
       }
       T* out = partial.data() + t * width;
@@ -358,7 +464,8 @@ void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift
         out[ci] = hsum<T>(acc_s[ci]);
         out[Cin + ci] = hsum<T>(acc_b[ci]);
       }
-      for (int64_t i = 0; i < Cout * Cin; ++i) out[2 * Cin + i] = hsum<T>(acc_w[i]);
+      for (int64_t co = 0; co < Cout; ++co)
+        for (int64_t ci = 0; ci < Cin; ++ci) out[2 * Cin + co * Cin + ci] = hsum<T>(acc_w[co * cin_pad + ci]);
       for (int64_t co = 0; co < Cout; ++co) out[2 * Cin + Cout * Cin + co] = hsum<T>(acc_bias[co]);
     }
   });
@@ -371,6 +478,169 @@ void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift
     for (int64_t i = 0; i < Cout * Cin; ++i) gw[i] += in[2 * Cin + i];
     for (int64_t co = 0; co < Cout; ++co) gbias[co] += in[2 * Cin + Cout * Cin + co];
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// y = maxpool2x2(relu(scale * x + shift)), stride 2, floor mode: a BatchNorm (as its per-channel affine map), ReLU
+// and the max-pool that follow each other at every SAN stage boundary, in one pass; the BN and ReLU outputs (4x the
+// pooled size) are never written. Ties and NaN follow PyTorch's max-pool: the window is scanned row by row, a value
+// replaces the best so far if it is larger or NaN.
+template <typename T>
+inline T relu_affine(T v, T a, T b) {
+  const T pre = v * a + b;
+  return pre <= 0 ? T(0) : pre;
+}
+
+// The window's maximum of relu(a * x + b) over (r0[0], r0[1], r1[0], r1[1]), its index (0..3) and its raw x.
+// Branch-free selects, so that loops over windows vectorise.
+template <typename T>
+inline T pool_max(const T* r0, const T* r1, T a, T b, T& arg, T& xarg) {  // arg: 0..3 as T, for uniform vectors
+  const T x[4] = {r0[0], r0[1], r1[0], r1[1]};
+  T best = relu_affine(x[0], a, b);
+  arg = 0;
+  xarg = x[0];
+  for (int i = 1; i < 4; ++i) {
+    const T v = relu_affine(x[i], a, b);
+    const bool take = v > best || v != v;  // v != v: NaN
+    best = take ? v : best;
+    arg = take ? T(i) : arg;
+    xarg = take ? x[i] : xarg;
+  }
+  return best;
+}
+
+template <typename T>
+void brp_forward_kernel(const T* x, const T* scale, const T* shift, T* y, int64_t N, int64_t C, int64_t H, int64_t W) {
+  const int64_t Ho = H / 2, Wo = W / 2;
+  parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T a = scale[t % C], b = shift[t % C];
+      for (int64_t i = 0; i < Ho; ++i) {
+        const T* r0 = x + t * H * W + 2 * i * W;
+        T* yr = y + t * Ho * Wo + i * Wo;
+#pragma omp simd
+        for (int64_t j = 0; j < Wo; ++j) {
+          T arg, xarg;
+          yr[j] = pool_max(r0 + 2 * j, r0 + W + 2 * j, a, b, arg, xarg);
+        }
+      }
+    }
+  });
+}
+
+// gx (zero but at each window's argmax), and gscale, gshift (C): per-plane sums, reduced in plane order.
+template <typename T>
+void brp_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift, T* gx, T* gscale, T* gshift,
+                         int64_t N, int64_t C, int64_t H, int64_t W) {
+  const int64_t Ho = H / 2, Wo = W / 2;
+  std::vector<T> partial(2 * N * C);
+  parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> w(4 * Wo);  // one output row's gradient for each of the 4 window positions
+    for (int64_t t = begin; t < end; ++t) {
+      const T a = scale[t % C], b = shift[t % C];
+      const T* xp = x + t * H * W;
+      T* gp = gx + t * H * W;
+      if (H % 2) std::fill(gp + (H - 1) * W, gp + H * W, T(0));  // the rows and columns no window covers
+      T s = 0, sb = 0;
+      for (int64_t i = 0; i < Ho; ++i) {
+        const T* r0 = xp + 2 * i * W;
+        const T* g = gy + t * Ho * Wo + i * Wo;
+        T* q0 = gp + 2 * i * W;
+        T* q1 = q0 + W;
+        T *w0 = w.data(), *w1 = w0 + Wo, *w2 = w1 + Wo, *w3 = w2 + Wo;
+#pragma omp simd reduction(+ : s, sb)
+        for (int64_t j = 0; j < Wo; ++j) {
+          T arg, xarg;
+          const T best = pool_max(r0 + 2 * j, r0 + W + 2 * j, a, b, arg, xarg);
+          const T gpre = best <= 0 ? T(0) : g[j];  // ReLU's backward: zero where its output is <= 0
+          const T v = gpre * a;
+          w0[j] = arg == T(0) ? v : T(0);
+          w1[j] = arg == T(1) ? v : T(0);
+          w2[j] = arg == T(2) ? v : T(0);
+          w3[j] = arg == T(3) ? v : T(0);
+          s += gpre * xarg;
+          sb += gpre;
+        }
+        for (int64_t j = 0; j < Wo; ++j) {
+          q0[2 * j] = w0[j];
+          q0[2 * j + 1] = w1[j];
+        }
+        for (int64_t j = 0; j < Wo; ++j) {
+          q1[2 * j] = w2[j];
+          q1[2 * j + 1] = w3[j];
+        }
+        if (W % 2) q0[W - 1] = q1[W - 1] = T(0);
+      }
+      partial[2 * t] = s;
+      partial[2 * t + 1] = sb;
+    }
+  });
+  for (int64_t t = 0; t < N * C; ++t) {
+    gscale[t % C] += partial[2 * t];
+    gshift[t % C] += partial[2 * t + 1];
+  }
+}
+
+// Per-channel biased variance and mean of x (N, C, P), as torch.var_mean(x, [0, 2], correction=0).
+// Each chunk of kPixelChunk values gets an exact two-pass mean and sum of squared deviations (in double); chunks
+// are merged in a fixed order with Chan et al.'s pairwise formula: deterministic for any thread count, and free of
+// the cancellation of E[x^2] - E[x]^2 when the mean is large against the spread.
+template <typename T>
+void channel_stats_kernel(const T* x, T* var, T* mean, int64_t N, int64_t C, int64_t P) {
+  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk;
+  std::vector<double> cmean(N * C * chunks), cm2(N * C * chunks);
+  parallel_range(0, N * C * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
+      const T* xr = x + (t / chunks) * P;
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t p = p0; p < p1; ++p) s += double(xr[p]);
+      const double mu = s / double(p1 - p0);
+      double m2 = 0;
+#pragma omp simd reduction(+ : m2)
+      for (int64_t p = p0; p < p1; ++p) {
+        const double d = double(xr[p]) - mu;
+        m2 += d * d;
+      }
+      cmean[t] = mu;
+      cm2[t] = m2;
+    }
+  });
+  parallel_range(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double count = 0, mu = 0, m2 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          const int64_t t = (n * C + c) * chunks + ch;
+          const double nb = double(std::min(P, (ch + 1) * kPixelChunk) - ch * kPixelChunk), tot = count + nb;
+          const double delta = cmean[t] - mu;
+          mu += delta * nb / tot;
+          m2 += cm2[t] + delta * delta * count * nb / tot;
+          count = tot;
+        }
+      }
+      mean[c] = T(mu);
+      var[c] = T(m2 / count);
+    }
+  });
+}
+
+// gx = grad_mean / n + (2 grad_var / n) * (x - mean), per channel of x (N, C, P), n = N * P: var_mean's backward.
+template <typename T>
+void channel_stats_backward_kernel(const T* x, const T* mean, const T* gvar, const T* gmean, T* gx, int64_t N,
+                                   int64_t C, int64_t P) {
+  const T inv = T(1) / T(N * P);
+  parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c = t % C;
+      const T a = gmean[c] * inv, b = 2 * gvar[c] * inv, mu = mean[c];
+      const T* xr = x + t * P;
+      T* gr = gx + t * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) gr[p] = a + b * (xr[p] - mu);
+    }
+  });
 }
 
 void check_cpu(const torch::Tensor& t, const char* name) {
@@ -506,6 +776,71 @@ std::vector<torch::Tensor> bn_relu_conv_backward(torch::Tensor gy, torch::Tensor
   return {gx, gscale, gshift, gw, gbias};
 }
 
+// x (N, C, H, W) -> (N, C, H / 2, W / 2): maxpool2x2(relu(scale * x + shift)); scale, shift (C).
+torch::Tensor bn_relu_maxpool_forward(torch::Tensor x, torch::Tensor scale, torch::Tensor shift) {
+  check_cpu(x, "x");
+  x = x.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(scale.numel() == C && shift.numel() == C, "bn_relu_maxpool: scale and shift need C values");
+  TORCH_CHECK(H >= 2 && W >= 2, "bn_relu_maxpool: a 2x2 max-pool needs at least 2x2 pixels, got ", H, "x", W);
+  auto y = torch::empty({N, C, H / 2, W / 2}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_maxpool_forward", [&] {
+    brp_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+                                 y.data_ptr<scalar_t>(), N, C, H, W);
+  });
+  return y;
+}
+
+std::vector<torch::Tensor> bn_relu_maxpool_backward(torch::Tensor gy, torch::Tensor x, torch::Tensor scale,
+                                                    torch::Tensor shift) {
+  gy = gy.contiguous();
+  x = x.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(gy.size(0) == N && gy.size(1) == C && gy.size(2) == H / 2 && gy.size(3) == W / 2,
+              "bn_relu_maxpool_backward: grad shape mismatch");
+  auto gx = torch::empty_like(x);
+  auto gscale = torch::zeros_like(scale), gshift = torch::zeros_like(shift);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_maxpool_backward", [&] {
+    brp_backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                                  shift.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(),
+                                  gshift.data_ptr<scalar_t>(), N, C, H, W);
+  });
+  return {gx, gscale, gshift};
+}
+
+// x (N, C, ...) -> (var, mean), each (C): biased, over every dimension but 1.
+std::vector<torch::Tensor> channel_var_mean(torch::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "x must be a CPU tensor (N, C, ...)");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), P = x.numel() / std::max<int64_t>(1, N * C);
+  TORCH_CHECK(N * P > 0, "channel_var_mean: no values per channel");
+  auto var = torch::empty({C}, x.options()), mean = torch::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_var_mean", [&] {
+    channel_stats_kernel<scalar_t>(x.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), N, C,
+                                   P);
+  });
+  return {var, mean};
+}
+
+torch::Tensor channel_var_mean_backward(torch::Tensor x, torch::Tensor mean, torch::Tensor gvar, torch::Tensor gmean) {
+  x = x.contiguous();
+  mean = mean.contiguous();
+  gvar = gvar.contiguous();
+  gmean = gmean.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), P = x.numel() / std::max<int64_t>(1, N * C);
+  TORCH_CHECK(mean.numel() == C && gvar.numel() == C && gmean.numel() == C, "channel_var_mean_backward: shape mismatch");
+  auto gx = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_var_mean_backward", [&] {
+    channel_stats_backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), gvar.data_ptr<scalar_t>(),
+                                            gmean.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N, C, P);
+  });
+  return gx;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("aggregation_forward", &aggregation_forward);
   m.def("aggregation_backward", &aggregation_backward);
@@ -513,4 +848,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_backward", &gather_backward);
   m.def("bn_relu_conv_forward", &bn_relu_conv_forward);
   m.def("bn_relu_conv_backward", &bn_relu_conv_backward);
+  m.def("channel_var_mean", &channel_var_mean);
+  m.def("bn_relu_maxpool_forward", &bn_relu_maxpool_forward);
+  m.def("bn_relu_maxpool_backward", &bn_relu_maxpool_backward);
+  m.def("channel_var_mean_backward", &channel_var_mean_backward);
 }

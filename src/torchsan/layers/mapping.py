@@ -47,33 +47,7 @@ def build_mapping(spec: str, in_channels: int, hidden_channels: int, out_channel
     return nn.Sequential(*modules)
 
 
-class _VarMean(torch.autograd.Function):
-    """``torch.var_mean(x, dims, correction=0)`` per channel of (N, C, ...), with a leaner backward.
-
-    autograd's own backward of var_mean recomputes the mean and makes about five passes over x,
-    each writing a tensor of x's size; this one makes two: ``d = x - mean`` and
-    ``grad_x = grad_mean / n + (2 grad_var / n) * d``. It stays differentiable (double backward).
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        ctx.save_for_backward(x, mean)
-        return var, mean
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_var: torch.Tensor | None,
-                 grad_mean: torch.Tensor | None) -> torch.Tensor:
-        x, mean = ctx.saved_tensors
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        n = x.numel() // x.shape[1]
-        grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-        return torch.addcmul((grad_mean / n).view(shape), (grad_var * (2.0 / n)).view(shape), x - mean.view(shape))
-
-
-def _batchnorm_affine(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batchnorm_affine(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BN as the per-channel affine map it applies to ``x`` (scale, shift), updating running statistics
     exactly as ``nn.BatchNorm2d.forward`` does."""
     use_batch_stats = bn.training or bn.running_mean is None
@@ -81,9 +55,9 @@ def _batchnorm_affine(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor
         count = x.numel() // x.shape[1]
         if bn.training and count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        # var_mean (Welford) rather than E[x^2] - E[x]^2: about 4x slower here, but exact when the mean is
-        # large against the standard deviation, where the shortcut cancels catastrophically in float32.
-        var, mean = _VarMean.apply(x)
+        # Exact statistics (not E[x^2] - E[x]^2, which cancels catastrophically in float32 when the mean is
+        # large against the standard deviation), in one pass forward and one backward.
+        var, mean = ops.channel_var_mean(x)
         if bn.training and bn.track_running_stats and bn.running_mean is not None:
             with torch.no_grad():
                 if bn.num_batches_tracked is not None:
@@ -100,14 +74,15 @@ def _batchnorm_affine(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor
     return scale, -mean * scale
 
 
-# The fused kernel keeps a weight-gradient accumulator per (out, in) channel pair in registers/L1; past this
-# many pairs (patchwise gamma, pairwise stage 4) the unfused modules (a GEMM-backed conv) are faster.
-# benchmarks/mapping_triples.py (batch 8, 2 cores): 34x32 pairs fused 141 ms vs. 461 ms unfused;
-# 66x64 fused 74 ms vs. 49 ms unfused.
-MAX_FUSED_CHANNEL_PAIRS = 2048
+# Where the fused op pays off. Its kernel stages relu(BN(x)) for 256 positions at a time (Cin rows) and runs a
+# register-blocked product over Cin; past a few thousand input channels the staged rows leave L2, and with a very
+# wide output the unfused modules' GEMM-backed convolution wins. benchmarks/mapping_triples.py (batch 8, 2 cores):
+# fused/unfused 0.41 (18->16 over (49, 3136)) ... 1.0 (130->128, 3200->32), 1.24 for 32->1568 (patchwise stage 3).
+MAX_FUSED_IN_CHANNELS = 4096
+MAX_FUSED_OUT_CHANNELS = 1024
 
 
-def _has_hooks(*modules: nn.Module) -> bool:
+def has_hooks(*modules: nn.Module) -> bool:
     from torch.nn.modules import module as module_impl
 
     if module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks:
@@ -116,16 +91,16 @@ def _has_hooks(*modules: nn.Module) -> bool:
 
 
 def _fusable(seq: nn.Sequential, i: int) -> bool:
-    """seq[i:i+3] is BatchNorm2d, ReLU, a plain 1x1 Conv2d, with few enough channel pairs to pay off."""
+    """seq[i:i+3] is BatchNorm2d, ReLU, a plain 1x1 Conv2d, of a size where fusing pays off."""
     if i + 2 >= len(seq):
         return False
     bn, act, conv = seq[i], seq[i + 1], seq[i + 2]
-    if _has_hooks(bn, act, conv):
+    if has_hooks(bn, act, conv):
         return False  # hooks (pruning, quantisation, inspection) must see the modules run one by one
     return (type(bn) is nn.BatchNorm2d and type(act) is nn.ReLU and type(conv) is nn.Conv2d
             and conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1)
             and conv.padding == (0, 0) and conv.dilation == (1, 1)
-            and conv.in_channels * conv.out_channels <= MAX_FUSED_CHANNEL_PAIRS)
+            and conv.in_channels <= MAX_FUSED_IN_CHANNELS and conv.out_channels <= MAX_FUSED_OUT_CHANNELS)
 
 
 def run_mapping(seq: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
@@ -142,7 +117,7 @@ def run_mapping(seq: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
     while i < len(seq):
         if _fusable(seq, i):
             bn, conv = seq[i], seq[i + 2]
-            scale, shift = _batchnorm_affine(bn, z)
+            scale, shift = batchnorm_affine(bn, z)
             z = ops.bn_relu_conv(z, scale, shift, conv.weight.flatten(1), conv.bias)
             i += 3
         else:

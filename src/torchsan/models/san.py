@@ -28,7 +28,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from .. import ops
 from ..layers import SelfAttentionBlock
+from ..layers.mapping import batchnorm_affine, has_hooks
 from ..ops import default_padding
 
 __all__ = ["SAN", "SANStage", "checkpoint_filter_fn", "SMALL_INPUT_POOLS"]
@@ -62,13 +64,33 @@ class SANStage(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.transition(self.pool(x))
+    def forward_body(self, x: torch.Tensor) -> torch.Tensor:
+        """Transition and blocks, on the pooled input."""
+        x = self.transition(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.act(self.norm(x))
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.forward_body(self.pool(x))))
+
+
+def _norm_act_pool(norm: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """pool(act(norm(x))): a stage's closing BN-ReLU (or the stem's) and the next stage's 2x2 max-pool.
+
+    On the fused ``cpu`` backend this is one op (:func:`torchsan.ops.bn_relu_maxpool`) that never writes
+    the full-resolution BN and ReLU outputs (at the stem: 8 x 64 x 224 x 224 floats, 103 MB, per tensor);
+    the result, the gradients and the BN running statistics are those of the modules, which every other
+    case runs one by one (and which hooks see).
+    """
+    fusable = (type(norm) is nn.BatchNorm2d and type(act) is nn.ReLU and type(pool) is nn.MaxPool2d
+               and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
+               and pool.dilation in (1, (1, 1)) and not pool.ceil_mode and not pool.return_indices
+               and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2)
+    if fusable and ops.backend_for(x) == "cpu" and not has_hooks(norm, act, pool):
+        scale, shift = batchnorm_affine(norm, x)
+        return ops.bn_relu_maxpool(x, scale, shift)
+    return pool(act(norm(x)))
 
 
 class SAN(nn.Module):
@@ -207,7 +229,15 @@ class SAN(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected input (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
         self.check_input_size(x.shape[2], x.shape[3])
-        return self.stages(self.stem(x))
+        if has_hooks(self.stem, self.stages, *self.stages):
+            return self.stages(self.stem(x))  # module by module, so that hooks see each module's input and output
+        # The same function, with each closing BN-ReLU fused into the next stage's max-pool where possible.
+        x = self.stem.conv(x)
+        norm, act = self.stem.bn, self.stem.act
+        for stage in self.stages:
+            x = stage.forward_body(_norm_act_pool(norm, act, stage.pool, x))
+            norm, act = stage.norm, stage.act
+        return act(norm(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(N, num_features, H', W') -> logits (N, num_classes), or pooled features."""

@@ -26,7 +26,9 @@ __all__ = [
     "available_backends",
     "backend_for",
     "bn_relu_conv",
+    "bn_relu_maxpool",
     "centre",
+    "channel_var_mean",
     "default_padding",
     "get_backend",
     "output_size",
@@ -187,3 +189,44 @@ def bn_relu_conv(
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     return implementation(x).bn_relu_conv(x, scale, shift, weight, bias)
+
+
+def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel biased variance and mean, as ``torch.var_mean(x, dim=[0, 2, ...], correction=0)``:
+    the batch statistics of a training-mode BatchNorm (the mapping gamma's).
+
+    The ``cpu`` backend computes them in one parallel pass of exact per-chunk two-pass statistics,
+    merged in a fixed order (deterministic for any thread count, no E[x^2] - E[x]^2 cancellation);
+    its backward is one pass too.
+
+    Args:
+        x: (N, C, *spatial) with at least one value per channel.
+    Returns:
+        (var, mean), each (C,).
+    """
+    _checks.check_tensor("x", x, min_dim=2)
+    if x.numel() == 0:
+        raise ValueError(f"channel_var_mean needs at least one value per channel, got shape {tuple(x.shape)}")
+    return implementation(x).channel_var_mean(x)
+
+
+def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(relu(scale * x + shift), 2, 2)``: BN (as its per-channel affine map), ReLU and a 2x2
+    stride-2 max-pool (floor mode) in one op, as at every SAN stage boundary. The fused ``cpu`` kernel
+    writes only the pooled output; ties and NaN follow ``torch.nn.functional.max_pool2d``.
+
+    Args:
+        x: (N, C, H, W), H, W >= 2; scale, shift: (C,).
+    Returns:
+        (N, C, H // 2, W // 2).
+    """
+    _checks.check_feature_map("x", x)
+    x, scale, shift = _autocast(x, scale, shift)
+    c = x.shape[1]
+    for name, t in (("scale", scale), ("shift", shift)):
+        _checks.check_same_kind("x", x, name, t)
+        if tuple(t.shape) != (c,):
+            raise ValueError(f"{name} must have shape ({c},) for x with {c} channels, got {tuple(t.shape)}")
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"a 2x2 max-pool needs at least 2x2 pixels, got x of shape {tuple(x.shape)}")
+    return implementation(x).bn_relu_maxpool(x, scale, shift)

@@ -355,3 +355,95 @@ bn_relu_conv_op.register_autograd(_brc_grad, setup_context=_brc_setup)
 
 def bn_relu_conv(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return bn_relu_conv_op(x, scale, shift, weight, bias)
+
+
+# --- per-channel batch statistics (BatchNorm's var_mean) ----------------------------------------
+@torch.library.custom_op("torchsan::channel_var_mean", mutates_args=(), device_types="cpu")
+def channel_var_mean_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, C, ...) -> (var, mean), each (C,): biased, over every dimension but 1."""
+    var, mean = _kernels().channel_var_mean(x)
+    return var, mean
+
+
+@channel_var_mean_op.register_fake
+def _(x):
+    return x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+
+
+@torch.library.custom_op("torchsan::channel_var_mean_backward", mutates_args=(), device_types="cpu")
+def channel_var_mean_backward_op(x: Tensor, mean: Tensor, grad_var: Tensor, grad_mean: Tensor) -> Tensor:
+    """grad_mean / n + (2 grad_var / n) * (x - mean), per channel; one pass over x."""
+    return _kernels().channel_var_mean_backward(x, mean, grad_var, grad_mean)
+
+
+channel_var_mean_backward_op.register_fake(
+    lambda x, mean, gv, gm: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _cvm_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _cvm_grad(ctx, grad_var, grad_mean):
+    x, mean = ctx.saved_tensors
+    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+    if torch.is_grad_enabled():  # create_graph=True (double backward): the same formula in differentiable ops
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        n = x.numel() // x.shape[1]
+        return torch.addcmul((grad_mean / n).view(shape), (grad_var * (2.0 / n)).view(shape), x - mean.view(shape))
+    return channel_var_mean_backward_op(x, mean, grad_var, grad_mean)
+
+
+channel_var_mean_op.register_autograd(_cvm_grad, setup_context=_cvm_setup)
+
+
+def channel_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+    return channel_var_mean_op(x)
+
+
+# --- BN (as an affine map) + ReLU + 2x2 max-pool -------------------------------------------------
+@torch.library.custom_op("torchsan::bn_relu_maxpool", mutates_args=(), device_types="cpu")
+def bn_relu_maxpool_op(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, H // 2, W // 2): max_pool2d(relu(scale * x + shift), 2, 2)."""
+    return _kernels().bn_relu_maxpool_forward(x, scale, shift)
+
+
+@bn_relu_maxpool_op.register_fake
+def _(x, scale, shift):
+    return x.new_empty((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2))
+
+
+@torch.library.custom_op("torchsan::bn_relu_maxpool_backward", mutates_args=(), device_types="cpu")
+def bn_relu_maxpool_backward_op(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    gx, gscale, gshift = _kernels().bn_relu_maxpool_backward(grad, x, scale, shift)
+    return gx, gscale, gshift
+
+
+@bn_relu_maxpool_backward_op.register_fake
+def _(grad, x, scale, shift):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale), torch.empty_like(shift)
+
+
+def _brp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _brp_grad(ctx, grad):
+    x, scale, shift = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): the same formulas in differentiable PyTorch ops.
+        shape = (1, -1, 1, 1)
+        pre = x * scale.view(shape) + shift.view(shape)
+        _, idx = torch.nn.functional.max_pool2d_with_indices(torch.relu(pre).detach(), 2, 2)
+        gr = grad.new_zeros(pre.shape).flatten(2).scatter(2, idx.flatten(2), grad.flatten(2)).view(pre.shape)
+        gpre = gr * (pre > 0)
+        return gpre * scale.view(shape), (gpre * x).sum((0, 2, 3)), gpre.sum((0, 2, 3))
+    return bn_relu_maxpool_backward_op(grad, x, scale, shift)
+
+
+bn_relu_maxpool_op.register_autograd(_brp_grad, setup_context=_brp_setup)
+
+
+def bn_relu_maxpool(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return bn_relu_maxpool_op(x, scale, shift)
