@@ -370,3 +370,58 @@ def test_bn_relu_maxpool_rejects_bad_input():
         ops.bn_relu_maxpool(torch.randn(2, 3, 1, 4), torch.ones(3), torch.zeros(3))
     with pytest.raises(TypeError):
         ops.bn_relu_maxpool(x, torch.ones(3, dtype=torch.float64), torch.zeros(3))
+
+
+def _train_bn_cases():
+    conv = lambda *t: ops.batchnorm_relu_conv(*t)  # noqa: E731
+    pool = lambda *t: ops.batchnorm_relu_maxpool(*t)  # noqa: E731
+    return [("conv", conv, (2, 5, 9, 31), 3), ("conv", conv, (3, 4, 4100), 6), ("pool", pool, (2, 3, 9, 10), None),
+            ("pool", pool, (1, 4, 16, 15), None)]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("case", range(4))
+def test_batchnorm_fused_ops_match_reference(case, affine):
+    # Training-mode BN with gradients through the batch statistics, fused with what follows it; the mean is
+    # large against the spread, so a statistic computed as E[x^2] - E[x]^2 would fail here.
+    kind, fn, shape, c_out = _train_bn_cases()[case]
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64) * 0.5 + 20.0
+    bn = [torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)] if affine else [None, None]
+    tensors = [x, *[t for t in bn if t is not None]]
+    extra = [torch.randn(c_out, c, dtype=torch.float64), torch.randn(c_out, dtype=torch.float64)] if c_out else []
+
+    def call(x, *rest):
+        weight, bias = (rest[0], rest[1]) if affine else (None, None)
+        args = list(rest[2:] if affine else rest)
+        y, mean, var = fn(x, weight, bias, 1e-5, *args)
+        return y + 0.1 * (mean.sum() + var.sum())  # gradients through the returned statistics too
+
+    (yf, gf), (yr, gr) = _both(call, *tensors, *extra)
+    torch.testing.assert_close(yf, yr, rtol=1e-9, atol=1e-9)
+    for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_batchnorm_fused_ops_gradcheck_and_opcheck():
+    from torch.library import opcheck
+
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(3, dtype=torch.float64,
+                                                                                     requires_grad=True)
+    cw, cb = torch.randn(2, 3, dtype=torch.float64, requires_grad=True), torch.randn(2, dtype=torch.float64,
+                                                                                     requires_grad=True)
+    conv = lambda x, w, b, cw, cb: ops.batchnorm_relu_conv(x, w, b, 1e-5, cw, cb)  # noqa: E731
+    pool = lambda x, w, b: ops.batchnorm_relu_maxpool(x, w, b, 1e-5)  # noqa: E731
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(conv, (x, w, b, cw, cb))
+        assert torch.autograd.gradgradcheck(conv, (x, w, b, cw, cb))
+        assert torch.autograd.gradcheck(pool, (x, w, b))
+        assert torch.autograd.gradgradcheck(pool, (x, w, b))
+    opcheck(torch.ops.torchsan.batchnorm_relu_conv.default, (x, w, b, 1e-5, cw, cb))
+    opcheck(torch.ops.torchsan.batchnorm_relu_conv.default, (x, None, None, 1e-5, cw, None))
+    opcheck(torch.ops.torchsan.batchnorm_relu_maxpool.default, (x, w, b, 1e-5))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.batchnorm_relu_conv(torch.randn(1, 3, 1), None, None, 1e-5, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        ops.batchnorm_relu_conv(torch.randn(2, 3, 4), None, None, 0.0, torch.randn(2, 3))

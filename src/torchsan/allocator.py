@@ -7,8 +7,8 @@ measured on the 2-core development VM, writing a fresh 80 MB tensor takes about 
 5 ms, so in a SAN10 step page faults cost more than the arithmetic. (The fix Intel recommends for PyTorch on
 CPUs is preloading jemalloc or tcmalloc; this does the same with glibc's own switches, at run time.)
 
-:func:`keep_freed_memory` raises the mmap threshold to 1 GiB and turns off trimming, so large blocks come
-from the heap and stay mapped for reuse. The process's resident memory then stays at its peak instead of
+:func:`keep_freed_memory` raises the mmap threshold to 1 GiB and the trim threshold to 2 GiB, so large
+blocks come from the heap and stay mapped for reuse. The process's resident memory then stays at its peak instead of
 shrinking between steps; the peak itself is what it was, plus some fragmentation. ``torchsan train`` and
 ``torchsan eval`` call it, and so do the benchmarks; set ``TORCHSAN_MALLOC=system`` to keep glibc's
 defaults. It does nothing on other C libraries (macOS, musl) or when ``MALLOC_*`` variables already
@@ -43,8 +43,9 @@ def keep_freed_memory() -> bool:
         libc.gnu_get_libc_version  # noqa: B018 (raises AttributeError on a C library that is not glibc)
     except (OSError, AttributeError):
         return False
+    # mallopt takes a C int: 2**31 - 1 (2 GiB) is the largest trim threshold it can express.
     ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
-    ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 40) == 1
+    ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     ok = ok and libc.mallopt(_M_TOP_PAD, 64 << 20) == 1
     _applied = ok
     return ok

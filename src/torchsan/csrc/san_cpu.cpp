@@ -626,10 +626,11 @@ void channel_stats_kernel(const T* x, T* var, T* mean, int64_t N, int64_t C, int
   });
 }
 
-// gx = grad_mean / n + (2 grad_var / n) * (x - mean), per channel of x (N, C, P), n = N * P: var_mean's backward.
+// gx = base + grad_mean / n + (2 grad_var / n) * (x - mean), per channel of x (N, C, P), n = N * P: var_mean's
+// backward, added to the gradient that reaches x by another path (base, may be null) in the same pass.
 template <typename T>
-void channel_stats_backward_kernel(const T* x, const T* mean, const T* gvar, const T* gmean, T* gx, int64_t N,
-                                   int64_t C, int64_t P) {
+void channel_stats_backward_kernel(const T* x, const T* mean, const T* gvar, const T* gmean, const T* base, T* gx,
+                                   int64_t N, int64_t C, int64_t P) {
   const T inv = T(1) / T(N * P);
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -637,8 +638,14 @@ void channel_stats_backward_kernel(const T* x, const T* mean, const T* gvar, con
       const T a = gmean[c] * inv, b = 2 * gvar[c] * inv, mu = mean[c];
       const T* xr = x + t * P;
       T* gr = gx + t * P;
+      if (base) {
+        const T* br = base + t * P;
 #pragma omp simd
-      for (int64_t p = 0; p < P; ++p) gr[p] = a + b * (xr[p] - mu);
+        for (int64_t p = 0; p < P; ++p) gr[p] = br[p] + a + b * (xr[p] - mu);
+      } else {
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) gr[p] = a + b * (xr[p] - mu);
+      }
     }
   });
 }
@@ -826,8 +833,12 @@ std::vector<torch::Tensor> channel_var_mean(torch::Tensor x) {
   return {var, mean};
 }
 
-torch::Tensor channel_var_mean_backward(torch::Tensor x, torch::Tensor mean, torch::Tensor gvar, torch::Tensor gmean) {
+torch::Tensor channel_var_mean_backward(torch::Tensor x, torch::Tensor mean, torch::Tensor gvar, torch::Tensor gmean,
+                                        c10::optional<torch::Tensor> base) {
   x = x.contiguous();
+  torch::Tensor b = base.has_value() ? base->contiguous() : torch::Tensor();
+  TORCH_CHECK(!b.defined() || (b.sizes() == x.sizes() && b.scalar_type() == x.scalar_type()),
+              "channel_var_mean_backward: base must match x");
   mean = mean.contiguous();
   gvar = gvar.contiguous();
   gmean = gmean.contiguous();
@@ -836,7 +847,8 @@ torch::Tensor channel_var_mean_backward(torch::Tensor x, torch::Tensor mean, tor
   auto gx = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_var_mean_backward", [&] {
     channel_stats_backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), gvar.data_ptr<scalar_t>(),
-                                            gmean.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N, C, P);
+                                            gmean.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                            gx.data_ptr<scalar_t>(), N, C, P);
   });
   return gx;
 }

@@ -9,6 +9,8 @@ A linear map directly followed by ``R`` has no bias (the BN absorbs it), as in t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -47,24 +49,29 @@ def build_mapping(spec: str, in_channels: int, hidden_channels: int, out_channel
     return nn.Sequential(*modules)
 
 
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What ``nn.BatchNorm2d.forward`` does to the running statistics in training mode (var: biased)."""
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_(var.detach() * (count / (count - 1)), alpha=momentum)
+
+
 def batchnorm_affine(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BN as the per-channel affine map it applies to ``x`` (scale, shift), updating running statistics
     exactly as ``nn.BatchNorm2d.forward`` does."""
     use_batch_stats = bn.training or bn.running_mean is None
     if use_batch_stats:
         count = x.numel() // x.shape[1]
-        if bn.training and count == 1:
+        if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         # Exact statistics (not E[x^2] - E[x]^2, which cancels catastrophically in float32 when the mean is
         # large against the standard deviation), in one pass forward and one backward.
         var, mean = ops.channel_var_mean(x)
-        if bn.training and bn.track_running_stats and bn.running_mean is not None:
-            with torch.no_grad():
-                if bn.num_batches_tracked is not None:
-                    bn.num_batches_tracked.add_(1)
-                momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-                bn.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-                bn.running_var.mul_(1 - momentum).add_(var.detach() * (count / (count - 1)), alpha=momentum)
+        _update_running_stats(bn, mean, var, count)
     else:
         mean, var = bn.running_mean, bn.running_var
     scale = torch.rsqrt(var + bn.eps)
@@ -72,6 +79,26 @@ def batchnorm_affine(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor,
         scale = scale * bn.weight
         return scale, bn.bias - mean * scale
     return scale, -mean * scale
+
+
+def batchnorm_then(
+    bn: nn.BatchNorm2d,
+    x: torch.Tensor,
+    with_batch_stats: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    with_affine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``bn`` and the op after it, as one fused op; running statistics updated as ``nn.BatchNorm2d`` does.
+
+    With batch statistics (training, or no running statistics) ``with_batch_stats(x, weight, bias, eps)``
+    runs, e.g. :func:`torchsan.ops.batchnorm_relu_conv` (gradients through the statistics in the same
+    autograd node); otherwise BN is the affine map of its running statistics, ``with_affine(x, scale, shift)``.
+    """
+    if bn.training or bn.running_mean is None:
+        y, mean, var = with_batch_stats(x, bn.weight, bn.bias, bn.eps)
+        _update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+        return y
+    scale, shift = batchnorm_affine(bn, x)
+    return with_affine(x, scale, shift)
 
 
 # Where the fused op pays off. Its kernel stages relu(BN(x)) for 256 positions at a time (Cin rows) and runs a
@@ -117,8 +144,9 @@ def run_mapping(seq: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
     while i < len(seq):
         if _fusable(seq, i):
             bn, conv = seq[i], seq[i + 2]
-            scale, shift = batchnorm_affine(bn, z)
-            z = ops.bn_relu_conv(z, scale, shift, conv.weight.flatten(1), conv.bias)
+            w, b = conv.weight.flatten(1), conv.bias
+            z = batchnorm_then(bn, z, lambda t, *n, w=w, b=b: ops.batchnorm_relu_conv(t, *n, w, b),
+                               lambda t, scale, shift, w=w, b=b: ops.bn_relu_conv(t, scale, shift, w, b))
             i += 3
         else:
             z = seq[i](z)

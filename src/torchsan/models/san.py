@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import ops
 from ..layers import SelfAttentionBlock
-from ..layers.mapping import batchnorm_affine, has_hooks
+from ..layers.mapping import batchnorm_then, has_hooks
 from ..ops import default_padding
 
 __all__ = ["SAN", "SANStage", "checkpoint_filter_fn", "SMALL_INPUT_POOLS"]
@@ -88,8 +88,7 @@ def _norm_act_pool(norm: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Te
                and pool.dilation in (1, (1, 1)) and not pool.ceil_mode and not pool.return_indices
                and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2)
     if fusable and ops.backend_for(x) == "cpu" and not has_hooks(norm, act, pool):
-        scale, shift = batchnorm_affine(norm, x)
-        return ops.bn_relu_maxpool(x, scale, shift)
+        return batchnorm_then(norm, x, ops.batchnorm_relu_maxpool, ops.bn_relu_maxpool)
     return pool(act(norm(x)))
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "Footprint",
     "aggregation",
     "available_backends",
+    "batchnorm_relu_conv",
+    "batchnorm_relu_maxpool",
     "backend_for",
     "bn_relu_conv",
     "bn_relu_maxpool",
@@ -230,3 +232,70 @@ def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -
     if x.shape[2] < 2 or x.shape[3] < 2:
         raise ValueError(f"a 2x2 max-pool needs at least 2x2 pixels, got x of shape {tuple(x.shape)}")
     return implementation(x).bn_relu_maxpool(x, scale, shift)
+
+
+def _check_batchnorm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
+    c = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _checks.check_same_kind("x", x, name, t)
+            if tuple(t.shape) != (c,):
+                raise ValueError(f"{name} must have shape ({c},) for x with {c} channels, got {tuple(t.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    if x.numel() // max(1, c) < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+
+
+def batchnorm_relu_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training-mode BatchNorm (batch statistics), ReLU and 1x1 convolution in one op.
+
+    ``y = conv_weight @ relu((x - mean) / sqrt(var + eps) * weight + bias) + conv_bias`` at every position,
+    with mean and biased var over every dimension but 1. Gradients flow through the statistics, as in
+    ``nn.BatchNorm2d`` in training mode; the running statistics are the caller's to update (from the
+    returned mean and var). On the ``cpu`` backend the backward is one fused pass plus one pass that adds the
+    statistics' share of grad x.
+
+    Args:
+        x: (N, Cin, *spatial); weight, bias: (Cin,) or None; conv_weight: (Cout, Cin); conv_bias: (Cout,) or None.
+    Returns:
+        y (N, Cout, *spatial), mean (Cin,), var (Cin,) (biased).
+    """
+    _checks.check_tensor("x", x, min_dim=2)
+    x, weight, bias, conv_weight, conv_bias = _autocast(x, weight, bias, conv_weight, conv_bias)
+    _check_batchnorm(x, weight, bias, eps)
+    c_in = x.shape[1]
+    _checks.check_same_kind("x", x, "conv_weight", conv_weight)
+    if conv_weight.dim() != 2 or conv_weight.shape[1] != c_in:
+        raise ValueError(f"conv_weight must have shape (Cout, {c_in}), got {tuple(conv_weight.shape)}")
+    if conv_bias is not None:
+        _checks.check_same_kind("x", x, "conv_bias", conv_bias)
+        if tuple(conv_bias.shape) != (conv_weight.shape[0],):
+            raise ValueError(f"conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
+    return implementation(x).batchnorm_relu_conv(x, weight, bias, float(eps), conv_weight, conv_bias)
+
+
+def batchnorm_relu_maxpool(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training-mode BatchNorm (batch statistics), ReLU and 2x2 stride-2 max-pool in one op.
+
+    The same as :func:`bn_relu_maxpool` with the BN's scale and shift computed from the batch statistics of x,
+    and gradients through them. Returns y (N, C, H // 2, W // 2), mean (C,), var (C,) (biased).
+    """
+    _checks.check_feature_map("x", x)
+    x, weight, bias = _autocast(x, weight, bias)
+    _check_batchnorm(x, weight, bias, eps)
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"a 2x2 max-pool needs at least 2x2 pixels, got x of shape {tuple(x.shape)}")
+    return implementation(x).batchnorm_relu_maxpool(x, weight, bias, float(eps))

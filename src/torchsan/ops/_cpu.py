@@ -371,13 +371,14 @@ def _(x):
 
 
 @torch.library.custom_op("torchsan::channel_var_mean_backward", mutates_args=(), device_types="cpu")
-def channel_var_mean_backward_op(x: Tensor, mean: Tensor, grad_var: Tensor, grad_mean: Tensor) -> Tensor:
-    """grad_mean / n + (2 grad_var / n) * (x - mean), per channel; one pass over x."""
-    return _kernels().channel_var_mean_backward(x, mean, grad_var, grad_mean)
+def channel_var_mean_backward_op(x: Tensor, mean: Tensor, grad_var: Tensor, grad_mean: Tensor,
+                                 base: Tensor | None = None) -> Tensor:
+    """base + grad_mean / n + (2 grad_var / n) * (x - mean), per channel; one pass over x."""
+    return _kernels().channel_var_mean_backward(x, mean, grad_var, grad_mean, base)
 
 
 channel_var_mean_backward_op.register_fake(
-    lambda x, mean, gv, gm: torch.empty_like(x, memory_format=torch.contiguous_format))
+    lambda x, mean, gv, gm, base=None: torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
 def _cvm_setup(ctx, inputs, output):
@@ -447,3 +448,141 @@ bn_relu_maxpool_op.register_autograd(_brp_grad, setup_context=_brp_setup)
 
 def bn_relu_maxpool(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return bn_relu_maxpool_op(x, scale, shift)
+
+
+# --- training-mode BatchNorm (batch statistics) fused with what follows it ------------------------
+# y, mean, var = f(x, scale, shift) with var, mean = var_mean(x), scale = weight * rsqrt(var + eps) and
+# shift = bias - mean * scale. One autograd node for all of it: its backward runs f's fused backward, then
+# adds the statistics' share of grad x in the same pass (channel_var_mean_backward with base), instead of a
+# separate statistics gradient that autograd would allocate and add.
+def _bn_scale_shift(weight, bias, mean, var, eps):
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else weight * rstd
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return rstd, scale, shift
+
+
+def _bn_train_backward(x, weight, mean, var, eps, gx0, gscale, gshift, gmean_out, gvar_out):
+    """grad x, weight, bias from f's gradients w.r.t. x (holding scale, shift fixed), scale and shift."""
+    rstd, scale, _ = _bn_scale_shift(weight, None, mean, var, eps)
+    gscale = gscale - gshift * mean  # shift = bias - mean * scale depends on scale too
+    g_weight = gscale * rstd
+    g_mean = -gshift * scale
+    g_var = (gscale if weight is None else gscale * weight) * (-0.5 * rstd**3)
+    if gmean_out is not None:
+        g_mean = g_mean + gmean_out
+    if gvar_out is not None:
+        g_var = g_var + gvar_out
+    gx = channel_var_mean_backward_op(x, mean, g_var, g_mean, gx0)
+    return gx, (None if weight is None else g_weight), gshift
+
+
+def _bn_train_double_backward(fn, saved, grads):
+    """create_graph=True: differentiate the same function written in differentiable PyTorch ops."""
+    from . import reference
+
+    inputs = [t for t in saved if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        outs = fn(reference, *saved)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        found = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
+                                    allow_unused=True)
+    result, it = [], iter(found)
+    for t in saved:
+        result.append(next(it) if t is not None and t.requires_grad else None)
+    return result
+
+
+@torch.library.custom_op("torchsan::batchnorm_relu_conv", mutates_args=(), device_types="cpu")
+def batchnorm_relu_conv_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, conv_weight: Tensor,
+                           conv_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BN (batch statistics), ReLU, 1x1 conv: (N, Cin, ...) -> (y (N, Cout, ...), mean, var)."""
+    var, mean = _kernels().channel_var_mean(x)
+    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, eps)
+    return _kernels().bn_relu_conv_forward(x, scale, shift, conv_weight, conv_bias), mean, var
+
+
+@batchnorm_relu_conv_op.register_fake
+def _(x, weight, bias, eps, conv_weight, conv_bias):
+    c = x.shape[1]
+    return x.new_empty((x.shape[0], conv_weight.shape[0], *x.shape[2:])), x.new_empty(c), x.new_empty(c)
+
+
+def _bnrc_setup(ctx, inputs, output):
+    x, weight, bias, eps, conv_weight, conv_bias = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, bias, conv_weight, conv_bias, mean, var)
+    ctx.eps = eps
+
+
+def _bnrc_reference(impl, x, weight, bias, conv_weight, conv_bias, eps):
+    var, mean = impl.channel_var_mean(x)
+    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, eps)
+    return impl.bn_relu_conv(x, scale, shift, conv_weight, conv_bias), mean, var
+
+
+def _bnrc_grad(ctx, grad, gmean_out, gvar_out):
+    x, weight, bias, conv_weight, conv_bias, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        gx, gw, gb, gcw, gcb = _bn_train_double_backward(
+            lambda impl, *t: _bnrc_reference(impl, *t, ctx.eps), (x, weight, bias, conv_weight, conv_bias),
+            (grad, gmean_out, gvar_out))
+        return gx, gw, gb, None, gcw, gcb
+    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, ctx.eps)
+    gx0, gscale, gshift, gcw, gcb = bn_relu_conv_backward_op(grad, x, scale, shift, conv_weight)
+    gx, gw, gb = _bn_train_backward(x, weight, mean, var, ctx.eps, gx0, gscale, gshift, gmean_out, gvar_out)
+    return gx, gw, gb if bias is not None else None, None, gcw, gcb if conv_bias is not None else None
+
+
+batchnorm_relu_conv_op.register_autograd(_bnrc_grad, setup_context=_bnrc_setup)
+
+
+@torch.library.custom_op("torchsan::batchnorm_relu_maxpool", mutates_args=(), device_types="cpu")
+def batchnorm_relu_maxpool_op(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                              eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BN (batch statistics), ReLU, 2x2 max-pool: (N, C, H, W) -> (y, mean, var)."""
+    var, mean = _kernels().channel_var_mean(x)
+    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, eps)
+    return _kernels().bn_relu_maxpool_forward(x, scale, shift), mean, var
+
+
+@batchnorm_relu_maxpool_op.register_fake
+def _(x, weight, bias, eps):
+    c = x.shape[1]
+    return x.new_empty((x.shape[0], c, x.shape[2] // 2, x.shape[3] // 2)), x.new_empty(c), x.new_empty(c)
+
+
+def _bnrp_setup(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, bias, mean, var)
+    ctx.eps = eps
+
+
+def _bnrp_reference(impl, x, weight, bias, eps):
+    var, mean = impl.channel_var_mean(x)
+    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, eps)
+    return impl.bn_relu_maxpool(x, scale, shift), mean, var
+
+
+def _bnrp_grad(ctx, grad, gmean_out, gvar_out):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        gx, gw, gb = _bn_train_double_backward(
+            lambda impl, *t: _bnrp_reference(impl, *t, ctx.eps), (x, weight, bias), (grad, gmean_out, gvar_out))
+        return gx, gw, gb, None
+    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, ctx.eps)
+    gx0, gscale, gshift = bn_relu_maxpool_backward_op(grad, x, scale, shift)
+    gx, gw, gb = _bn_train_backward(x, weight, mean, var, ctx.eps, gx0, gscale, gshift, gmean_out, gvar_out)
+    return gx, gw, gb if bias is not None else None, None
+
+
+batchnorm_relu_maxpool_op.register_autograd(_bnrp_grad, setup_context=_bnrp_setup)
+
+
+def batchnorm_relu_conv(x, weight, bias, eps, conv_weight, conv_bias):
+    return batchnorm_relu_conv_op(x, weight, bias, eps, conv_weight, conv_bias)
+
+
+def batchnorm_relu_maxpool(x, weight, bias, eps):
+    return batchnorm_relu_maxpool_op(x, weight, bias, eps)

@@ -68,3 +68,21 @@ def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     shape = (1, -1, 1, 1)
     return F.max_pool2d(torch.relu(x * scale.view(shape) + shift.view(shape)), 2, 2)
+
+
+def _batch_scale_shift(x, weight, bias, eps):
+    var, mean = channel_var_mean(x)
+    scale = torch.rsqrt(var + eps)
+    scale = scale if weight is None else weight * scale
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return scale, shift, mean, var
+
+
+def batchnorm_relu_conv(x, weight, bias, eps, conv_weight, conv_bias):
+    scale, shift, mean, var = _batch_scale_shift(x, weight, bias, eps)
+    return bn_relu_conv(x, scale, shift, conv_weight, conv_bias), mean, var
+
+
+def batchnorm_relu_maxpool(x, weight, bias, eps):
+    scale, shift, mean, var = _batch_scale_shift(x, weight, bias, eps)
+    return bn_relu_maxpool(x, scale, shift), mean, var
