@@ -94,20 +94,118 @@ void fold_plane(const T* src, T* dst, const Geometry& g) {
   }
 }
 
+// Fixed-width vectors (GCC vector extensions; 32 bytes = one AVX register), used by the register-blocked kernels.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename T>
+using V = typename Vec<T>::type;
+template <typename T>
+constexpr int64_t VW = 32 / sizeof(T);
+
+// Load nv <= VW values (zero-filled), store nv values.
+// (A constant-size memcpy compiles to one unaligned vector move; only the tail pays for a variable one.)
+template <typename T>
+inline V<T> load_part(const T* p, int64_t nv) {
+  V<T> v = {};
+  if (nv == VW<T>)
+    std::memcpy(&v, p, sizeof(V<T>));
+  else
+    std::memcpy(&v, p, sizeof(T) * nv);
+  return v;
+}
+template <typename T>
+inline void store_part(T* p, V<T> v, int64_t nv) {
+  if (nv == VW<T>)
+    std::memcpy(p, &v, sizeof(V<T>));
+  else
+    std::memcpy(p, &v, sizeof(T) * nv);
+}
+template <typename T>
+inline T hsum(V<T> v) {
+  T s = 0;
+  for (int64_t i = 0; i < VW<T>; ++i) s += v[i];
+  return s;
+}
+
+// Stride-1 aggregation, register-blocked: for one output row and VW output pixels, the G feature channels that
+// share a weight channel accumulate all K taps in G registers; each tap loads its weight vector once for all G.
+// xp: the S padded planes of this task (with VW values of slack after the last), plane = Hp * Wp.
+template <typename T, int G>
+inline void agg_fwd_block(const T* xp, int64_t plane, const T* wt, T* y0, int64_t ystride, int64_t ho, int64_t q,
+                          int64_t nv, const Geometry& g) {
+  const int64_t L = g.L();
+  V<T> acc[G] = {};
+  for (int64_t kh = 0; kh < g.k; ++kh) {
+    const T* xrow = xp + (ho + kh * g.d) * g.Wp + q;
+    for (int64_t kw = 0; kw < g.k; ++kw) {
+      const V<T> wv = load_part(wt + (kh * g.k + kw) * L + ho * g.Wo + q, nv);
+      const T* xb = xrow + kw * g.d;
+      for (int j = 0; j < G; ++j) acc[j] += wv * load_part(xb + j * plane, VW<T>);
+    }
+  }
+  for (int j = 0; j < G; ++j) store_part(y0 + j * ystride + ho * g.Wo + q, acc[j], nv);
+}
+
+// Backward of the block above: gw[tap] = sum_j gy_j * x_j(tap) (G loads and FMAs, one store per tap), and
+// gxp_j(tap) += w[tap] * gy_j into the padded gradient planes. Lanes past nv add exact zeros (gy and w are
+// zero-filled there), so full-width read-modify-writes of gxp are safe.
+template <typename T, int G>
+inline void agg_bwd_block(const T* gy0, int64_t gystride, const T* xp, T* gxp, int64_t plane, const T* wt, T* gwt,
+                          bool first, int64_t ho, int64_t q, int64_t nv, const Geometry& g) {
+  const int64_t L = g.L();
+  V<T> gv[G];
+  for (int j = 0; j < G; ++j) gv[j] = load_part(gy0 + j * gystride + ho * g.Wo + q, nv);
+  for (int64_t kh = 0; kh < g.k; ++kh) {
+    const int64_t row = (ho + kh * g.d) * g.Wp + q;
+    for (int64_t kw = 0; kw < g.k; ++kw) {
+      const int64_t off = row + kw * g.d, wofs = (kh * g.k + kw) * L + ho * g.Wo + q;
+      const V<T> wv = load_part(wt + wofs, nv);
+      V<T> acc = first ? V<T>{} : load_part(gwt + wofs, nv);
+      for (int j = 0; j < G; ++j) {
+        acc += gv[j] * load_part(xp + j * plane + off, VW<T>);
+        T* gq = gxp + j * plane + off;
+        store_part(gq, load_part(gq, VW<T>) + wv * gv[j], VW<T>);
+      }
+      store_part(gwt + wofs, acc, nv);
+    }
+  }
+}
+
 // y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)]
 template <typename T>
 void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t C, int64_t Cw, const Geometry& g) {
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
   parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> xp(S * g.plane());
+    std::vector<T> xp(S * g.plane() + VW<T>, T(0));  // slack: full-width loads at the end of the last row
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
-      for (int64_t j = 0; j < S; ++j) {
-        const int64_t c = j * Cw + cw;
-        pad_plane(x + (n * C + c) * HW, xp.data() + j * g.plane(), g);
-        std::fill(y + (n * C + c) * L, y + (n * C + c + 1) * L, T(0));
-      }
       const T* wt = w + (n * Cw + cw) * K * L;
+      for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
+      if (g.s == 1) {
+        for (int64_t ho = 0; ho < g.Ho; ++ho) {
+          for (int64_t q = 0; q < g.Wo; q += VW<T>) {
+            const int64_t nv = std::min(VW<T>, g.Wo - q);
+            int64_t j = 0;
+            for (; j + 8 <= S; j += 8)
+              agg_fwd_block<T, 8>(xp.data() + j * g.plane(), g.plane(), wt, y + (n * C + j * Cw + cw) * L, Cw * L, ho,
+                                  q, nv, g);
+            for (; j < S; ++j)
+              agg_fwd_block<T, 1>(xp.data() + j * g.plane(), g.plane(), wt, y + (n * C + j * Cw + cw) * L, Cw * L, ho,
+                                  q, nv, g);
+          }
+        }
+        continue;
+      }
+      for (int64_t j = 0; j < S; ++j) std::fill(y + (n * C + j * Cw + cw) * L, y + (n * C + j * Cw + cw + 1) * L, T(0));
       for (int64_t hb = 0; hb < g.Ho; hb += kRowBlock) {
         const int64_t he = std::min(g.Ho, hb + kRowBlock);
         for (int64_t kh = 0; kh < g.k; ++kh) {
@@ -138,9 +236,34 @@ void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* 
                                  const Geometry& g) {
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
   parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> xp(gw ? S * g.plane() : 0), gxp(gx ? S * g.plane() : 0);
+    // (slack after the last plane: full-width vector loads and read-modify-writes at the end of its last row)
+    std::vector<T> xp(gw ? S * g.plane() + VW<T> : 0, T(0)), gxp(gx ? S * g.plane() + VW<T> : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
+      if (g.s == 1 && gx && gw) {
+        for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
+        std::fill(gxp.begin(), gxp.end(), T(0));
+        const T* wt = w + (n * Cw + cw) * K * L;
+        T* gwt = gw + (n * Cw + cw) * K * L;
+        for (int64_t ho = 0; ho < g.Ho; ++ho) {
+          for (int64_t q = 0; q < g.Wo; q += VW<T>) {
+            const int64_t nv = std::min(VW<T>, g.Wo - q);
+            int64_t j = 0;
+            for (; j + 8 <= S; j += 8)
+              agg_bwd_block<T, 8>(gy + (n * C + j * Cw + cw) * L, Cw * L, xp.data() + j * g.plane(),
+                                  gxp.data() + j * g.plane(), g.plane(), wt, gwt, j == 0, ho, q, nv, g);
+            for (; j < S; ++j)
+              agg_bwd_block<T, 1>(gy + (n * C + j * Cw + cw) * L, Cw * L, xp.data() + j * g.plane(),
+                                  gxp.data() + j * g.plane(), g.plane(), wt, gwt, j == 0, ho, q, nv, g);
+          }
+        }
+        for (int64_t j = 0; j < S; ++j) {
+          T* dst = gx + (n * C + j * Cw + cw) * HW;
+          std::fill(dst, dst + HW, T(0));
+          fold_plane(gxp.data() + j * g.plane(), dst, g);
+        }
+        continue;
+      }
       if (gw) {
         for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
         std::fill(gw + (n * Cw + cw) * K * L, gw + (n * Cw + cw + 1) * K * L, T(0));
@@ -261,47 +384,6 @@ void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t NC, c
 // y = W relu(scale * x + shift) + bias over (N, Cin, P) -> (N, Cout, P): a training-mode BatchNorm (given as a
 // per-channel affine map), ReLU and 1x1 convolution in one pass. This is the mapping gamma's building block; it
 // runs over the (K, L) grid, where the unfused version writes and re-reads two Cin x K x L intermediates.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-
-template <typename T>
-using V = typename Vec<T>::type;
-template <typename T>
-constexpr int64_t VW = 32 / sizeof(T);
-
-// Load nv <= VW values (zero-filled), store nv values.
-// (A constant-size memcpy compiles to one unaligned vector move; only the tail pays for a variable one.)
-template <typename T>
-inline V<T> load_part(const T* p, int64_t nv) {
-  V<T> v = {};
-  if (nv == VW<T>)
-    std::memcpy(&v, p, sizeof(V<T>));
-  else
-    std::memcpy(&v, p, sizeof(T) * nv);
-  return v;
-}
-template <typename T>
-inline void store_part(T* p, V<T> v, int64_t nv) {
-  if (nv == VW<T>)
-    std::memcpy(p, &v, sizeof(V<T>));
-  else
-    std::memcpy(p, &v, sizeof(T) * nv);
-}
-template <typename T>
-inline T hsum(V<T> v) {
-  T s = 0;
-  for (int64_t i = 0; i < VW<T>; ++i) s += v[i];
-  return s;
-}
-
 constexpr int64_t kPixelChunk = 4096;  // pixels per task: fixed, so reductions do not depend on thread count
 constexpr int64_t kSub = 256;          // pixels per sub-block: its staged rows stay in L1/L2 (a multiple of 2 * VW)
 constexpr int64_t kRows = 4;           // output rows per register block of the small GEMMs below
