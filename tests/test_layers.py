@@ -389,3 +389,26 @@ def test_channel_var_mean_gradcheck_opcheck_and_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))  # a fixed reduction order
+
+
+@pytest.mark.parametrize("cls", ["pairwise", "patchwise"])
+def test_stacked_transforms_match_separate_convs(cls):
+    # phi, psi and beta run as one convolution with stacked weights unless a hook is registered; a no-op hook
+    # forces the three modules, which must give the same outputs and gradients.
+    from torchsan.layers import PairwiseSelfAttention, PatchwiseSelfAttention
+
+    layer_cls = PairwiseSelfAttention if cls == "pairwise" else PatchwiseSelfAttention
+    layer = layer_cls(16, 4, 16, share_planes=4, kernel_size=3).double()
+    x = torch.randn(2, 16, 6, 7, dtype=torch.float64, requires_grad=True)
+    results = []
+    for hooked in (False, True):
+        layer.zero_grad()
+        x.grad = None
+        handle = layer.phi.register_forward_hook(lambda m, a, o: None) if hooked else None
+        y = layer(x)
+        y.square().sum().backward()
+        results.append([y.detach(), x.grad.clone(), *[p.grad.clone() for p in layer.parameters()]])
+        if handle is not None:
+            handle.remove()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

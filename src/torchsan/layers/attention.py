@@ -14,11 +14,12 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from .mapping import build_mapping, run_mapping
+from .mapping import build_mapping, has_hooks, run_mapping
 from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
 
 PAIRWISE_RELATIONS = ("summation", "subtraction", "concatenation", "hadamard", "dot")
@@ -95,6 +96,17 @@ class _SelfAttention(nn.Module):
         self.beta = nn.Conv2d(in_channels, out_channels, kernel_size=1) if transform != "shared_all" else None
 
     def _transforms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.psi is not None and self.beta is not None and not has_hooks(self.phi, self.psi, self.beta):
+            # One convolution with the three weight matrices stacked: x is read once forward and once backward,
+            # and grad x comes out of one GEMM instead of three GEMMs and two additions. (Hooks, e.g. a MAC
+            # counter, see the three modules run one by one.)
+            convs = (self.phi, self.psi, self.beta)
+            weight = torch.cat([c.weight for c in convs])
+            bias = torch.cat([c.bias for c in convs]) if all(c.bias is not None for c in convs) else None
+            if bias is not None or all(c.bias is None for c in convs):
+                out = F.conv2d(x, weight, bias)
+                q, k, v = out.split([c.out_channels for c in convs], dim=1)
+                return q, k, v
         q = self.phi(x)
         k = self.psi(x) if self.psi is not None else q
         v = self.beta(x) if self.beta is not None else q
