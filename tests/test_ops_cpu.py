@@ -248,6 +248,32 @@ def test_torch_compile_fullgraph_matches_eager(sa_type, monkeypatch):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_torch_compile_training_step_matches_eager(sa_type):
+    # Training mode: the fused BN-with-batch-statistics ops (gamma, stage boundaries) inside one graph, BN running
+    # statistics updated in it, gradients equal to eager's.
+    import timm
+
+    kwargs = dict(num_classes=5, widths=(16, 32, 32, 64, 64), stem_width=16, share_planes=4, layers=(1, 1, 1, 1, 1),
+                  stage_pools=(True, True, True, False, False))
+    model = timm.create_model(f"san10_{sa_type}", **kwargs).train()
+    eager = timm.create_model(f"san10_{sa_type}", **kwargs).train()
+    eager.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 36, 34)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with ops.use_backend("cpu"):
+        y = compiled(x)
+        y.square().sum().backward()
+        y_eager = eager(x)
+        y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-4)
+    for a, b in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
+    for a, b in zip(model.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,cin,cout,spatial,bias", [(2, 18, 16, (9, 23), False), (3, 16, 8, (49, 97), True),
                                                      (1, 5, 3, (1, 7), True), (2, 40, 3, (1, 4099), True),
