@@ -2,12 +2,13 @@
 
     python benchmarks/ab_mapping.py [--model san10_pairwise] [--rounds 4]
 
-"modules": gamma's BN, ReLU and 1x1 convolutions, and each stage boundary's BN, ReLU and max-pool, run
-module by module; "fused": the default on the ``cpu`` backend, each gamma BN-ReLU-conv triple as
-``torchsan.ops.bn_relu_conv`` with its statistics from ``torchsan.ops.channel_var_mean``, and each
-BN-ReLU-max-pool as ``torchsan.ops.bn_relu_maxpool``. Both use the fused aggregation and subtraction
-kernels. The two settings alternate in one process after warm-up steps, so both see the same
-allocator state. Prints the median step of each and writes benchmarks/results/ab_mapping.json.
+"modules": gamma's BN, ReLU and 1x1 convolutions, each stage boundary's BN, ReLU and max-pool, and
+the attention's phi, psi and beta convolutions, run module by module. "fused": the default on the ``cpu``
+backend: each gamma BN-ReLU-conv triple as one op with its batch statistics
+(``torchsan.ops.batchnorm_relu_conv``), each BN-ReLU-max-pool as ``torchsan.ops.batchnorm_relu_maxpool``,
+and phi/psi/beta as one convolution with stacked weights. Both use the fused aggregation and subtraction
+kernels. The two settings alternate in one process after warm-up steps, so both see the same allocator
+state. Prints the median step of each and writes benchmarks/results/ab_mapping.json.
 A measurement, not a test.
 """
 
@@ -27,6 +28,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import torchsan  # noqa: E402, F401
+import torchsan.layers.attention as attention  # noqa: E402
 import torchsan.layers.mapping as mapping  # noqa: E402
 import torchsan.models.san as san  # noqa: E402
 
@@ -62,20 +64,21 @@ def main() -> None:
         return time.perf_counter() - t
 
     limits = mapping.MAX_FUSED_IN_CHANNELS, mapping.MAX_FUSED_OUT_CHANNELS
-    fused_pool = san._norm_act_pool
-    settings = {"modules": (0, 0, _unfused_norm_act_pool), "fused": (*limits, fused_pool)}
+    fused_pool, hooks = san._norm_act_pool, attention.has_hooks
+    # (the attention stacks phi/psi/beta unless has_hooks says a hook is registered)
+    settings = {"modules": (0, 0, _unfused_norm_act_pool, lambda *m: True), "fused": (*limits, fused_pool, hooks)}
     for _ in range(3):
         step()
     times: dict[str, list[float]] = {k: [] for k in settings}
     try:
         for _ in range(args.rounds):
-            for name, (max_in, max_out, pool) in settings.items():
+            for name, (max_in, max_out, pool, has_hooks) in settings.items():
                 mapping.MAX_FUSED_IN_CHANNELS, mapping.MAX_FUSED_OUT_CHANNELS = max_in, max_out
-                san._norm_act_pool = pool
+                san._norm_act_pool, attention.has_hooks = pool, has_hooks
                 times[name] += [step() for _ in range(args.steps)]
     finally:
         mapping.MAX_FUSED_IN_CHANNELS, mapping.MAX_FUSED_OUT_CHANNELS = limits
-        san._norm_act_pool = fused_pool
+        san._norm_act_pool, attention.has_hooks = fused_pool, hooks
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.model}, batch {args.batch}, {args.image_size} px, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps} steps each; malloc: {malloc}")

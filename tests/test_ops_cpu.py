@@ -353,10 +353,9 @@ def test_bn_relu_maxpool_matches_reference(dtype, shape):
     scale = torch.randn(shape[1], dtype=dtype)  # some negative: the pool sees the flipped order
     shift = torch.randn(shape[1], dtype=dtype)
     (yf, gf), (yr, gr) = _both(lambda *t: ops.bn_relu_maxpool(*t), x, scale, shift)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(yf, yr, **tol)
+    _close(yf, yr, dtype)
     for a, b in zip(gf, gr):
-        torch.testing.assert_close(a, b, **tol)
+        _close(a, b, dtype)
 
 
 def test_bn_relu_maxpool_gradcheck_opcheck_nan_threads():

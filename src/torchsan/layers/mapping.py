@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.reference import batchnorm_scale_shift
 
 
 def parse_mapping(spec: str) -> list[str]:
@@ -60,25 +61,9 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
             bn.running_var.mul_(1 - momentum).add_(var.detach() * (count / (count - 1)), alpha=momentum)
 
 
-def batchnorm_affine(bn: nn.BatchNorm2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BN as the per-channel affine map it applies to ``x`` (scale, shift), updating running statistics
-    exactly as ``nn.BatchNorm2d.forward`` does."""
-    use_batch_stats = bn.training or bn.running_mean is None
-    if use_batch_stats:
-        count = x.numel() // x.shape[1]
-        if count == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        # Exact statistics (not E[x^2] - E[x]^2, which cancels catastrophically in float32 when the mean is
-        # large against the standard deviation), in one pass forward and one backward.
-        var, mean = ops.channel_var_mean(x)
-        _update_running_stats(bn, mean, var, count)
-    else:
-        mean, var = bn.running_mean, bn.running_var
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        scale = scale * bn.weight
-        return scale, bn.bias - mean * scale
-    return scale, -mean * scale
+def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BN (running statistics) as the per-channel affine map it applies: (scale, shift)."""
+    return batchnorm_scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
 
 def batchnorm_then(
@@ -97,7 +82,7 @@ def batchnorm_then(
         y, mean, var = with_batch_stats(x, bn.weight, bn.bias, bn.eps)
         _update_running_stats(bn, mean, var, x.numel() // x.shape[1])
         return y
-    scale, shift = batchnorm_affine(bn, x)
+    scale, shift = batchnorm_affine(bn)
     return with_affine(x, scale, shift)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._checks import Footprint
+from .reference import batchnorm_scale_shift
 
 DTYPES = (torch.float32, torch.float64)
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "san_cpu.cpp"
@@ -455,16 +456,10 @@ def bn_relu_maxpool(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 # shift = bias - mean * scale. One autograd node for all of it: its backward runs f's fused backward, then
 # adds the statistics' share of grad x in the same pass (channel_var_mean_backward with base), instead of a
 # separate statistics gradient that autograd would allocate and add.
-def _bn_scale_shift(weight, bias, mean, var, eps):
-    rstd = torch.rsqrt(var + eps)
-    scale = rstd if weight is None else weight * rstd
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return rstd, scale, shift
-
-
 def _bn_train_backward(x, weight, mean, var, eps, gx0, gscale, gshift, gmean_out, gvar_out):
     """grad x, weight, bias from f's gradients w.r.t. x (holding scale, shift fixed), scale and shift."""
-    rstd, scale, _ = _bn_scale_shift(weight, None, mean, var, eps)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else weight * rstd
     gscale = gscale - gshift * mean  # shift = bias - mean * scale depends on scale too
     g_weight = gscale * rstd
     g_mean = -gshift * scale
@@ -498,7 +493,7 @@ def batchnorm_relu_conv_op(x: Tensor, weight: Tensor | None, bias: Tensor | None
                            conv_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BN (batch statistics), ReLU, 1x1 conv: (N, Cin, ...) -> (y (N, Cout, ...), mean, var)."""
     var, mean = _kernels().channel_var_mean(x)
-    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, eps)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, eps)
     return _kernels().bn_relu_conv_forward(x, scale, shift, conv_weight, conv_bias), mean, var
 
 
@@ -516,9 +511,7 @@ def _bnrc_setup(ctx, inputs, output):
 
 
 def _bnrc_reference(impl, x, weight, bias, conv_weight, conv_bias, eps):
-    var, mean = impl.channel_var_mean(x)
-    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, eps)
-    return impl.bn_relu_conv(x, scale, shift, conv_weight, conv_bias), mean, var
+    return impl.batchnorm_relu_conv(x, weight, bias, eps, conv_weight, conv_bias)
 
 
 def _bnrc_grad(ctx, grad, gmean_out, gvar_out):
@@ -528,7 +521,7 @@ def _bnrc_grad(ctx, grad, gmean_out, gvar_out):
             lambda impl, *t: _bnrc_reference(impl, *t, ctx.eps), (x, weight, bias, conv_weight, conv_bias),
             (grad, gmean_out, gvar_out))
         return gx, gw, gb, None, gcw, gcb
-    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, ctx.eps)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, ctx.eps)
     gx0, gscale, gshift, gcw, gcb = bn_relu_conv_backward_op(grad, x, scale, shift, conv_weight)
     gx, gw, gb = _bn_train_backward(x, weight, mean, var, ctx.eps, gx0, gscale, gshift, gmean_out, gvar_out)
     return gx, gw, gb if bias is not None else None, None, gcw, gcb if conv_bias is not None else None
@@ -542,7 +535,7 @@ def batchnorm_relu_maxpool_op(x: Tensor, weight: Tensor | None, bias: Tensor | N
                               eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BN (batch statistics), ReLU, 2x2 max-pool: (N, C, H, W) -> (y, mean, var)."""
     var, mean = _kernels().channel_var_mean(x)
-    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, eps)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, eps)
     return _kernels().bn_relu_maxpool_forward(x, scale, shift), mean, var
 
 
@@ -560,9 +553,7 @@ def _bnrp_setup(ctx, inputs, output):
 
 
 def _bnrp_reference(impl, x, weight, bias, eps):
-    var, mean = impl.channel_var_mean(x)
-    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, eps)
-    return impl.bn_relu_maxpool(x, scale, shift), mean, var
+    return impl.batchnorm_relu_maxpool(x, weight, bias, eps)
 
 
 def _bnrp_grad(ctx, grad, gmean_out, gvar_out):
@@ -571,7 +562,7 @@ def _bnrp_grad(ctx, grad, gmean_out, gvar_out):
         gx, gw, gb = _bn_train_double_backward(
             lambda impl, *t: _bnrp_reference(impl, *t, ctx.eps), (x, weight, bias), (grad, gmean_out, gvar_out))
         return gx, gw, gb, None
-    _, scale, shift = _bn_scale_shift(weight, bias, mean, var, ctx.eps)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, ctx.eps)
     gx0, gscale, gshift = bn_relu_maxpool_backward_op(grad, x, scale, shift)
     gx, gw, gb = _bn_train_backward(x, weight, mean, var, ctx.eps, gx0, gscale, gshift, gmean_out, gvar_out)
     return gx, gw, gb if bias is not None else None, None

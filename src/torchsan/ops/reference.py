@@ -70,19 +70,22 @@ def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -
     return F.max_pool2d(torch.relu(x * scale.view(shape) + shift.view(shape)), 2, 2)
 
 
-def _batch_scale_shift(x, weight, bias, eps):
-    var, mean = channel_var_mean(x)
+def batchnorm_scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
+                          var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm as a per-channel affine map: scale = weight / sqrt(var + eps), shift = bias - mean * scale.
+    The one place this formula lives (the fused ops, their backward and the layers all use it)."""
     scale = torch.rsqrt(var + eps)
     scale = scale if weight is None else weight * scale
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return scale, shift, mean, var
+    return scale, (-mean * scale if bias is None else bias - mean * scale)
 
 
 def batchnorm_relu_conv(x, weight, bias, eps, conv_weight, conv_bias):
-    scale, shift, mean, var = _batch_scale_shift(x, weight, bias, eps)
+    var, mean = channel_var_mean(x)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, eps)
     return bn_relu_conv(x, scale, shift, conv_weight, conv_bias), mean, var
 
 
 def batchnorm_relu_maxpool(x, weight, bias, eps):
-    scale, shift, mean, var = _batch_scale_shift(x, weight, bias, eps)
+    var, mean = channel_var_mean(x)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, eps)
     return bn_relu_maxpool(x, scale, shift), mean, var
