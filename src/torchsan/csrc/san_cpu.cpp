@@ -385,48 +385,54 @@ void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t NC, c
 // per-channel affine map), ReLU and 1x1 convolution in one pass. This is the mapping gamma's building block; it
 // runs over the (K, L) grid, where the unfused version writes and re-reads two Cin x K x L intermediates.
 constexpr int64_t kPixelChunk = 4096;  // pixels per task: fixed, so reductions do not depend on thread count
-constexpr int64_t kSub = 256;          // pixels per sub-block: its staged rows stay in L1/L2 (a multiple of 2 * VW)
-constexpr int64_t kRows = 4;           // output rows per register block of the small GEMMs below
+constexpr int64_t kCols = 2;           // column vectors per register block of the small GEMMs below
+constexpr int64_t kSub = 256;          // pixels per sub-block: its staged rows stay in L1/L2 (a multiple of kCols * VW)
+constexpr int64_t kInTile = 2;         // input channels per register block of the weight-gradient reduction
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// A (rows x cols) packed in blocks of kRows rows, column-major within a block, zero-padded:
-// out[(b * cols + c) * kRows + j] = A[b * kRows + j][c]. `transpose` reads A as the transpose of a (cols x rows) src.
-template <typename T>
+// Rows per register block (R) of the small GEMMs: 6 x kCols = 12 accumulators (of AVX2's 16 registers) hide the FMA
+// latency better than 4 x kCols = 8 (x0.8-0.9 at 32-128 rows, benchmarks/mapping_triples.py), but pad 8 rows to 12.
+// Pick the one with less padded work, counting a 6-row block as 1.2 times as fast.
+inline int pick_rows(int64_t rows) { return round_up(rows, 6) * 10 < round_up(rows, 4) * 12 ? 6 : 4; }
+
+// A (rows x cols) packed in blocks of R rows, column-major within a block, zero-padded:
+// out[(b * cols + c) * R + j] = A[b * R + j][c]. `transpose` reads A as the transpose of a (cols x rows) src.
+template <typename T, int R>
 std::vector<T> pack_rows(const T* src, int64_t rows, int64_t cols, bool transpose) {
-  std::vector<T> out(round_up(rows, kRows) * cols, T(0));
+  std::vector<T> out(round_up(rows, R) * cols, T(0));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c)
-      out[((r / kRows) * cols + c) * kRows + r % kRows] = transpose ? src[c * rows + r] : src[r * cols + c];
+      out[((r / R) * cols + c) * R + r % R] = transpose ? src[c * rows + r] : src[r * cols + c];
   return out;
 }
 
-// For one packed block of kRows rows of A: acc = A_block (kRows x inner) @ B (inner x kSub staged rows), for the
-// columns [0, m) in steps of 2 * VW; epi(j, q, acc_lo, acc_hi) receives row j, columns q .. q + 2 * VW.
-// 8 accumulators stay in registers; each step loads two B vectors and broadcasts kRows weights.
-template <typename T, typename Epilogue>
+// For one packed block of R rows of A: acc = A_block (R x inner) @ B (inner x kSub staged rows), for the
+// columns [0, m) in steps of kCols * VW; epi(j, q, acc) receives row j, columns q .. q + kCols * VW (kCols vectors).
+// R x kCols accumulators stay in registers; each step loads kCols B vectors and broadcasts R weights.
+template <typename T, int R, typename Epilogue>
 inline void gemm_block(const T* ap, int64_t inner, const T* B, int64_t m, Epilogue&& epi) {
-  for (int64_t q = 0; q < m; q += 2 * VW<T>) {
-    V<T> acc[kRows][2] = {};
+  for (int64_t q = 0; q < m; q += kCols * VW<T>) {
+    V<T> acc[R][kCols] = {};
     for (int64_t i = 0; i < inner; ++i) {
-      V<T> b0, b1;
-      std::memcpy(&b0, B + i * kSub + q, sizeof(V<T>));
-      std::memcpy(&b1, B + i * kSub + q + VW<T>, sizeof(V<T>));
-      const T* a = ap + i * kRows;
-      for (int64_t j = 0; j < kRows; ++j) {
-        acc[j][0] += a[j] * b0;
-        acc[j][1] += a[j] * b1;
-      }
+      V<T> b[kCols];
+      for (int64_t c = 0; c < kCols; ++c) std::memcpy(&b[c], B + i * kSub + q + c * VW<T>, sizeof(V<T>));
+      const T* a = ap + i * R;
+      for (int64_t j = 0; j < R; ++j)
+        for (int64_t c = 0; c < kCols; ++c) acc[j][c] += a[j] * b[c];
     }
-    for (int64_t j = 0; j < kRows; ++j) epi(j, q, acc[j][0], acc[j][1]);
+    for (int64_t j = 0; j < R; ++j) epi(j, q, acc[j]);
   }
 }
 
-// Store the columns [q, q + 2 * VW) of a row, clipped to m.
+// Store the columns [q, q + kCols * VW) of a row, clipped to m.
 template <typename T>
-inline void store_pair(T* row, int64_t q, int64_t m, V<T> lo, V<T> hi) {
-  store_part(row + q, lo, std::min(VW<T>, m - q));
-  if (m - q > VW<T>) store_part(row + q + VW<T>, hi, std::min(VW<T>, m - q - VW<T>));
+inline void store_cols(T* row, int64_t q, int64_t m, const V<T>* v) {
+  for (int64_t c = 0; c < kCols; ++c) {
+    const int64_t nv = std::min(VW<T>, m - q - c * VW<T>);
+    if (nv <= 0) return;
+    store_part(row + q + c * VW<T>, v[c], nv);
+  }
 }
 
 // Stage relu(scale * x + shift) for columns [q0, q0 + m) of every input channel into r (rows of kSub), zero tails.
@@ -446,11 +452,11 @@ inline void stage_relu(const T* x, const T* scale, const T* shift, T* r, int64_t
   }
 }
 
-template <typename T>
+template <typename T, int R>
 void brc_forward_kernel(const T* x, const T* scale, const T* shift, const T* w, const T* bias, T* y, int64_t N,
                         int64_t Cin, int64_t Cout, int64_t P) {
-  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, blocks = round_up(Cout, kRows) / kRows;
-  const std::vector<T> wp = pack_rows(w, Cout, Cin, false);
+  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, blocks = round_up(Cout, R) / R;
+  const std::vector<T> wp = pack_rows<T, R>(w, Cout, Cin, false);
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> r(Cin * kSub);
     for (int64_t t = begin; t < end; ++t) {
@@ -459,11 +465,13 @@ void brc_forward_kernel(const T* x, const T* scale, const T* shift, const T* w, 
         const int64_t m = std::min(kSub, p1 - q0);
         stage_relu(x + n * Cin * P, scale, shift, r.data(), Cin, P, q0, m);
         for (int64_t b = 0; b < blocks; ++b) {
-          gemm_block<T>(wp.data() + b * Cin * kRows, Cin, r.data(), m, [&](int64_t j, int64_t q, V<T> lo, V<T> hi) {
-            const int64_t co = b * kRows + j;
+          gemm_block<T, R>(wp.data() + b * Cin * R, Cin, r.data(), m, [&](int64_t j, int64_t q, const V<T>* acc) {
+            const int64_t co = b * R + j;
             if (co >= Cout) return;
             const T bv = bias ? bias[co] : T(0);
-            store_pair<T>(y + (n * Cout + co) * P + q0, q, m, lo + bv, hi + bv);
+            V<T> out[kCols];
+            for (int64_t c = 0; c < kCols; ++c) out[c] = acc[c] + bv;
+            store_cols<T>(y + (n * Cout + co) * P + q0, q, m, out);
           });
         }
       }
@@ -473,14 +481,14 @@ void brc_forward_kernel(const T* x, const T* scale, const T* shift, const T* w, 
 
 // Gradients: gx (N, Cin, P); and per-task partial sums of gscale, gshift (Cin), gw (Cout x Cin), gbias (Cout),
 // reduced in task order at the end. Per sub-block: stage relu(pre) and grad rows, then
-//   gw += G R^T (register blocks of 4 x 2 channel pairs), gR = W^T G (gemm_block), gpre = gR * (pre > 0).
-template <typename T>
+//   gw += G R^T (register blocks of R x kInTile channel pairs), gR = W^T G (gemm_block), gpre = gR * (pre > 0).
+template <typename T, int R, int RI>
 void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift, const T* w, T* gx, T* gscale,
                          T* gshift, T* gw, T* gbias, int64_t N, int64_t Cin, int64_t Cout, int64_t P) {
   const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, tasks = N * chunks;
-  const int64_t cin_pad = round_up(Cin, 2), cout_pad = round_up(Cout, kRows), in_blocks = round_up(Cin, kRows) / kRows;
+  const int64_t cin_pad = round_up(Cin, kInTile), cout_pad = round_up(Cout, R), in_blocks = round_up(Cin, RI) / RI;
   const int64_t width = 2 * Cin + Cout * Cin + Cout;  // partial sums of one task
-  const std::vector<T> wtp = pack_rows(w, Cin, Cout, true);
+  const std::vector<T> wtp = pack_rows<T, RI>(w, Cin, Cout, true);
   std::vector<T> partial(tasks * width, T(0));
   parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> r(cin_pad * kSub, T(0)), g(cout_pad * kSub, T(0));  // padding rows stay zero
@@ -505,39 +513,39 @@ void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift
           acc_bias[co] += s;
         }
         // gw[co][ci] += sum_q g[co][q] * r[ci][q]
-        for (int64_t cb = 0; cb < cout_pad; cb += kRows) {
-          for (int64_t ib = 0; ib < cin_pad; ib += 2) {
-            V<T> acc[kRows][2] = {};
+        for (int64_t cb = 0; cb < cout_pad; cb += R) {
+          for (int64_t ib = 0; ib < cin_pad; ib += kInTile) {
+            V<T> acc[R][kInTile] = {};
             for (int64_t q = 0; q < mv; q += VW<T>) {
-              const V<T> r0 = load_part(r.data() + ib * kSub + q, VW<T>);
-              const V<T> r1 = load_part(r.data() + (ib + 1) * kSub + q, VW<T>);
-              for (int64_t j = 0; j < kRows; ++j) {
+              V<T> rv[kInTile];
+              for (int64_t i = 0; i < kInTile; ++i) rv[i] = load_part(r.data() + (ib + i) * kSub + q, VW<T>);
+              for (int64_t j = 0; j < R; ++j) {
                 const V<T> gv = load_part(g.data() + (cb + j) * kSub + q, VW<T>);
-                acc[j][0] += gv * r0;
-                acc[j][1] += gv * r1;
+                for (int64_t i = 0; i < kInTile; ++i) acc[j][i] += gv * rv[i];
               }
             }
-            for (int64_t j = 0; j < kRows; ++j) {
-              acc_w[(cb + j) * cin_pad + ib] += acc[j][0];
-              acc_w[(cb + j) * cin_pad + ib + 1] += acc[j][1];
-            }
+            for (int64_t j = 0; j < R; ++j)
+              for (int64_t i = 0; i < kInTile; ++i) acc_w[(cb + j) * cin_pad + ib + i] += acc[j][i];
           }
         }
         // gR = W^T g, then the ReLU mask, the BN-affine gradients and gx.
         for (int64_t b = 0; b < in_blocks; ++b) {
-          gemm_block<T>(wtp.data() + b * Cout * kRows, Cout, g.data(), m, [&](int64_t j, int64_t q, V<T> lo, V<T> hi) {
-            const int64_t ci = b * kRows + j;
+          gemm_block<T, RI>(wtp.data() + b * Cout * RI, Cout, g.data(), m, [&](int64_t j, int64_t q, const V<T>* acc) {
+            const int64_t ci = b * RI + j;
             if (ci >= Cin) return;
             const T* rr = r.data() + ci * kSub + q;
             const T* xr = xn + ci * P + q0 + q;
-            T* gxr = gx + (n * Cin + ci) * P + q0;
-            const V<T> r0 = load_part(rr, VW<T>), r1 = load_part(rr + VW<T>, VW<T>);
-            const int64_t n0 = std::min(VW<T>, m - q), n1 = std::max<int64_t>(0, std::min(VW<T>, m - q - VW<T>));
-            const V<T> x0 = load_part(xr, n0), x1 = n1 > 0 ? load_part(xr + VW<T>, n1) : V<T>{};
-            const V<T> g0 = r0 <= 0 ? V<T>{} : lo, g1 = r1 <= 0 ? V<T>{} : hi;  // zero past m: g rows are zero
-            acc_s[ci] += g0 * x0 + g1 * x1;
-            acc_b[ci] += g0 + g1;
-            store_pair<T>(gxr, q, m, g0 * scale[ci], g1 * scale[ci]);
+            V<T> gpre[kCols];
+            for (int64_t c = 0; c < kCols; ++c) {
+              const int64_t nv = std::max<int64_t>(0, std::min(VW<T>, m - q - c * VW<T>));
+              const V<T> rv = load_part(rr + c * VW<T>, VW<T>);
+              const V<T> xv = nv > 0 ? load_part(xr + c * VW<T>, nv) : V<T>{};
+              gpre[c] = rv <= 0 ? V<T>{} : acc[c];  // zero past m: g rows are zero there
+              acc_s[ci] += gpre[c] * xv;
+              acc_b[ci] += gpre[c];
+              gpre[c] *= scale[ci];
+            }
+            store_cols<T>(gx + (n * Cin + ci) * P + q0, q, m, gpre);
           });
         }
       }
@@ -838,9 +846,9 @@ torch::Tensor bn_relu_conv_forward(torch::Tensor x, torch::Tensor scale, torch::
   sizes[1] = Cout;
   auto y = torch::empty(sizes, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv_forward", [&] {
-    brc_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
-                                 weight.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                 y.data_ptr<scalar_t>(), N, Cin, Cout, P);
+    auto kernel = pick_rows(Cout) == 6 ? brc_forward_kernel<scalar_t, 6> : brc_forward_kernel<scalar_t, 4>;
+    kernel(x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+           b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, Cin, Cout, P);
   });
   return y;
 }
@@ -857,10 +865,12 @@ std::vector<torch::Tensor> bn_relu_conv_backward(torch::Tensor gy, torch::Tensor
   auto gscale = torch::zeros_like(scale), gshift = torch::zeros_like(shift), gw = torch::zeros_like(weight);
   auto gbias = torch::zeros({Cout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv_backward", [&] {
-    brc_backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-                                  shift.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
-                                  gscale.data_ptr<scalar_t>(), gshift.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(),
-                                  gbias.data_ptr<scalar_t>(), N, Cin, Cout, P);
+    const bool out6 = pick_rows(Cout) == 6, in6 = pick_rows(Cin) == 6;
+    auto kernel = out6 ? (in6 ? brc_backward_kernel<scalar_t, 6, 6> : brc_backward_kernel<scalar_t, 6, 4>)
+                       : (in6 ? brc_backward_kernel<scalar_t, 4, 6> : brc_backward_kernel<scalar_t, 4, 4>);
+    kernel(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+           weight.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(), gshift.data_ptr<scalar_t>(),
+           gw.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(), N, Cin, Cout, P);
   });
   return {gx, gscale, gshift, gw, gbias};
 }
