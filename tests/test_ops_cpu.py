@@ -64,7 +64,11 @@ def test_fused_matches_reference(case, mode, dtype):
         _close(yf, yr, dtype)
         for a, b in zip(gf, gr):
             _close(a, b, dtype)
+    extra1 = torch.randn(1, 2, k * k, ho * wo, dtype=dtype)  # broadcast over the batch, like the position encoding
+    extra2 = torch.randn(2, 3, k * k, ho * wo, dtype=dtype)
     for fn, inputs in [(lambda a, b: ops.subtraction2(a, b, *args), (x, x2)),
+                       (lambda a, b, e: ops.subtraction2(a, b, *args, append=e), (x, x2, extra1)),
+                       (lambda a, b, e: ops.subtraction2(a, b, *args, append=e), (x, x2, extra2)),
                        (lambda a: ops.subtraction(a, *args), (x,)),
                        (lambda a: ops.unfold(a, *args), (x,))]:
         (yf, gf), (yr, gr) = _both(fn, *inputs)
@@ -101,6 +105,10 @@ def test_gradcheck_full_and_double_backward(mode):
         assert torch.autograd.gradgradcheck(agg, (x, weight))
         assert torch.autograd.gradgradcheck(sub, (x, x2))
         assert torch.autograd.gradgradcheck(unf, (x,))
+        extra = torch.randn(1, 2, 9, 6, dtype=torch.float64, requires_grad=True)
+        app = lambda a, b, e: ops.subtraction2(a, b, 3, stride=2, pad_mode=mode, append=e)  # noqa: E731
+        assert torch.autograd.gradcheck(app, (x, x2, extra))
+        assert torch.autograd.gradgradcheck(app, (x, x2, extra))
 
 
 def test_same_result_with_1_and_2_threads():
@@ -115,7 +123,7 @@ def test_same_result_with_1_and_2_threads():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             (y, g), _ = _both(lambda a, b: ops.aggregation(a, b, 7), x, weight)
-            s = ops.subtraction2(x, x.flip(3), 7)
+            s = ops.subtraction2(x, x.flip(3), 7, append=weight[:1, :2])
             (yb, gb), _ = _both(lambda *t: ops.bn_relu_conv(*t), z, *brc_args)
             outs.append((y, g, s, yb, gb))
     finally:
@@ -141,6 +149,11 @@ def test_opcheck():
         gcols = torch.randn(2, 6, 9, 56, dtype=torch.float64)
         opcheck(torch.ops.torchsan.subtraction2_backward.default, (gcols, 7, 8, *fp))
         opcheck(torch.ops.torchsan.unfold_backward.default, (gcols, 7, 8, *fp))
+        for batch in (1, 2):
+            extra = torch.randn(batch, 2, 9, 56, dtype=torch.float64, requires_grad=True)
+            opcheck(torch.ops.torchsan.subtraction2_append.default, (x, x2, extra, *fp))
+        gz = torch.randn(2, 8, 9, 56, dtype=torch.float64, requires_grad=True)
+        opcheck(torch.ops.torchsan.subtraction2_append_backward.default, (gz, 6, 7, 8, *fp))
     strided = (5, 2, 4, 2, True)  # kernel, stride, padding, dilation, reflect
     weight2 = torch.randn(2, 2, 25, 16, dtype=torch.float64, requires_grad=True)
     opcheck(torch.ops.torchsan.aggregation.default, (x, weight2, *strided))
@@ -190,6 +203,8 @@ BAD = [
     (lambda: ops.aggregation(torch.randn(8, 6, 6), torch.randn(2, 4, 9, 36), 3), ValueError, "4-D"),
     (lambda: ops.subtraction2(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3), 7), ValueError, "reflect padding"),
     (lambda: ops.unfold(torch.randn(1, 2, 5, 5), 4), ValueError, "odd"),
+    (lambda: ops.subtraction2(torch.randn(2, 2, 5, 5), torch.randn(2, 2, 5, 5), 3, append=torch.randn(2, 1, 9, 24)),
+     ValueError, "append must be"),
 ]
 
 

@@ -210,6 +210,32 @@ def test_subtraction2_rejects():
         ops.subtraction2(a, a[0], 3)
 
 
+def test_subtraction2_append_is_the_concatenation():
+    """append: the per-pixel oracle's difference, then the appended channels (broadcast from a batch of 1)."""
+    x1, x2 = torch.randn(2, 3, 7, 6, dtype=torch.float64), torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    for batch in (1, 2):
+        extra = torch.randn(batch, 2, 9, 12, dtype=torch.float64)
+        with ops.use_backend("reference"):
+            out = ops.subtraction2(x1, x2, 3, stride=2, pad_mode="zeros", append=extra)
+        assert out.shape == (2, 5, 9, 12)
+        torch.testing.assert_close(out[:, :3], oracle.subtraction2(x1, x2, 3, 2, mode="zeros"))
+        torch.testing.assert_close(out[:, 3:], extra.expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_subtraction2_rejects_a_bad_append(backend):
+    a = torch.randn(2, 3, 5, 5)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match=r"append must be \(1 or 2, E, 9, 25\)"):
+            ops.subtraction2(a, a, 3, append=torch.randn(2, 2, 9, 24))
+        with pytest.raises(ValueError, match="append must be"):
+            ops.subtraction2(a, a, 3, append=torch.randn(3, 2, 9, 25))
+        with pytest.raises(TypeError, match="append dtype"):
+            ops.subtraction2(a, a, 3, append=torch.randn(1, 2, 9, 25, dtype=torch.float64))
+        with pytest.raises(ValueError, match="append must be 4-D"):
+            ops.subtraction2(a, a, 3, append=torch.randn(2, 9, 25))
+
+
 def test_all_combinations_of_small_footprints_run():
     """Every (k, s, d, mode) on a map just big enough: shapes agree with output_size."""
     for k, s, d, mode in itertools.product((1, 3, 5), (1, 2, 3), (1, 2), MODES):

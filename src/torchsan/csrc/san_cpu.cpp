@@ -318,16 +318,17 @@ void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* 
 
 // out[n, c, k, o] = (x1 ? x1[n, c, centre(o)] : 0) - sign * x2[n, c, nbr_k(o)]; unfold is x1 = null, sign = -1.
 template <typename T>
-void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t NC, const Geometry& g) {
+void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t N, int64_t C, int64_t Ct,
+                           const Geometry& g) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W, c0 = (g.k / 2) * g.d;
-  parallel_range(0, NC, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p1(x1 ? g.plane() : 0), p2(g.plane());
     for (int64_t t = begin; t < end; ++t) {
       if (x1) pad_plane(x1 + t * HW, p1.data(), g);
       pad_plane(x2 + t * HW, p2.data(), g);
       for (int64_t kh = 0; kh < g.k; ++kh) {
         for (int64_t kw = 0; kw < g.k; ++kw) {
-          T* ot = out + (t * K + kh * g.k + kw) * L;
+          T* ot = out + (((t / C) * Ct + t % C) * K + kh * g.k + kw) * L;  // out has Ct >= C channels
           for (int64_t ho = 0; ho < g.Ho; ++ho) {
             T* orow = ot + ho * g.Wo;
             const T* xrow = p2.data() + (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
@@ -345,16 +346,17 @@ void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t NC,
 }
 
 template <typename T>
-void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t NC, const Geometry& g) {
+void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t N, int64_t C, int64_t Ct,
+                            const Geometry& g) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W, c0 = (g.k / 2) * g.d;
-  parallel_range(0, NC, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p1(gx1 ? g.plane() : 0), p2(gx2 ? g.plane() : 0);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(p1.begin(), p1.end(), T(0));
       std::fill(p2.begin(), p2.end(), T(0));
       for (int64_t kh = 0; kh < g.k; ++kh) {
         for (int64_t kw = 0; kw < g.k; ++kw) {
-          const T* gt = gout + (t * K + kh * g.k + kw) * L;
+          const T* gt = gout + (((t / C) * Ct + t % C) * K + kh * g.k + kw) * L;  // gout: Ct >= C channels
           for (int64_t ho = 0; ho < g.Ho; ++ho) {
             const T* grow = gt + ho * g.Wo;
             if (gx1) {
@@ -794,39 +796,62 @@ std::vector<torch::Tensor> aggregation_backward(torch::Tensor gy, torch::Tensor 
 }
 
 // subtraction2 (x1 defined) or unfold (x1 undefined): (N, C, H, W) -> (N, C, K, L)
+// out (N, C + E, K, L): the C gathered channels, then `append` (B, E, K, L), B = 1 (broadcast over N) or N, if given.
 torch::Tensor gather_forward(c10::optional<torch::Tensor> x1, torch::Tensor x2, int64_t k, int64_t s, int64_t p,
-                             int64_t d, bool reflect) {
+                             int64_t d, bool reflect, c10::optional<torch::Tensor> append) {
   check_cpu(x2, "x");
   x2 = x2.contiguous();
-  torch::Tensor c1;
+  torch::Tensor c1, ap;
   if (x1.has_value()) c1 = x1->contiguous();
   const Geometry g(x2.size(2), x2.size(3), k, s, p, d, reflect);
   check_geometry(g);
   TORCH_CHECK(!c1.defined() || (c1.sizes() == x2.sizes() && c1.scalar_type() == x2.scalar_type()),
               "x1 and x2 must have the same shape and dtype");
   const int64_t N = x2.size(0), C = x2.size(1);
-  auto out = torch::empty({N, C, g.K(), g.L()}, x2.options());
+  int64_t E = 0;
+  if (append.has_value()) {
+    ap = append->contiguous();
+    TORCH_CHECK(ap.dim() == 4 && (ap.size(0) == 1 || ap.size(0) == N) && ap.size(2) == g.K() && ap.size(3) == g.L() &&
+                    ap.scalar_type() == x2.scalar_type() && ap.device().is_cpu(),
+                "append must be a CPU tensor (1 or N, E, K, L) of x's dtype, got ", ap.sizes());
+    E = ap.size(1);
+  }
+  auto out = torch::empty({N, C + E, g.K(), g.L()}, x2.options());
   AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "gather_forward", [&] {
     const scalar_t sign = c1.defined() ? scalar_t(1) : scalar_t(-1);
     gather_forward_kernel<scalar_t>(c1.defined() ? c1.data_ptr<scalar_t>() : nullptr, x2.data_ptr<scalar_t>(),
-                                    out.data_ptr<scalar_t>(), sign, N * C, g);
+                                    out.data_ptr<scalar_t>(), sign, N, C, C + E, g);
+    if (E > 0) {
+      const int64_t block = E * g.K() * g.L();
+      const scalar_t* src = ap.data_ptr<scalar_t>();
+      scalar_t* dst = out.data_ptr<scalar_t>();
+      parallel_range(0, N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          std::copy(src + (ap.size(0) == 1 ? 0 : n) * block, src + (ap.size(0) == 1 ? 1 : n + 1) * block,
+                    dst + (n * (C + E) + C) * g.K() * g.L());
+      });
+    }
   });
   return out;
 }
 
+// channels: how many of gout's leading channels are the gathered ones (the rest, `append` in the forward, are skipped).
 std::vector<torch::Tensor> gather_backward(torch::Tensor gout, int64_t H, int64_t W, int64_t k, int64_t s, int64_t p,
-                                           int64_t d, bool reflect, bool subtraction, bool need_x1, bool need_x2) {
+                                           int64_t d, bool reflect, bool subtraction, bool need_x1, bool need_x2,
+                                           int64_t channels) {
   check_cpu(gout, "grad");
   gout = gout.contiguous();
   const Geometry g(H, W, k, s, p, d, reflect);
-  const int64_t N = gout.size(0), C = gout.size(1);
+  const int64_t N = gout.size(0), Ct = gout.size(1), C = channels;
+  TORCH_CHECK(0 <= C && C <= Ct, "gather_backward: channels must be in [0, ", Ct, "]");
+  TORCH_CHECK(gout.size(2) == g.K() && gout.size(3) == g.L(), "gather_backward: grad does not match the footprint");
   auto opts = gout.options();
   auto gx1 = (subtraction && need_x1) ? torch::empty({N, C, H, W}, opts) : torch::Tensor();
   auto gx2 = need_x2 ? torch::empty({N, C, H, W}, opts) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "gather_backward", [&] {
     const scalar_t sign = subtraction ? scalar_t(1) : scalar_t(-1);
     gather_backward_kernel<scalar_t>(gout.data_ptr<scalar_t>(), gx1.defined() ? gx1.data_ptr<scalar_t>() : nullptr,
-                                     gx2.defined() ? gx2.data_ptr<scalar_t>() : nullptr, sign, N * C, g);
+                                     gx2.defined() ? gx2.data_ptr<scalar_t>() : nullptr, sign, N, C, Ct, g);
   });
   return {gx1, gx2};
 }

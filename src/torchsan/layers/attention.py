@@ -211,10 +211,15 @@ class PairwiseSelfAttention(_SelfAttention):
         return torch.cat([qi.expand_as(kj), kj], dim=1)  # concatenation
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        z = self._relation(q, k)
-        if self.position_encoding:
-            p = self.subtraction(self.pos_proj(position_grid(q.shape[2], q.shape[3], q)))
-            z = torch.cat([z, p.expand(q.shape[0], -1, -1, -1)], dim=1)
+        if not self.position_encoding:
+            return self.softmax(run_mapping(self.gamma, self._relation(q, k)))
+        p = self.subtraction(self.pos_proj(position_grid(q.shape[2], q.shape[3], q)))  # (1, 2, K, L)
+        if self.relation == "subtraction" and not has_hooks(self.subtraction2):
+            # z = [phi(x_i) - psi(x_j), p_i - p_j] written in one pass, without a torch.cat copy of the difference.
+            # (With hooks, e.g. the MAC counter, subtraction2 runs on its own and the result is the same.)
+            z = self.subtraction2(q, k, append=p)
+        else:
+            z = torch.cat([self._relation(q, k), p.expand(q.shape[0], -1, -1, -1)], dim=1)
         return self.softmax(run_mapping(self.gamma, z))
 
 

@@ -60,10 +60,14 @@ class Subtraction(_FootprintOp):
 
 
 class Subtraction2(_FootprintOp):
-    """(N, C, H, W) x 2 -> (N, C, K, L): x1 at the centre minus x2 at the neighbour."""
+    """(N, C, H, W) x 2 -> (N, C, K, L): x1 at the centre minus x2 at the neighbour.
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return ops.subtraction2(x1, x2, *self._args)
+    ``append`` (1 or N, E, K, L) is concatenated after the output channels in the same pass (see
+    ops.subtraction2); the MAC counter's hooks see the module without it (see PairwiseSelfAttention).
+    """
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, append: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.subtraction2(x1, x2, *self._args, append=append)
 
 
 class Unfold(_FootprintOp):

@@ -119,15 +119,25 @@ def subtraction2(
     padding: int | None = None,
     dilation: int = 1,
     pad_mode: str = "reflect",
+    *,
+    append: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[n, c, k, o] = x1[n, c, centre(o)] - x2[n, c, nbr_k(o)]`` (phi(x_i) - psi(x_j)).
 
     x1, x2: (N, C, H, W) of the same shape -> (N, C, K, L).
+    append: optional (1 or N, E, K, L), concatenated after the C difference channels -> (N, C + E, K, L), in the
+    same pass (the pairwise position encoding p_i - p_j; a batch of 1 is broadcast over N). Same result as
+    ``torch.cat([subtraction2(x1, x2), append.expand(N, -1, -1, -1)], 1)``.
     """
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
-    x1, x2 = _autocast(x1, x2)
+    if append is None:
+        x1, x2 = _autocast(x1, x2)
+    else:
+        x1, x2, append = _autocast(x1, x2, append)
     h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
-    return implementation(x1).subtraction2(x1, x2, fp, h_out, w_out)
+    if append is not None:
+        _checks.check_append(append, x1, fp.kernel_size**2, h_out * w_out)
+    return implementation(x1).subtraction2(x1, x2, fp, h_out, w_out, append=append)
 
 
 def unfold(

@@ -118,6 +118,18 @@ def check_same_kind(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) 
         raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}")
 
 
+def check_append(append: object, x1: torch.Tensor, area: int, positions: int) -> None:
+    """subtraction2's ``append`` must be (1 or N, E, K, L), of x1's dtype and device."""
+    check_feature_map("append", append)
+    check_same_kind("x1", x1, "append", append)
+    b, _, taps, length = append.shape
+    if b not in (1, x1.shape[0]) or taps != area or length != positions:
+        raise ValueError(
+            f"append must be (1 or {x1.shape[0]}, E, {area}, {positions}) for this input and footprint, "
+            f"got {tuple(append.shape)}"
+        )
+
+
 def check_aggregation(x: torch.Tensor, weight: torch.Tensor, fp: Footprint) -> tuple[int, int]:
     """Validate aggregation operands; return (H_out, W_out)."""
     check_feature_map("x", x)

@@ -197,13 +197,13 @@ aggregation_backward_op.register_autograd(_aggregation_backward_grad, setup_cont
 def subtraction2_op(x1: Tensor, x2: Tensor, kernel_size: int, stride: int, padding: int, dilation: int,
                     reflect: bool) -> Tensor:
     """(N, C, H, W) x 2 -> (N, C, K, L): x1 at the centre minus x2 at each neighbour."""
-    return _kernels().gather_forward(x1, x2, kernel_size, stride, padding, dilation, reflect)
+    return _kernels().gather_forward(x1, x2, kernel_size, stride, padding, dilation, reflect, None)
 
 
 @torch.library.custom_op("torchsan::unfold", mutates_args=(), device_types="cpu")
 def unfold_op(x: Tensor, kernel_size: int, stride: int, padding: int, dilation: int, reflect: bool) -> Tensor:
     """(N, C, H, W) -> (N, C, K, L): the neighbours."""
-    return _kernels().gather_forward(None, x, kernel_size, stride, padding, dilation, reflect)
+    return _kernels().gather_forward(None, x, kernel_size, stride, padding, dilation, reflect, None)
 
 
 def _gather_fake(x, kernel_size, stride, padding, dilation):
@@ -219,7 +219,7 @@ unfold_op.register_fake(lambda x, k, s, p, d, r: _gather_fake(x, k, s, p, d))
 def subtraction2_backward_op(grad: Tensor, height: int, width: int, kernel_size: int, stride: int, padding: int,
                              dilation: int, reflect: bool) -> tuple[Tensor, Tensor]:
     g1, g2 = _kernels().gather_backward(grad, height, width, kernel_size, stride, padding, dilation, reflect,
-                                         True, True, True)
+                                         True, True, True, grad.shape[1])
     return g1, g2
 
 
@@ -227,7 +227,7 @@ def subtraction2_backward_op(grad: Tensor, height: int, width: int, kernel_size:
 def unfold_backward_op(grad: Tensor, height: int, width: int, kernel_size: int, stride: int, padding: int,
                        dilation: int, reflect: bool) -> Tensor:
     return _kernels().gather_backward(grad, height, width, kernel_size, stride, padding, dilation, reflect,
-                                       False, False, True)[1]
+                                       False, False, True, grad.shape[1])[1]
 
 
 def _input_fake(grad, height, width):
@@ -276,6 +276,68 @@ subtraction2_backward_op.register_autograd(_subtraction2_backward_grad, setup_co
 unfold_backward_op.register_autograd(_unfold_backward_grad, setup_context=_gather_backward_setup)
 
 
+# subtraction2 with extra channels (the pairwise position encoding) concatenated after its output, written in one
+# pass: torch.cat would write the (N, C, K, L) difference a second time, and its backward would copy the gradient's
+# slice back out before the gather's backward could read it.
+@torch.library.custom_op("torchsan::subtraction2_append", mutates_args=(), device_types="cpu")
+def subtraction2_append_op(x1: Tensor, x2: Tensor, append: Tensor, kernel_size: int, stride: int, padding: int,
+                           dilation: int, reflect: bool) -> Tensor:
+    """(N, C, H, W) x 2, (B, E, K, L) with B = 1 or N -> (N, C + E, K, L): cat([subtraction2(x1, x2), append])."""
+    return _kernels().gather_forward(x1, x2, kernel_size, stride, padding, dilation, reflect, append)
+
+
+@subtraction2_append_op.register_fake
+def _(x1, x2, append, kernel_size, stride, padding, dilation, reflect):
+    out = _gather_fake(x2, kernel_size, stride, padding, dilation)
+    return out.new_empty((out.shape[0], out.shape[1] + append.shape[1], *out.shape[2:]))
+
+
+@torch.library.custom_op("torchsan::subtraction2_append_backward", mutates_args=(), device_types="cpu")
+def subtraction2_append_backward_op(grad: Tensor, channels: int, height: int, width: int, kernel_size: int,
+                                    stride: int, padding: int, dilation: int, reflect: bool) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. x1 and x2 from the first ``channels`` channels of grad (N, C + E, K, L)."""
+    g1, g2 = _kernels().gather_backward(grad, height, width, kernel_size, stride, padding, dilation, reflect,
+                                         True, True, True, channels)
+    return g1, g2
+
+
+subtraction2_append_backward_op.register_fake(
+    lambda g, c, h, w, *a: (g.new_empty((g.shape[0], c, h, w)), g.new_empty((g.shape[0], c, h, w))))
+
+
+def _sub2_append_setup(ctx, inputs, output):
+    x1, _, append, *args = inputs
+    ctx.hw, ctx.channels, ctx.args = (x1.shape[2], x1.shape[3]), x1.shape[1], args
+    ctx.broadcast = append.shape[0] == 1 and x1.shape[0] != 1
+
+
+def _sub2_append_grad(ctx, grad):
+    g1, g2 = subtraction2_append_backward_op(grad, ctx.channels, *ctx.hw, *ctx.args)
+    g_append = grad[:, ctx.channels:]
+    g_append = g_append.sum(0, keepdim=True) if ctx.broadcast else g_append
+    return g1, g2, g_append, None, None, None, None, None
+
+
+subtraction2_append_op.register_autograd(_sub2_append_grad, setup_context=_sub2_append_setup)
+
+
+def _sub2_append_backward_setup(ctx, inputs, output):
+    grad, channels, *_ = inputs
+    ctx.args, ctx.extra = inputs[4:], grad.shape[1] - channels
+
+
+def _sub2_append_backward_grad(ctx, gg1, gg2):
+    # Linear in grad: its adjoint is the forward gather on the first channels; the appended channels get none.
+    gg1 = torch.zeros_like(gg2) if gg1 is None else gg1
+    gg2 = torch.zeros_like(gg1) if gg2 is None else gg2
+    d = subtraction2_op(gg1, gg2, *ctx.args)
+    d = torch.cat([d, d.new_zeros((d.shape[0], ctx.extra, *d.shape[2:]))], 1)
+    return d, None, None, None, None, None, None, None, None
+
+
+subtraction2_append_backward_op.register_autograd(_sub2_append_backward_grad, setup_context=_sub2_append_backward_setup)
+
+
 # --- backend interface (see _dispatch.py) ------------------------------------------------------
 def _fp_args(fp: Footprint) -> tuple[int, int, int, int, bool]:
     return fp.kernel_size, fp.stride, fp.padding, fp.dilation, fp.pad_mode == "reflect"
@@ -285,7 +347,9 @@ def aggregation(x: Tensor, weight: Tensor, fp: Footprint, h_out: int, w_out: int
     return aggregation_op(x, weight, *_fp_args(fp))
 
 
-def subtraction2(x1: Tensor, x2: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
+def subtraction2(x1: Tensor, x2: Tensor, fp: Footprint, h_out: int, w_out: int, append: Tensor | None = None) -> Tensor:
+    if append is not None:
+        return subtraction2_append_op(x1, x2, append, *_fp_args(fp))
     return subtraction2_op(x1, x2, *_fp_args(fp))
 
 

@@ -49,8 +49,12 @@ def subtraction(x: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch
     return centre(x, fp, h_out, w_out) - unfold(x, fp)
 
 
-def subtraction2(x1: torch.Tensor, x2: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch.Tensor:
-    return centre(x1, fp, h_out, w_out) - unfold(x2, fp)
+def subtraction2(x1: torch.Tensor, x2: torch.Tensor, fp: Footprint, h_out: int, w_out: int,
+                 append: torch.Tensor | None = None) -> torch.Tensor:
+    out = centre(x1, fp, h_out, w_out) - unfold(x2, fp)
+    if append is None:
+        return out
+    return torch.cat([out, append.expand(out.shape[0], -1, -1, -1)], dim=1)
 
 
 def bn_relu_conv(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
