@@ -247,6 +247,41 @@ def test_model_fused_matches_reference(sa_type, pools, size):
 
 
 @pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+@pytest.mark.parametrize("training", [True, False])
+def test_block_fused_bn_relu_conv_matches_reference(sa_type, training, monkeypatch):
+    """On maps of >= MIN_FUSED_PIXELS the block runs norm1-act1-(phi|psi|beta) and norm2-act2-proj fused."""
+    from torchsan.layers import SelfAttentionBlock, block
+
+    calls = []
+    fused = block.bn_relu_conv1x1
+    monkeypatch.setattr(block, "bn_relu_conv1x1", lambda *a: calls.append(a[0]) or fused(*a))
+    layer = SelfAttentionBlock(32, sa_type, kernel_size=3, share_planes=4).double().train(training)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        for name, b in layer.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand_like(b) + 0.5)
+    initial = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 32, 33, 32, dtype=torch.float64)  # 1056 pixels
+    assert x.shape[2] * x.shape[3] >= block.MIN_FUSED_PIXELS
+    outs = []
+    for backend in ("cpu", "reference"):
+        layer.load_state_dict(initial)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with ops.use_backend(backend):
+            y = layer(xi)
+            y.square().sum().backward()
+        outs.append((y.detach(), [xi.grad] + [p.grad.clone() for p in layer.parameters()],
+                     [b.clone() for b in layer.buffers()]))
+    assert calls == [layer.norm1, layer.norm2]  # the cpu run fused both pairs; the reference run none
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1] + outs[0][2], outs[1][1] + outs[1][2]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
 def test_torch_compile_fullgraph_matches_eager(sa_type, monkeypatch):
     import timm
 

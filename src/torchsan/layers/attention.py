@@ -95,18 +95,25 @@ class _SelfAttention(nn.Module):
         self.psi = nn.Conv2d(in_channels, rel_channels, kernel_size=1) if transform == "separate" else None
         self.beta = nn.Conv2d(in_channels, out_channels, kernel_size=1) if transform != "shared_all" else None
 
+    def stacked_transform(self) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+        """phi, psi and beta as one 1x1 convolution: (weight (out, in, 1, 1), bias, split sizes), or None where
+        they cannot run as one (shared transforms; hooks, e.g. a MAC counter, that must see each module run)."""
+        convs = (self.phi, self.psi, self.beta)
+        if self.psi is None or self.beta is None or has_hooks(*convs):
+            return None
+        if any(c.bias is None for c in convs) and any(c.bias is not None for c in convs):
+            return None
+        bias = torch.cat([c.bias for c in convs]) if convs[0].bias is not None else None
+        return torch.cat([c.weight for c in convs]), bias, [c.out_channels for c in convs]
+
     def _transforms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.psi is not None and self.beta is not None and not has_hooks(self.phi, self.psi, self.beta):
+        stacked = self.stacked_transform()
+        if stacked is not None:
             # One convolution with the three weight matrices stacked: x is read once forward and once backward,
-            # and grad x comes out of one GEMM instead of three GEMMs and two additions. (Hooks, e.g. a MAC
-            # counter, see the three modules run one by one.)
-            convs = (self.phi, self.psi, self.beta)
-            weight = torch.cat([c.weight for c in convs])
-            bias = torch.cat([c.bias for c in convs]) if all(c.bias is not None for c in convs) else None
-            if bias is not None or all(c.bias is None for c in convs):
-                out = F.conv2d(x, weight, bias)
-                q, k, v = out.split([c.out_channels for c in convs], dim=1)
-                return q, k, v
+            # and grad x comes out of one GEMM instead of three GEMMs and two additions.
+            weight, bias, splits = stacked
+            q, k, v = F.conv2d(x, weight, bias).split(splits, dim=1)
+            return q, k, v
         q = self.phi(x)
         k = self.psi(x) if self.psi is not None else q
         v = self.beta(x) if self.beta is not None else q
@@ -130,7 +137,11 @@ class _SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in, H, W) -> (N, out, H_out, W_out)."""
         self._check_input(x)
-        q, k, v = self._transforms(x)
+        return self.attend(*self._transforms(x))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The layer after its transforms: phi(x), psi(x) (N, rel, H, W) and beta(x) (N, out, H, W) ->
+        (N, out, H_out, W_out). (The block calls it directly when it fuses its BN-ReLU into the transforms.)"""
         if self.memory_efficient and torch.is_grad_enabled():
             # Keep only q, k and w for backward; recompute the relation and gamma's activations over the
             # (K, L) grid (the largest activation memory of a SAN) during the backward pass, with the same

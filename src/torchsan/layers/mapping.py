@@ -102,17 +102,28 @@ def has_hooks(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in modules)
 
 
-def _fusable(seq: nn.Sequential, i: int) -> bool:
-    """seq[i:i+3] is BatchNorm2d, ReLU, a plain 1x1 Conv2d, of a size where fusing pays off."""
-    if i + 2 >= len(seq):
-        return False
-    bn, act, conv = seq[i], seq[i + 1], seq[i + 2]
+def fusable_triple(bn: nn.Module, act: nn.Module, conv: nn.Module) -> bool:
+    """bn, act, conv are BatchNorm2d, ReLU, a plain 1x1 Conv2d, without hooks, of a size where fusing pays off."""
     if has_hooks(bn, act, conv):
         return False  # hooks (pruning, quantisation, inspection) must see the modules run one by one
     return (type(bn) is nn.BatchNorm2d and type(act) is nn.ReLU and type(conv) is nn.Conv2d
             and conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1)
             and conv.padding == (0, 0) and conv.dilation == (1, 1)
             and conv.in_channels <= MAX_FUSED_IN_CHANNELS and conv.out_channels <= MAX_FUSED_OUT_CHANNELS)
+
+
+def bn_relu_conv1x1(bn: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """conv1x1(relu(bn(x))) with weight (Cout, Cin[, 1, 1]) as one fused op, BN in training or eval mode
+    (:func:`batchnorm_then`). x: (N, Cin, ...) -> (N, Cout, ...)."""
+    w = weight.flatten(1)
+    return batchnorm_then(bn, x, lambda t, *n: ops.batchnorm_relu_conv(t, *n, w, bias),
+                          lambda t, scale, shift: ops.bn_relu_conv(t, scale, shift, w, bias))
+
+
+def _fusable(seq: nn.Sequential, i: int) -> bool:
+    """seq[i:i+3] is a fusable BN-ReLU-conv1x1 triple."""
+    return i + 2 < len(seq) and fusable_triple(seq[i], seq[i + 1], seq[i + 2])
 
 
 def run_mapping(seq: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
@@ -128,10 +139,7 @@ def run_mapping(seq: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
     i = 0
     while i < len(seq):
         if _fusable(seq, i):
-            bn, conv = seq[i], seq[i + 2]
-            w, b = conv.weight.flatten(1), conv.bias
-            z = batchnorm_then(bn, z, lambda t, *n, w=w, b=b: ops.batchnorm_relu_conv(t, *n, w, b),
-                               lambda t, scale, shift, w=w, b=b: ops.bn_relu_conv(t, scale, shift, w, b))
+            z = bn_relu_conv1x1(seq[i], z, seq[i + 2].weight, seq[i + 2].bias)
             i += 3
         else:
             z = seq[i](z)
