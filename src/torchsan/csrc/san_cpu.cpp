@@ -12,6 +12,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // at::parallel_for inlines its body twice (a serial and a threaded path), and the two copies may be compiled with
@@ -112,22 +116,65 @@ template <typename T>
 constexpr int64_t VW = 32 / sizeof(T);
 
 // Load nv <= VW values (zero-filled), store nv values.
-// (A constant-size memcpy compiles to one unaligned vector move; only the tail pays for a variable one.)
+// A constant-size memcpy compiles to one unaligned vector move. A partial vector (row tails: on SAN's 14 and 7 px
+// maps most vectors are partial) uses AVX2's masked moves, which neither touch nor fault on the lanes left out;
+// without AVX2, a variable-size memcpy.
+#if defined(__AVX2__)
+inline __m256i lane_mask(int64_t nv, int64_t lanes) {
+  alignas(32) static const int32_t ramp[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  // lanes = 8 (float): 32-bit lanes; lanes = 4 (double): each 64-bit lane is two 32-bit -1s.
+  if (lanes == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ramp + 8 - nv));
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ramp + 8 - 2 * nv));
+}
+inline V<float> masked_load(const float* p, int64_t nv) {
+  const __m256 v = _mm256_maskload_ps(p, lane_mask(nv, 8));
+  V<float> out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+}
+inline V<double> masked_load(const double* p, int64_t nv) {
+  const __m256d v = _mm256_maskload_pd(p, lane_mask(nv, 4));
+  V<double> out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+}
+inline void masked_store(float* p, V<float> v, int64_t nv) {
+  __m256 m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm256_maskstore_ps(p, lane_mask(nv, 8), m);
+}
+inline void masked_store(double* p, V<double> v, int64_t nv) {
+  __m256d m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm256_maskstore_pd(p, lane_mask(nv, 4), m);
+}
+#endif
+
 template <typename T>
 inline V<T> load_part(const T* p, int64_t nv) {
   V<T> v = {};
-  if (nv == VW<T>)
+  if (nv == VW<T>) {
     std::memcpy(&v, p, sizeof(V<T>));
-  else
+  } else if (nv > 0) {
+#if defined(__AVX2__)
+    v = masked_load(p, nv);
+#else
     std::memcpy(&v, p, sizeof(T) * nv);
+#endif
+  }
   return v;
 }
 template <typename T>
 inline void store_part(T* p, V<T> v, int64_t nv) {
-  if (nv == VW<T>)
+  if (nv == VW<T>) {
     std::memcpy(p, &v, sizeof(V<T>));
-  else
+  } else if (nv > 0) {
+#if defined(__AVX2__)
+    masked_store(p, v, nv);
+#else
     std::memcpy(p, &v, sizeof(T) * nv);
+#endif
+  }
 }
 template <typename T>
 inline T hsum(V<T> v) {
