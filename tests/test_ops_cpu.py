@@ -500,3 +500,46 @@ def test_batchnorm_fused_ops_gradcheck_and_opcheck():
         ops.batchnorm_relu_conv(torch.randn(1, 3, 1), None, None, 1e-5, torch.randn(2, 3))
     with pytest.raises(ValueError, match="eps must be positive"):
         ops.batchnorm_relu_conv(torch.randn(2, 3, 4), None, None, 0.0, torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 49, 37), (1, 2, 9, 5), (3, 1, 1, 70), (2, 4, 49, 196)])
+def test_tap_softmax_matches_reference(dtype, shape):
+    x = torch.randn(shape, dtype=dtype) * 8  # spreads of +-30: large exponents, some tiny probabilities
+    (yf, gf), (yr, gr) = _both(ops.tap_softmax, x)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(yf, yr, **tol)
+    torch.testing.assert_close(gf[0], gr[0], **tol)
+
+
+def test_tap_softmax_edges_gradcheck_opcheck_threads():
+    from torch.library import opcheck
+
+    # +-inf, NaN and huge values behave like torch.softmax (a NaN or all -inf column gives NaN)
+    x = torch.randn(1, 2, 5, 11)
+    x[0, 0, :, 0] = float("-inf")
+    x[0, 0, 2, 1] = float("nan")
+    x[0, 0, 1, 2] = float("inf")
+    x[0, 1, :, 3] = torch.tensor([1e30, -1e30, 0.0, 88.0, -88.0])
+    x[0, 1, 0, 4] = -200.0
+    with ops.use_backend("cpu"):
+        y = ops.tap_softmax(x)
+    torch.testing.assert_close(y, torch.softmax(x, 2), equal_nan=True)
+    xd = torch.randn(2, 3, 4, 9, dtype=torch.float64, requires_grad=True)
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.tap_softmax, (xd,))
+        assert torch.autograd.gradgradcheck(ops.tap_softmax, (xd,))
+    opcheck(torch.ops.torchsan.tap_softmax.default, (xd,))
+    out = torch.softmax(xd.detach(), 2).requires_grad_(True)
+    opcheck(torch.ops.torchsan.tap_softmax_backward.default, (torch.randn_like(xd), out))
+    big = torch.randn(3, 5, 49, 300)
+    previous = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with ops.use_backend("cpu"):
+                outs.append(ops.tap_softmax(big))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outs[0], outs[1])

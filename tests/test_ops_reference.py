@@ -244,3 +244,17 @@ def test_all_combinations_of_small_footprints_run():
         x = torch.randn(1, 2, h, w)
         ho, wo = ops.output_size((h, w), k, s, None, d)
         assert ops.unfold(x, k, s, None, d, mode).shape == (1, 2, k * k, ho * wo)
+
+
+def test_tap_softmax_is_the_softmax_over_the_taps():
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64) * 5
+    expected = torch.empty_like(x)
+    for n, c, pos in itertools.product(range(2), range(3), range(7)):  # per column, in the textbook form
+        col = x[n, c, :, pos]
+        e = torch.exp(col - col.max())
+        expected[n, c, :, pos] = e / e.sum()
+    for backend in ("reference", "auto"):
+        with ops.use_backend(backend):
+            torch.testing.assert_close(ops.tap_softmax(x), expected)
+    with pytest.raises(ValueError, match="4-D"):
+        ops.tap_softmax(torch.randn(2, 9, 7))

@@ -1017,7 +1017,157 @@ torch::Tensor channel_var_mean_backward(torch::Tensor x, torch::Tensor mean, tor
   return gx;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Softmax over the K taps (dim 2) of (N, C, K, L), the pairwise attention's normalisation. Per plane and per vector
+// of VW positions: the max over the K taps, exp and sum in one sweep, then the scaling, with the K vectors in L1.
+// exp: float32 uses a Cephes-style polynomial (relative error about 2e-7, like torch's SLEEF-based exp), flushing
+// arguments below -87.3 (where expf underflows to subnormals) to 0; float64 calls std::exp.
+inline V<float> vexp(V<float> x) {
+  typedef int32_t VI __attribute__((vector_size(32)));
+  const V<float> lo = x < -87.3f ? V<float>{} - 1.0f : V<float>{};  // all-ones where the result underflows
+  x = x < -87.3f ? V<float>{} : x;
+  x = x > 88.3f ? V<float>{} + 88.3f : x;
+  V<float> fx = x * 1.44269504088896341f + 0.5f;
+  V<float> fl;
+#if defined(__AVX2__)
+  __m256 f;
+  std::memcpy(&f, &fx, sizeof(f));
+  f = _mm256_floor_ps(f);
+  std::memcpy(&fl, &f, sizeof(fl));
+#else
+  for (int i = 0; i < 8; ++i) fl[i] = std::floor(fx[i]);
+#endif
+  x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
+  V<float> y = V<float>{} + 1.9875691500E-4f;
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * x * x + x + 1.0f;
+  VI n = __builtin_convertvector(fl, VI);
+  n = (n + 127) << 23;
+  V<float> pow2;
+  std::memcpy(&pow2, &n, sizeof(pow2));
+  y = y * pow2;
+  VI bits;
+  std::memcpy(&bits, &y, sizeof(bits));
+  VI keep;
+  std::memcpy(&keep, &lo, sizeof(keep));
+  bits = bits & ~keep;  // underflow -> +0
+  std::memcpy(&y, &bits, sizeof(y));
+  return y;
+}
+inline V<double> vexp(V<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// Each plane in blocks of kSoftmaxVecs vectors of positions: every tap row is visited for 2 cache lines at a time,
+// which keeps the K strided streams prefetchable; the block's K rows stay in L1 between the sweeps.
+constexpr int64_t kSoftmaxVecs = 4;
+
+// One block of B vectors of positions starting at q0 (FULL: all B * VW positions are inside the row).
+template <typename T, int64_t B, bool FULL>
+inline void tap_softmax_block(const T* xp, T* yp, int64_t K, int64_t L, int64_t q0) {
+  int64_t nv[B];
+  for (int64_t b = 0; b < B; ++b) nv[b] = FULL ? VW<T> : std::max<int64_t>(0, std::min(VW<T>, L - q0 - b * VW<T>));
+  auto ld = [&](const T* p, int64_t b) { return FULL ? load_part(p, VW<T>) : load_part(p, nv[b]); };
+  auto st = [&](T* p, V<T> v, int64_t b) { FULL ? store_part(p, v, VW<T>) : store_part(p, v, nv[b]); };
+  V<T> m[B], sum[B] = {};
+  for (int64_t b = 0; b < B; ++b) m[b] = ld(xp + q0 + b * VW<T>, b);
+  for (int64_t k = 1; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const V<T> v = ld(xp + k * L + q0 + b * VW<T>, b);
+      m[b] = v > m[b] ? v : m[b];
+    }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const V<T> e = vexp(ld(xp + k * L + q0 + b * VW<T>, b) - m[b]);
+      sum[b] += e;
+      st(yp + k * L + q0 + b * VW<T>, e, b);
+    }
+  for (int64_t b = 0; b < B; ++b) sum[b] = T(1) / sum[b];
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      T* o = yp + k * L + q0 + b * VW<T>;
+      st(o, ld(o, b) * sum[b], b);
+    }
+}
+
+template <typename T>
+void tap_softmax_kernel(const T* x, T* y, int64_t planes, int64_t K, int64_t L) {
+  constexpr int64_t B = kSoftmaxVecs;
+  parallel_range(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t q0 = 0;
+      for (; q0 + B * VW<T> <= L; q0 += B * VW<T>) tap_softmax_block<T, B, true>(x + t * K * L, y + t * K * L, K, L, q0);
+      for (; q0 < L; q0 += VW<T>) tap_softmax_block<T, 1, false>(x + t * K * L, y + t * K * L, K, L, q0);
+    }
+  });
+}
+
+// gx = y * (g - sum_k y * g), per position; blocks as in the forward.
+template <typename T, int64_t B, bool FULL>
+inline void tap_softmax_backward_block(const T* gp, const T* yp, T* op, int64_t K, int64_t L, int64_t q0) {
+  int64_t nv[B];
+  for (int64_t b = 0; b < B; ++b) nv[b] = FULL ? VW<T> : std::max<int64_t>(0, std::min(VW<T>, L - q0 - b * VW<T>));
+  auto ld = [&](const T* p, int64_t b) { return FULL ? load_part(p, VW<T>) : load_part(p, nv[b]); };
+  V<T> s[B] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t i = k * L + q0 + b * VW<T>;
+      s[b] += ld(yp + i, b) * ld(gp + i, b);
+    }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t i = k * L + q0 + b * VW<T>;
+      const V<T> v = ld(yp + i, b) * (ld(gp + i, b) - s[b]);
+      FULL ? store_part(op + i, v, VW<T>) : store_part(op + i, v, nv[b]);
+    }
+}
+
+template <typename T>
+void tap_softmax_backward_kernel(const T* g, const T* y, T* gx, int64_t planes, int64_t K, int64_t L) {
+  constexpr int64_t B = kSoftmaxVecs;
+  parallel_range(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t * K * L;
+      int64_t q0 = 0;
+      for (; q0 + B * VW<T> <= L; q0 += B * VW<T>) tap_softmax_backward_block<T, B, true>(g + o, y + o, gx + o, K, L, q0);
+      for (; q0 < L; q0 += VW<T>) tap_softmax_backward_block<T, 1, false>(g + o, y + o, gx + o, K, L, q0);
+    }
+  });
+}
+
+torch::Tensor tap_softmax(torch::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "tap_softmax: x must be a 4-D CPU tensor (N, C, K, L)");
+  x = x.contiguous();
+  auto y = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tap_softmax", [&] {
+    tap_softmax_kernel<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.size(0) * x.size(1), x.size(2),
+                                 x.size(3));
+  });
+  return y;
+}
+
+torch::Tensor tap_softmax_backward(torch::Tensor g, torch::Tensor y) {
+  TORCH_CHECK(g.device().is_cpu() && g.dim() == 4 && g.sizes() == y.sizes() && g.scalar_type() == y.scalar_type(),
+              "tap_softmax_backward: grad and output must be 4-D CPU tensors of the same shape and dtype");
+  g = g.contiguous();
+  y = y.contiguous();
+  auto gx = torch::empty_like(y);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tap_softmax_backward", [&] {
+    tap_softmax_backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+                                          y.size(0) * y.size(1), y.size(2), y.size(3));
+  });
+  return gx;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tap_softmax", &tap_softmax);
+  m.def("tap_softmax_backward", &tap_softmax_backward);
   m.def("aggregation_forward", &aggregation_forward);
   m.def("aggregation_backward", &aggregation_backward);
   m.def("gather_forward", &gather_forward);

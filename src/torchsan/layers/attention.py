@@ -223,7 +223,7 @@ class PairwiseSelfAttention(_SelfAttention):
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         if not self.position_encoding:
-            return self.softmax(run_mapping(self.gamma, self._relation(q, k)))
+            return self._softmax(run_mapping(self.gamma, self._relation(q, k)))
         p = self.subtraction(self.pos_proj(position_grid(q.shape[2], q.shape[3], q)))  # (1, 2, K, L)
         if self.relation == "subtraction" and not has_hooks(self.subtraction2):
             # z = [phi(x_i) - psi(x_j), p_i - p_j] written in one pass, without a torch.cat copy of the difference.
@@ -231,7 +231,11 @@ class PairwiseSelfAttention(_SelfAttention):
             z = self.subtraction2(q, k, append=p)
         else:
             z = torch.cat([self._relation(q, k), p.expand(q.shape[0], -1, -1, -1)], dim=1)
-        return self.softmax(run_mapping(self.gamma, z))
+        return self._softmax(run_mapping(self.gamma, z))
+
+    def _softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the K taps, (N, C, K, L); one fused pass on the cpu backend unless hooked."""
+        return self.softmax(logits) if has_hooks(self.softmax) else ops.tap_softmax(logits)
 
 
 class PatchwiseSelfAttention(_SelfAttention):

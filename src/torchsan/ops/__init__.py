@@ -38,6 +38,7 @@ __all__ = [
     "set_backend",
     "subtraction",
     "subtraction2",
+    "tap_softmax",
     "unfold",
     "use_backend",
 ]
@@ -220,6 +221,15 @@ def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         raise ValueError(f"channel_var_mean needs at least one value per channel, got shape {tuple(x.shape)}")
     return implementation(x).channel_var_mean(x)
+
+
+def tap_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the K footprint taps: ``torch.softmax(x, dim=2)`` for x (N, C, K, L), the pairwise
+    attention's normalisation of gamma's output. The ``cpu`` kernel makes one pass over x per block of
+    positions (float32 exp by polynomial, relative error about 3e-7; results below 1e-38 flush to 0).
+    """
+    _checks.check_feature_map("x", x)
+    return implementation(x).tap_softmax(x)
 
 
 def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

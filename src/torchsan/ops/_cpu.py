@@ -468,6 +468,55 @@ def channel_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
     return channel_var_mean_op(x)
 
 
+# --- softmax over the footprint taps -----------------------------------------------------------
+@torch.library.custom_op("torchsan::tap_softmax", mutates_args=(), device_types="cpu")
+def tap_softmax_op(x: Tensor) -> Tensor:
+    """(N, C, K, L) -> softmax over dim 2."""
+    return _kernels().tap_softmax(x)
+
+
+tap_softmax_op.register_fake(lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("torchsan::tap_softmax_backward", mutates_args=(), device_types="cpu")
+def tap_softmax_backward_op(grad: Tensor, out: Tensor) -> Tensor:
+    """out * (grad - sum_k out * grad): the gradient of the softmax w.r.t. its input, from its output."""
+    return _kernels().tap_softmax_backward(grad, out)
+
+
+tap_softmax_backward_op.register_fake(lambda grad, out: torch.empty_like(out, memory_format=torch.contiguous_format))
+
+
+def _tap_softmax_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _tap_softmax_grad(ctx, grad):
+    return tap_softmax_backward_op(grad, *ctx.saved_tensors)
+
+
+tap_softmax_op.register_autograd(_tap_softmax_grad, setup_context=_tap_softmax_setup)
+
+
+def _tap_softmax_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _tap_softmax_backward_grad(ctx, gg):
+    # gx = y * (g - s), s = sum_k y g. Linear in g (adjoint: the same map); w.r.t. y: gg * (g - s) - g * sum_k gg y.
+    grad, out = ctx.saved_tensors
+    d_grad = tap_softmax_backward_op(gg, out)
+    d_out = gg * (grad - (out * grad).sum(2, keepdim=True)) - grad * (gg * out).sum(2, keepdim=True)
+    return d_grad, d_out
+
+
+tap_softmax_backward_op.register_autograd(_tap_softmax_backward_grad, setup_context=_tap_softmax_backward_setup)
+
+
+def tap_softmax(x: Tensor) -> Tensor:
+    return tap_softmax_op(x)
+
+
 # --- BN (as an affine map) + ReLU + 2x2 max-pool -------------------------------------------------
 @torch.library.custom_op("torchsan::bn_relu_maxpool", mutates_args=(), device_types="cpu")
 def bn_relu_maxpool_op(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

@@ -69,6 +69,10 @@ def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
 
 
+def tap_softmax(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x, dim=2)
+
+
 def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     shape = (1, -1, 1, 1)
     return F.max_pool2d(torch.relu(x * scale.view(shape) + shift.view(shape)), 2, 2)
