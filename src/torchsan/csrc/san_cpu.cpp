@@ -87,13 +87,13 @@ void fold_plane(const T* src, T* dst, const Geometry& g) {
     }
     const T* srow = src + i * g.Wp;
     T* drow = dst + si * g.W;
-    for (int64_t j = 0; j < g.Wp; ++j) {
-      int64_t sj = j - g.p;
-      if (sj < 0 || sj >= g.W) {
-        if (!g.reflect) continue;
-        sj = reflect_index(sj, g.W);
+#pragma omp simd
+    for (int64_t j = 0; j < g.W; ++j) drow[j] += srow[g.p + j];  // the interior
+    if (g.reflect) {  // the padded columns fold onto their reflections
+      for (int64_t j = 0; j < g.p; ++j) {
+        drow[reflect_index(j - g.p, g.W)] += srow[j];
+        drow[reflect_index(g.W + j, g.W)] += srow[g.p + g.W + j];
       }
-      drow[sj] += srow[j];
     }
   }
 }
@@ -389,7 +389,15 @@ void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t N, 
             T* orow = ot + ho * g.Wo;
             const T* xrow = p2.data() + (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
             const T* crow = x1 ? p1.data() + (ho * g.s + c0) * g.Wp + c0 : nullptr;
-            if (crow) {
+            if (g.s == 1) {  // contiguous rows: vectorised
+              if (crow) {
+#pragma omp simd
+                for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = crow[wo] - sign * xrow[wo];
+              } else {
+#pragma omp simd
+                for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = -sign * xrow[wo];
+              }
+            } else if (crow) {
               for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = crow[wo * g.s] - sign * xrow[wo * g.s];
             } else {
               for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = -sign * xrow[wo * g.s];
@@ -417,11 +425,21 @@ void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t N, in
             const T* grow = gt + ho * g.Wo;
             if (gx1) {
               T* crow = p1.data() + (ho * g.s + c0) * g.Wp + c0;
-              for (int64_t wo = 0; wo < g.Wo; ++wo) crow[wo * g.s] += grow[wo];
+              if (g.s == 1) {
+#pragma omp simd
+                for (int64_t wo = 0; wo < g.Wo; ++wo) crow[wo] += grow[wo];
+              } else {
+                for (int64_t wo = 0; wo < g.Wo; ++wo) crow[wo * g.s] += grow[wo];
+              }
             }
             if (gx2) {
               T* xrow = p2.data() + (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
-              for (int64_t wo = 0; wo < g.Wo; ++wo) xrow[wo * g.s] -= sign * grow[wo];
+              if (g.s == 1) {
+#pragma omp simd
+                for (int64_t wo = 0; wo < g.Wo; ++wo) xrow[wo] -= sign * grow[wo];
+              } else {
+                for (int64_t wo = 0; wo < g.Wo; ++wo) xrow[wo * g.s] -= sign * grow[wo];
+              }
             }
           }
         }
