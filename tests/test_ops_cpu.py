@@ -60,10 +60,11 @@ def test_fused_matches_reference(case, mode, dtype):
     x2 = torch.randn(2, 12, h, w, dtype=dtype)
     for cw in (1, 3, 12):
         weight = torch.randn(2, cw, k * k, ho * wo, dtype=dtype)
-        (yf, gf), (yr, gr) = _both(lambda a, b: ops.aggregation(a, b, *args), x, weight)
-        _close(yf, yr, dtype)
-        for a, b in zip(gf, gr):
-            _close(a, b, dtype)
+        for fn in (ops.aggregation, ops.softmax_aggregation):  # (softmax_aggregation: weight as logits)
+            (yf, gf), (yr, gr) = _both(lambda a, b, fn=fn: fn(a, b, *args), x, 3 * weight)
+            _close(yf, yr, dtype)
+            for a, b in zip(gf, gr):
+                _close(a, b, dtype)
     extra1 = torch.randn(1, 2, k * k, ho * wo, dtype=dtype)  # broadcast over the batch, like the position encoding
     extra2 = torch.randn(2, 3, k * k, ho * wo, dtype=dtype)
     for fn, inputs in [(lambda a, b: ops.subtraction2(a, b, *args), (x, x2)),
@@ -105,6 +106,11 @@ def test_gradcheck_full_and_double_backward(mode):
         assert torch.autograd.gradgradcheck(agg, (x, weight))
         assert torch.autograd.gradgradcheck(sub, (x, x2))
         assert torch.autograd.gradgradcheck(unf, (x,))
+        sagg = lambda a, b: ops.softmax_aggregation(a, b, 3, pad_mode=mode)  # noqa: E731
+        sagg2 = lambda a, b: ops.softmax_aggregation(a, b, 3, stride=2, dilation=2, pad_mode=mode)  # noqa: E731
+        assert torch.autograd.gradcheck(sagg, (x, weight))
+        assert torch.autograd.gradgradcheck(sagg, (x, weight))
+        assert torch.autograd.gradcheck(sagg2, (x, weight[..., :6].clone().requires_grad_(True)))
         extra = torch.randn(1, 2, 9, 6, dtype=torch.float64, requires_grad=True)
         app = lambda a, b, e: ops.subtraction2(a, b, 3, stride=2, pad_mode=mode, append=e)  # noqa: E731
         assert torch.autograd.gradcheck(app, (x, x2, extra))
@@ -123,6 +129,8 @@ def test_same_result_with_1_and_2_threads():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             (y, g), _ = _both(lambda a, b: ops.aggregation(a, b, 7), x, weight)
+            (ys, gs), _ = _both(lambda a, b: ops.softmax_aggregation(a, b, 7), x, weight)
+            y, g = torch.cat([y.flatten(), ys.flatten()]), g + gs
             s = ops.subtraction2(x, x.flip(3), 7, append=weight[:1, :2])
             (yb, gb), _ = _both(lambda *t: ops.bn_relu_conv(*t), z, *brc_args)
             outs.append((y, g, s, yb, gb))
@@ -146,6 +154,9 @@ def test_opcheck():
         opcheck(torch.ops.torchsan.unfold.default, (x, *fp))
         grad = torch.randn(2, 6, 7, 8, dtype=torch.float64)
         opcheck(torch.ops.torchsan.aggregation_backward.default, (grad, x, weight, *fp))
+        opcheck(torch.ops.torchsan.softmax_aggregation.default, (x, weight, *fp))
+        probs = torch.softmax(weight.detach(), 2).requires_grad_(True)
+        opcheck(torch.ops.torchsan.softmax_aggregation_backward.default, (grad.requires_grad_(True), x, probs, *fp))
         gcols = torch.randn(2, 6, 9, 56, dtype=torch.float64)
         opcheck(torch.ops.torchsan.subtraction2_backward.default, (gcols, 7, 8, *fp))
         opcheck(torch.ops.torchsan.unfold_backward.default, (gcols, 7, 8, *fp))

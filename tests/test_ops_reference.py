@@ -258,3 +258,15 @@ def test_tap_softmax_is_the_softmax_over_the_taps():
             torch.testing.assert_close(ops.tap_softmax(x), expected)
     with pytest.raises(ValueError, match="4-D"):
         ops.tap_softmax(torch.randn(2, 9, 7))
+
+
+def test_softmax_aggregation_is_aggregation_of_the_softmax():
+    x = torch.randn(2, 6, 7, 6, dtype=torch.float64)
+    logits = 4 * torch.randn(2, 3, 9, 42, dtype=torch.float64)
+    w = torch.exp(logits) / torch.exp(logits).sum(2, keepdim=True)  # textbook softmax over the taps
+    expected = oracle.aggregation(x, w, 3, mode="zeros")
+    for backend in ("reference", "auto"):
+        with ops.use_backend(backend):
+            torch.testing.assert_close(ops.softmax_aggregation(x, logits, 3, pad_mode="zeros"), expected)
+    with pytest.raises(ValueError, match="divisible"):
+        ops.softmax_aggregation(torch.randn(2, 8, 6, 6), torch.randn(2, 3, 9, 36), 3)

@@ -183,6 +183,137 @@ inline T hsum(V<T> v) {
   return s;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Softmax over the K taps (dim 2) of (N, C, K, L), the pairwise attention's normalisation. Per plane and per vector
+// of VW positions: the max over the K taps, exp and sum in one sweep, then the scaling, with the K vectors in L1.
+// exp: float32 uses a Cephes-style polynomial (relative error about 2e-7, like torch's SLEEF-based exp), flushing
+// arguments below -87.3 (where expf underflows to subnormals) to 0; float64 calls std::exp.
+inline V<float> vexp(V<float> x) {
+  typedef int32_t VI __attribute__((vector_size(32)));
+  const V<float> lo = x < -87.3f ? V<float>{} - 1.0f : V<float>{};  // all-ones where the result underflows
+  x = x < -87.3f ? V<float>{} : x;
+  x = x > 88.3f ? V<float>{} + 88.3f : x;
+  V<float> fx = x * 1.44269504088896341f + 0.5f;
+  V<float> fl;
+#if defined(__AVX2__)
+  __m256 f;
+  std::memcpy(&f, &fx, sizeof(f));
+  f = _mm256_floor_ps(f);
+  std::memcpy(&fl, &f, sizeof(fl));
+#else
+  for (int i = 0; i < 8; ++i) fl[i] = std::floor(fx[i]);
+#endif
+  x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
+  V<float> y = V<float>{} + 1.9875691500E-4f;
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * x * x + x + 1.0f;
+  VI n = __builtin_convertvector(fl, VI);
+  n = (n + 127) << 23;
+  V<float> pow2;
+  std::memcpy(&pow2, &n, sizeof(pow2));
+  y = y * pow2;
+  VI bits;
+  std::memcpy(&bits, &y, sizeof(bits));
+  VI keep;
+  std::memcpy(&keep, &lo, sizeof(keep));
+  bits = bits & ~keep;  // underflow -> +0
+  std::memcpy(&y, &bits, sizeof(y));
+  return y;
+}
+inline V<double> vexp(V<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// Each plane in blocks of kSoftmaxVecs vectors of positions: every tap row is visited for 2 cache lines at a time,
+// which keeps the K strided streams prefetchable; the block's K rows stay in L1 between the sweeps.
+constexpr int64_t kSoftmaxVecs = 4;
+
+// One block of B vectors of positions starting at q0 (FULL: all B * VW positions are inside the row).
+template <typename T, int64_t B, bool FULL>
+inline void tap_softmax_block(const T* xp, T* yp, int64_t K, int64_t L, int64_t q0) {
+  int64_t nv[B];
+  for (int64_t b = 0; b < B; ++b) nv[b] = FULL ? VW<T> : std::max<int64_t>(0, std::min(VW<T>, L - q0 - b * VW<T>));
+  auto ld = [&](const T* p, int64_t b) { return FULL ? load_part(p, VW<T>) : load_part(p, nv[b]); };
+  auto st = [&](T* p, V<T> v, int64_t b) { FULL ? store_part(p, v, VW<T>) : store_part(p, v, nv[b]); };
+  V<T> m[B], sum[B] = {};
+  for (int64_t b = 0; b < B; ++b) m[b] = ld(xp + q0 + b * VW<T>, b);
+  for (int64_t k = 1; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const V<T> v = ld(xp + k * L + q0 + b * VW<T>, b);
+      m[b] = v > m[b] ? v : m[b];
+    }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const V<T> e = vexp(ld(xp + k * L + q0 + b * VW<T>, b) - m[b]);
+      sum[b] += e;
+      st(yp + k * L + q0 + b * VW<T>, e, b);
+    }
+  for (int64_t b = 0; b < B; ++b) sum[b] = T(1) / sum[b];
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      T* o = yp + k * L + q0 + b * VW<T>;
+      st(o, ld(o, b) * sum[b], b);
+    }
+}
+
+// One (K, L) plane: y = softmax over K of x.
+template <typename T>
+void tap_softmax_plane(const T* x, T* y, int64_t K, int64_t L) {
+  constexpr int64_t B = kSoftmaxVecs;
+  int64_t q0 = 0;
+  for (; q0 + B * VW<T> <= L; q0 += B * VW<T>) tap_softmax_block<T, B, true>(x, y, K, L, q0);
+  for (; q0 < L; q0 += VW<T>) tap_softmax_block<T, 1, false>(x, y, K, L, q0);
+}
+
+template <typename T>
+void tap_softmax_kernel(const T* x, T* y, int64_t planes, int64_t K, int64_t L) {
+  parallel_range(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) tap_softmax_plane(x + t * K * L, y + t * K * L, K, L);
+  });
+}
+
+// gx = y * (g - sum_k y * g), per position; blocks as in the forward.
+template <typename T, int64_t B, bool FULL>
+inline void tap_softmax_backward_block(const T* gp, const T* yp, T* op, int64_t K, int64_t L, int64_t q0) {
+  int64_t nv[B];
+  for (int64_t b = 0; b < B; ++b) nv[b] = FULL ? VW<T> : std::max<int64_t>(0, std::min(VW<T>, L - q0 - b * VW<T>));
+  auto ld = [&](const T* p, int64_t b) { return FULL ? load_part(p, VW<T>) : load_part(p, nv[b]); };
+  V<T> s[B] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t i = k * L + q0 + b * VW<T>;
+      s[b] += ld(yp + i, b) * ld(gp + i, b);
+    }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t i = k * L + q0 + b * VW<T>;
+      const V<T> v = ld(yp + i, b) * (ld(gp + i, b) - s[b]);
+      FULL ? store_part(op + i, v, VW<T>) : store_part(op + i, v, nv[b]);
+    }
+}
+
+// One (K, L) plane; gx may be g (in place: each value is read before it is written).
+template <typename T>
+void tap_softmax_backward_plane(const T* g, const T* y, T* gx, int64_t K, int64_t L) {
+  constexpr int64_t B = kSoftmaxVecs;
+  int64_t q0 = 0;
+  for (; q0 + B * VW<T> <= L; q0 += B * VW<T>) tap_softmax_backward_block<T, B, true>(g, y, gx, K, L, q0);
+  for (; q0 < L; q0 += VW<T>) tap_softmax_backward_block<T, 1, false>(g, y, gx, K, L, q0);
+}
+
+template <typename T>
+void tap_softmax_backward_kernel(const T* g, const T* y, T* gx, int64_t planes, int64_t K, int64_t L) {
+  parallel_range(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      tap_softmax_backward_plane(g + t * K * L, y + t * K * L, gx + t * K * L, K, L);
+  });
+}
+
 // Stride-1 aggregation, register-blocked: for one output row and VW output pixels, the G feature channels that
 // share a weight channel accumulate all K taps in G registers; each tap loads its weight vector once for all G.
 // xp: the S padded planes of this task (with VW values of slack after the last), plane = Hp * Wp.
@@ -237,14 +368,21 @@ inline void agg_bwd_block(const T* gy0, int64_t gystride, const T* xp, T* gxp, i
 }
 
 // y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)]
+// wsm: if given, w holds logits; each task first writes the softmax over K of its (K, L) plane into wsm and then
+// aggregates with it while it is in cache.
 template <typename T>
-void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t C, int64_t Cw, const Geometry& g) {
+void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t C, int64_t Cw, const Geometry& g,
+                                T* wsm = nullptr) {
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
   parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xp(S * g.plane() + VW<T>, T(0));  // slack: full-width loads at the end of the last row
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
       const T* wt = w + (n * Cw + cw) * K * L;
+      if (wsm) {
+        tap_softmax_plane(wt, wsm + (n * Cw + cw) * K * L, K, L);
+        wt = wsm + (n * Cw + cw) * K * L;
+      }
       for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
       if (g.s == 1) {
         for (int64_t ho = 0; ho < g.Ho; ++ho) {
@@ -288,8 +426,10 @@ void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t
 }
 
 template <typename T>
+// softmax: w is the output of a softmax over K (see the forward's wsm); each task turns its finished (K, L) plane of
+// gw into the gradient w.r.t. the logits, in place, while it is in cache.
 void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* gw, int64_t N, int64_t C, int64_t Cw,
-                                 const Geometry& g) {
+                                 const Geometry& g, bool softmax = false) {
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
   parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
     // (slack after the last plane: full-width vector loads and read-modify-writes at the end of its last row)
@@ -318,6 +458,7 @@ void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* 
           std::fill(dst, dst + HW, T(0));
           fold_plane(gxp.data() + j * g.plane(), dst, g);
         }
+        if (softmax) tap_softmax_backward_plane(gwt, wt, gwt, K, L);
         continue;
       }
       if (gw) {
@@ -368,6 +509,7 @@ void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* 
           fold_plane(gxp.data() + j * g.plane(), dst, g);
         }
       }
+      if (softmax && gwt) tap_softmax_backward_plane(gwt, wt, gwt, K, L);
     }
   });
 }
@@ -831,8 +973,9 @@ void check_geometry(const Geometry& g) {
 
 }  // namespace
 
-torch::Tensor aggregation_forward(torch::Tensor x, torch::Tensor w, int64_t k, int64_t s, int64_t p, int64_t d,
-                                  bool reflect) {
+// softmax: w holds logits; returns {y, softmax(w, dim=2)} (else {y}).
+std::vector<torch::Tensor> aggregation_forward(torch::Tensor x, torch::Tensor w, int64_t k, int64_t s, int64_t p,
+                                               int64_t d, bool reflect, bool softmax) {
   check_cpu(x, "x");
   check_cpu(w, "weight");
   x = x.contiguous();
@@ -843,16 +986,18 @@ torch::Tensor aggregation_forward(torch::Tensor x, torch::Tensor w, int64_t k, i
   const int64_t N = x.size(0), C = x.size(1), Cw = w.size(1);
   TORCH_CHECK(w.size(0) == N && C % Cw == 0 && w.size(2) == g.K() && w.size(3) == g.L(), "weight shape mismatch");
   auto y = torch::empty({N, C, g.Ho, g.Wo}, x.options());
+  auto wsm = softmax ? torch::empty_like(w) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_forward", [&] {
     aggregation_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), N, C,
-                                         Cw, g);
+                                         Cw, g, softmax ? wsm.data_ptr<scalar_t>() : nullptr);
   });
-  return y;
+  if (softmax) return {y, wsm};
+  return {y};
 }
 
 std::vector<torch::Tensor> aggregation_backward(torch::Tensor gy, torch::Tensor x, torch::Tensor w, int64_t k,
                                                 int64_t s, int64_t p, int64_t d, bool reflect, bool need_x,
-                                                bool need_w) {
+                                                bool need_w, bool softmax) {
   check_cpu(gy, "grad");
   gy = gy.contiguous();
   x = x.contiguous();
@@ -864,7 +1009,7 @@ std::vector<torch::Tensor> aggregation_backward(torch::Tensor gy, torch::Tensor 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_backward", [&] {
     aggregation_backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                           need_x ? gx.data_ptr<scalar_t>() : nullptr,
-                                          need_w ? gw.data_ptr<scalar_t>() : nullptr, N, C, Cw, g);
+                                          need_w ? gw.data_ptr<scalar_t>() : nullptr, N, C, Cw, g, softmax);
   });
   return {gx, gw};
 }
@@ -1044,129 +1189,6 @@ torch::Tensor channel_var_mean_backward(torch::Tensor x, torch::Tensor mean, tor
   return gx;
 }
 
-
-// ---------------------------------------------------------------------------------------------------------------
-// Softmax over the K taps (dim 2) of (N, C, K, L), the pairwise attention's normalisation. Per plane and per vector
-// of VW positions: the max over the K taps, exp and sum in one sweep, then the scaling, with the K vectors in L1.
-// exp: float32 uses a Cephes-style polynomial (relative error about 2e-7, like torch's SLEEF-based exp), flushing
-// arguments below -87.3 (where expf underflows to subnormals) to 0; float64 calls std::exp.
-inline V<float> vexp(V<float> x) {
-  typedef int32_t VI __attribute__((vector_size(32)));
-  const V<float> lo = x < -87.3f ? V<float>{} - 1.0f : V<float>{};  // all-ones where the result underflows
-  x = x < -87.3f ? V<float>{} : x;
-  x = x > 88.3f ? V<float>{} + 88.3f : x;
-  V<float> fx = x * 1.44269504088896341f + 0.5f;
-  V<float> fl;
-#if defined(__AVX2__)
-  __m256 f;
-  std::memcpy(&f, &fx, sizeof(f));
-  f = _mm256_floor_ps(f);
-  std::memcpy(&fl, &f, sizeof(fl));
-#else
-  for (int i = 0; i < 8; ++i) fl[i] = std::floor(fx[i]);
-#endif
-  x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
-  V<float> y = V<float>{} + 1.9875691500E-4f;
-  y = y * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * x * x + x + 1.0f;
-  VI n = __builtin_convertvector(fl, VI);
-  n = (n + 127) << 23;
-  V<float> pow2;
-  std::memcpy(&pow2, &n, sizeof(pow2));
-  y = y * pow2;
-  VI bits;
-  std::memcpy(&bits, &y, sizeof(bits));
-  VI keep;
-  std::memcpy(&keep, &lo, sizeof(keep));
-  bits = bits & ~keep;  // underflow -> +0
-  std::memcpy(&y, &bits, sizeof(y));
-  return y;
-}
-inline V<double> vexp(V<double> x) {
-  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
-
-// Each plane in blocks of kSoftmaxVecs vectors of positions: every tap row is visited for 2 cache lines at a time,
-// which keeps the K strided streams prefetchable; the block's K rows stay in L1 between the sweeps.
-constexpr int64_t kSoftmaxVecs = 4;
-
-// One block of B vectors of positions starting at q0 (FULL: all B * VW positions are inside the row).
-template <typename T, int64_t B, bool FULL>
-inline void tap_softmax_block(const T* xp, T* yp, int64_t K, int64_t L, int64_t q0) {
-  int64_t nv[B];
-  for (int64_t b = 0; b < B; ++b) nv[b] = FULL ? VW<T> : std::max<int64_t>(0, std::min(VW<T>, L - q0 - b * VW<T>));
-  auto ld = [&](const T* p, int64_t b) { return FULL ? load_part(p, VW<T>) : load_part(p, nv[b]); };
-  auto st = [&](T* p, V<T> v, int64_t b) { FULL ? store_part(p, v, VW<T>) : store_part(p, v, nv[b]); };
-  V<T> m[B], sum[B] = {};
-  for (int64_t b = 0; b < B; ++b) m[b] = ld(xp + q0 + b * VW<T>, b);
-  for (int64_t k = 1; k < K; ++k)
-    for (int64_t b = 0; b < B; ++b) {
-      const V<T> v = ld(xp + k * L + q0 + b * VW<T>, b);
-      m[b] = v > m[b] ? v : m[b];
-    }
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t b = 0; b < B; ++b) {
-      const V<T> e = vexp(ld(xp + k * L + q0 + b * VW<T>, b) - m[b]);
-      sum[b] += e;
-      st(yp + k * L + q0 + b * VW<T>, e, b);
-    }
-  for (int64_t b = 0; b < B; ++b) sum[b] = T(1) / sum[b];
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t b = 0; b < B; ++b) {
-      T* o = yp + k * L + q0 + b * VW<T>;
-      st(o, ld(o, b) * sum[b], b);
-    }
-}
-
-template <typename T>
-void tap_softmax_kernel(const T* x, T* y, int64_t planes, int64_t K, int64_t L) {
-  constexpr int64_t B = kSoftmaxVecs;
-  parallel_range(0, planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t q0 = 0;
-      for (; q0 + B * VW<T> <= L; q0 += B * VW<T>) tap_softmax_block<T, B, true>(x + t * K * L, y + t * K * L, K, L, q0);
-      for (; q0 < L; q0 += VW<T>) tap_softmax_block<T, 1, false>(x + t * K * L, y + t * K * L, K, L, q0);
-    }
-  });
-}
-
-// gx = y * (g - sum_k y * g), per position; blocks as in the forward.
-template <typename T, int64_t B, bool FULL>
-inline void tap_softmax_backward_block(const T* gp, const T* yp, T* op, int64_t K, int64_t L, int64_t q0) {
-  int64_t nv[B];
-  for (int64_t b = 0; b < B; ++b) nv[b] = FULL ? VW<T> : std::max<int64_t>(0, std::min(VW<T>, L - q0 - b * VW<T>));
-  auto ld = [&](const T* p, int64_t b) { return FULL ? load_part(p, VW<T>) : load_part(p, nv[b]); };
-  V<T> s[B] = {};
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t i = k * L + q0 + b * VW<T>;
-      s[b] += ld(yp + i, b) * ld(gp + i, b);
-    }
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t i = k * L + q0 + b * VW<T>;
-      const V<T> v = ld(yp + i, b) * (ld(gp + i, b) - s[b]);
-      FULL ? store_part(op + i, v, VW<T>) : store_part(op + i, v, nv[b]);
-    }
-}
-
-template <typename T>
-void tap_softmax_backward_kernel(const T* g, const T* y, T* gx, int64_t planes, int64_t K, int64_t L) {
-  constexpr int64_t B = kSoftmaxVecs;
-  parallel_range(0, planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t * K * L;
-      int64_t q0 = 0;
-      for (; q0 + B * VW<T> <= L; q0 += B * VW<T>) tap_softmax_backward_block<T, B, true>(g + o, y + o, gx + o, K, L, q0);
-      for (; q0 < L; q0 += VW<T>) tap_softmax_backward_block<T, 1, false>(g + o, y + o, gx + o, K, L, q0);
-    }
-  });
-}
 
 torch::Tensor tap_softmax(torch::Tensor x) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "tap_softmax: x must be a 4-D CPU tensor (N, C, K, L)");

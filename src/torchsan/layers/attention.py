@@ -131,8 +131,13 @@ class _SelfAttention(nn.Module):
             yield
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Attention weights (N, out / share_planes, K, L) from phi(x), psi(x): (N, rel, H, W)."""
+        """What :meth:`_aggregate` takes, (N, out / share_planes, K, L), from phi(x), psi(x): (N, rel, H, W):
+        the attention weights, or (pairwise) their logits before the softmax over K."""
         raise NotImplementedError
+
+    def _aggregate(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j * v_j over the footprint: (N, out, H, W), (N, out / share_planes, K, L) -> (N, out, Ho, Wo)."""
+        return self.aggregation(v, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in, H, W) -> (N, out, H_out, W_out)."""
@@ -143,7 +148,7 @@ class _SelfAttention(nn.Module):
         """The layer after its transforms: phi(x), psi(x) (N, rel, H, W) and beta(x) (N, out, H, W) ->
         (N, out, H_out, W_out). (The block calls it directly when it fuses its BN-ReLU into the transforms.)"""
         if self.memory_efficient and torch.is_grad_enabled():
-            # Keep only q, k and w for backward; recompute the relation and gamma's activations over the
+            # Keep only q, k and the weights for backward; recompute the relation and gamma's activations over the
             # (K, L) grid (the largest activation memory of a SAN) during the backward pass, with the same
             # ops backend as this forward and without updating BN statistics a second time.
             backend = ops.get_backend()
@@ -151,7 +156,7 @@ class _SelfAttention(nn.Module):
                            context_fn=lambda: (contextlib.nullcontext(), self._recompute_context(backend)))
         else:
             w = self._weights(q, k)
-        return self.aggregation(v, w)
+        return self._aggregate(v, w)
 
 
 class PairwiseSelfAttention(_SelfAttention):
@@ -222,8 +227,9 @@ class PairwiseSelfAttention(_SelfAttention):
         return torch.cat([qi.expand_as(kj), kj], dim=1)  # concatenation
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """gamma(z): the logits of the attention weights, (N, out / share_planes, K, L)."""
         if not self.position_encoding:
-            return self._softmax(run_mapping(self.gamma, self._relation(q, k)))
+            return run_mapping(self.gamma, self._relation(q, k))
         p = self.subtraction(self.pos_proj(position_grid(q.shape[2], q.shape[3], q)))  # (1, 2, K, L)
         if self.relation == "subtraction" and not has_hooks(self.subtraction2):
             # z = [phi(x_i) - psi(x_j), p_i - p_j] written in one pass, without a torch.cat copy of the difference.
@@ -231,11 +237,14 @@ class PairwiseSelfAttention(_SelfAttention):
             z = self.subtraction2(q, k, append=p)
         else:
             z = torch.cat([self._relation(q, k), p.expand(q.shape[0], -1, -1, -1)], dim=1)
-        return self._softmax(run_mapping(self.gamma, z))
+        return run_mapping(self.gamma, z)
 
-    def _softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over the K taps, (N, C, K, L); one fused pass on the cpu backend unless hooked."""
-        return self.softmax(logits) if has_hooks(self.softmax) else ops.tap_softmax(logits)
+    def _aggregate(self, v: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the K taps, then the aggregation: one op (ops.softmax_aggregation) unless hooked."""
+        if not has_hooks(self.softmax, self.aggregation):
+            return ops.softmax_aggregation(v, logits, *self.aggregation._args)
+        w = self.softmax(logits) if has_hooks(self.softmax) else ops.tap_softmax(logits)
+        return self.aggregation(v, w)
 
 
 class PatchwiseSelfAttention(_SelfAttention):

@@ -36,6 +36,7 @@ __all__ = [
     "output_size",
     "resolve_footprint",
     "set_backend",
+    "softmax_aggregation",
     "subtraction",
     "subtraction2",
     "tap_softmax",
@@ -92,6 +93,30 @@ def aggregation(
     x, weight = _autocast(x, weight)
     h_out, w_out = _checks.check_aggregation(x, weight, fp)
     return implementation(x).aggregation(x, weight, fp, h_out, w_out)
+
+
+def softmax_aggregation(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """``aggregation(x, softmax(logits, dim=2))``: the pairwise attention's normalisation and aggregation in one
+    op. The ``cpu`` backend normalises each (K, L) plane of logits and aggregates with it while it is in cache,
+    and fuses the softmax's backward into the aggregation's the same way.
+
+    Args:
+        x: (N, C, H, W) values; logits: (N, Cw, K, L), C % Cw == 0, K = kernel_size**2.
+    Returns:
+        (N, C, H_out, W_out).
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    x, logits = _autocast(x, logits)
+    h_out, w_out = _checks.check_aggregation(x, logits, fp)
+    return implementation(x).softmax_aggregation(x, logits, fp, h_out, w_out)
 
 
 def subtraction(

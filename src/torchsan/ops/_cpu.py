@@ -130,7 +130,7 @@ def _out_hw(h, w, k: int, s: int, p: int, d: int):
 def aggregation_op(x: Tensor, weight: Tensor, kernel_size: int, stride: int, padding: int, dilation: int,
                    reflect: bool) -> Tensor:
     """(N, C, H, W), (N, Cw, K, L) -> (N, C, H_out, W_out)."""
-    return _kernels().aggregation_forward(x, weight, kernel_size, stride, padding, dilation, reflect)
+    return _kernels().aggregation_forward(x, weight, kernel_size, stride, padding, dilation, reflect, False)[0]
 
 
 @aggregation_op.register_fake
@@ -144,7 +144,7 @@ def aggregation_backward_op(grad: Tensor, x: Tensor, weight: Tensor, kernel_size
                             dilation: int, reflect: bool) -> tuple[Tensor, Tensor]:
     """Gradients of the aggregation w.r.t. x and weight, in one pass."""
     gx, gw = _kernels().aggregation_backward(grad, x, weight, kernel_size, stride, padding, dilation, reflect,
-                                              True, True)
+                                              True, True, False)
     return gx, gw
 
 
@@ -191,6 +191,79 @@ def _aggregation_backward_grad(ctx, ggx, ggw):
 
 
 aggregation_backward_op.register_autograd(_aggregation_backward_grad, setup_context=_aggregation_backward_setup)
+
+
+# The pairwise attention's softmax over K and the aggregation as one op: each (n, weight channel) task normalises its
+# (K, L) plane of logits and aggregates with it while it is in cache (forward), and turns its plane of the weight
+# gradient into the logits' gradient in place (backward). The softmax output is returned too (for the backward).
+@torch.library.custom_op("torchsan::softmax_aggregation", mutates_args=(), device_types="cpu")
+def softmax_aggregation_op(x: Tensor, logits: Tensor, kernel_size: int, stride: int, padding: int, dilation: int,
+                           reflect: bool) -> tuple[Tensor, Tensor]:
+    """(N, C, H, W), (N, Cw, K, L) -> (aggregation(x, softmax(logits, 2)), softmax(logits, 2))."""
+    y, w = _kernels().aggregation_forward(x, logits, kernel_size, stride, padding, dilation, reflect, True)
+    return y, w
+
+
+@softmax_aggregation_op.register_fake
+def _(x, logits, kernel_size, stride, padding, dilation, reflect):
+    ho, wo = _out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    w = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return x.new_empty((x.shape[0], x.shape[1], ho, wo)), w
+
+
+@torch.library.custom_op("torchsan::softmax_aggregation_backward", mutates_args=(), device_types="cpu")
+def softmax_aggregation_backward_op(grad: Tensor, x: Tensor, weight: Tensor, kernel_size: int, stride: int,
+                                    padding: int, dilation: int, reflect: bool) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. x and the logits, given weight = softmax(logits, 2)."""
+    gx, gl = _kernels().aggregation_backward(grad, x, weight, kernel_size, stride, padding, dilation, reflect,
+                                              True, True, True)
+    return gx, gl
+
+
+softmax_aggregation_backward_op.register_fake(
+    lambda grad, x, weight, *a: (torch.empty_like(x, memory_format=torch.contiguous_format),
+                                 torch.empty_like(weight, memory_format=torch.contiguous_format)))
+
+
+def _softmax_aggregation_setup(ctx, inputs, output):
+    x, _, *args = inputs
+    # The softmax output is saved as an output of this node, so that a double backward reaches the logits through it.
+    ctx.save_for_backward(x, output[1])
+    ctx.args = args
+
+
+def _softmax_aggregation_grad(ctx, grad, grad_weight):
+    x, weight = ctx.saved_tensors
+    if grad is None:
+        grad = x.new_zeros((x.shape[0], x.shape[1], *_out_hw(x.shape[2], x.shape[3], *ctx.args[:4])))
+    gx, gl = softmax_aggregation_backward_op(grad, x, weight, *ctx.args)
+    if grad_weight is not None:  # the returned softmax was used too
+        gl = gl + tap_softmax_backward_op(grad_weight, weight)
+    return gx, gl, None, None, None, None, None
+
+
+softmax_aggregation_op.register_autograd(_softmax_aggregation_grad, setup_context=_softmax_aggregation_setup)
+
+
+def _softmax_aggregation_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3])
+    ctx.args = inputs[3:]
+
+
+def _softmax_aggregation_backward_grad(ctx, ggx, ggl):
+    # create_graph=True: differentiate the same backward written with the unfused ops, which have double backwards.
+    inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+    with torch.enable_grad():
+        grad, x, weight = inputs
+        gx, gw = aggregation_backward_op(grad, x, weight, *ctx.args)
+        gl = tap_softmax_backward_op(gw, weight)
+        outs = [(o, g) for o, g in ((gx, ggx), (gl, ggl)) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in outs], inputs, [g for _, g in outs], allow_unused=True)
+    return (*grads, None, None, None, None, None)
+
+
+softmax_aggregation_backward_op.register_autograd(_softmax_aggregation_backward_grad,
+                                                  setup_context=_softmax_aggregation_backward_setup)
 
 
 @torch.library.custom_op("torchsan::subtraction2", mutates_args=(), device_types="cpu")
@@ -345,6 +418,10 @@ def _fp_args(fp: Footprint) -> tuple[int, int, int, int, bool]:
 
 def aggregation(x: Tensor, weight: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
     return aggregation_op(x, weight, *_fp_args(fp))
+
+
+def softmax_aggregation(x: Tensor, logits: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
+    return softmax_aggregation_op(x, logits, *_fp_args(fp))[0]
 
 
 def subtraction2(x1: Tensor, x2: Tensor, fp: Footprint, h_out: int, w_out: int, append: Tensor | None = None) -> Tensor:

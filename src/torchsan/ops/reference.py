@@ -73,6 +73,10 @@ def tap_softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=2)
 
 
+def softmax_aggregation(x: torch.Tensor, logits: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch.Tensor:
+    return aggregation(x, tap_softmax(logits), fp, h_out, w_out)
+
+
 def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     shape = (1, -1, 1, 1)
     return F.max_pool2d(torch.relu(x * scale.view(shape) + shift.view(shape)), 2, 2)
