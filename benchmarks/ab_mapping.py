@@ -2,13 +2,16 @@
 
     python benchmarks/ab_mapping.py [--model san10_pairwise] [--rounds 4]
 
-"modules": gamma's BN, ReLU and 1x1 convolutions, each stage boundary's BN, ReLU and max-pool, and
-the attention's phi, psi and beta convolutions, run module by module. "fused": the default on the ``cpu``
-backend: each gamma BN-ReLU-conv triple as one op with its batch statistics
+"modules": gamma's BN, ReLU and 1x1 convolutions, each stage boundary's BN, ReLU and max-pool, the
+attention's phi, psi and beta convolutions, the relation and position encoding (subtraction2, then torch.cat),
+the softmax and the aggregation, and the block's BN-ReLU-conv pairs, all run module by module. "fused": the
+default on the ``cpu`` backend: each gamma BN-ReLU-conv triple as one op with its batch statistics
 (``torchsan.ops.batchnorm_relu_conv``), each BN-ReLU-max-pool as ``torchsan.ops.batchnorm_relu_maxpool``,
-and phi/psi/beta as one convolution with stacked weights. Both use the fused aggregation and subtraction
-kernels. The two settings alternate in one process after warm-up steps, so both see the same allocator
-state. Prints the median step of each and writes benchmarks/results/ab_mapping.json.
+phi/psi/beta as one convolution with stacked weights, z written by ``subtraction2(..., append=p)``, the softmax
+inside the aggregation (``softmax_aggregation``), and the block's BN-ReLU-conv pairs fused on maps of >= 1024
+px. Both use the fused aggregation and subtraction kernels. The two settings alternate in one process after
+warm-up steps, so both see the same allocator state. Prints the median step of each and writes
+benchmarks/results/ab_mapping.json.
 A measurement, not a test.
 """
 

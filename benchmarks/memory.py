@@ -37,13 +37,13 @@ def _part(name: str) -> str:
     if ".attn." in name + ".":
         if ".gamma" in name:
             return "gamma"
-        if leaf in ("phi", "psi", "beta"):
-            return "phi/psi/beta"
+        if leaf in ("phi", "psi", "beta", "attn"):
+            return "phi/psi/beta"  # (the attention module's own op: phi, psi and beta as one stacked convolution)
         if leaf in ("pos_proj", "subtraction"):
             return "position encoding"
         if leaf in ("softmax", "aggregation"):
             return leaf
-        return "relation"  # subtraction2, unfold, centre, and the attention module's own ops (cat of z)
+        return "relation"  # subtraction2 (with the position encoding appended), unfold, centre
     if ".blocks." in name and leaf in ("norm1", "norm2", "act1", "act2"):
         return "block BN+ReLU"
     if ".blocks." in name and leaf == "proj":
@@ -71,27 +71,42 @@ def measure(model_name: str, backend: str, memory_efficient: bool, batch: int, s
     def post(module, args, output, name):
         stack.pop()
 
-    # Hooks only where they do not switch off a fusion: the fused gamma and BN-ReLU-max-pool ops run only on
-    # modules without hooks (so that hooks see every module), so gamma and the stem/stage modules get none;
-    # gamma is attributed by wrapping run_mapping, and the rest falls to "stem/transitions/head".
+    # No module hooks: the fused paths run only on modules without hooks (so that hooks see every module), and
+    # hooks here would measure the unfused model. Instead nn.Module.__call__ is wrapped for the duration, which
+    # tracks the running module without registering anything, and the fused calls made outside any submodule's
+    # __call__ are wrapped by name: gamma (run_mapping), the block's BN-ReLU-conv1x1 pairs (bn_relu_conv1x1), the
+    # softmax + aggregation (ops.softmax_aggregation) and the attention after its transforms (attend).
     import torchsan.layers.attention as attention
+    import torchsan.layers.block as block
 
-    handles = []
-    for name, module in model.named_modules():
-        if ".blocks." in name and ".gamma" not in name:
-            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: pre(m, a, n)))
-            handles.append(module.register_forward_hook(lambda m, a, o, n=name: post(m, a, o, n)))
     names = {id(m): n for n, m in model.named_modules()}
-    run_mapping = attention.run_mapping
+    module_call = torch.nn.Module.__call__
 
-    def tracked_mapping(seq, z):
-        stack.append(names.get(id(seq), "gamma"))
+    def tracked_call(module, *args, **kwargs):
+        stack.append(names.get(id(module), ""))
         try:
-            return run_mapping(seq, z)
+            return module_call(module, *args, **kwargs)
         finally:
             stack.pop()
 
-    attention.run_mapping = tracked_mapping
+    def tracked(fn, label):
+        def wrapper(*args, **kwargs):
+            stack.append(label(*args) if callable(label) else label)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stack.pop()
+        return wrapper
+
+    originals = [(attention, "run_mapping", attention.run_mapping), (block, "bn_relu_conv1x1", block.bn_relu_conv1x1),
+                 (ops, "softmax_aggregation", ops.softmax_aggregation),
+                 (attention._SelfAttention, "attend", attention._SelfAttention.attend)]
+    # (the block calls attend directly when it has fused the attention's transforms into its BN-ReLU)
+    attention._SelfAttention.attend = tracked(attention._SelfAttention.attend, lambda a, *r: names.get(id(a), "x.attn"))
+    attention.run_mapping = tracked(attention.run_mapping, lambda seq, z: names.get(id(seq), "x.attn.gamma"))
+    block.bn_relu_conv1x1 = tracked(block.bn_relu_conv1x1, lambda bn, *a: names.get(id(bn), ""))
+    ops.softmax_aggregation = tracked(ops.softmax_aggregation, "x.attn.aggregation")
+    torch.nn.Module.__call__ = tracked_call
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -103,11 +118,13 @@ def measure(model_name: str, backend: str, memory_efficient: bool, batch: int, s
 
     x = torch.randn(batch, 3, size, size)
     target = torch.randint(0, 1000, (batch,))
-    with ops.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), target)
-    for h in handles:
-        h.remove()
-    attention.run_mapping = run_mapping
+    try:
+        with ops.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(model(x), target)
+    finally:
+        torch.nn.Module.__call__ = module_call
+        for owner, attr, fn in originals:
+            setattr(owner, attr, fn)
     del loss
     total = sum(bytes_by_part.values())
     return {"model": model_name, "backend": backend, "memory_efficient": memory_efficient, "batch": batch,

@@ -554,3 +554,13 @@ def test_tap_softmax_edges_gradcheck_opcheck_threads():
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_softmax_aggregation_large_planes_match_reference():
+    """Planes over 256 KB (SAN stage 1: 49 x 3136) are normalised in a separate pass: same function."""
+    x = torch.randn(2, 4, 41, 40, dtype=torch.float64)
+    logits = 3 * torch.randn(2, 2, 49, 41 * 40, dtype=torch.float64)  # 49 * 1640 doubles = 643 KB per plane
+    (yf, gf), (yr, gr) = _both(lambda a, b: ops.softmax_aggregation(a, b, 7), x, logits)
+    _close(yf, yr, torch.float64)
+    for a, b in zip(gf, gr):
+        _close(a, b, torch.float64)

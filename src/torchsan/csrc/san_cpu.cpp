@@ -242,11 +242,16 @@ inline void tap_softmax_block(const T* xp, T* yp, int64_t K, int64_t L, int64_t 
   auto st = [&](T* p, V<T> v, int64_t b) { FULL ? store_part(p, v, VW<T>) : store_part(p, v, nv[b]); };
   V<T> m[B], sum[B] = {};
   for (int64_t b = 0; b < B; ++b) m[b] = ld(xp + q0 + b * VW<T>, b);
-  for (int64_t k = 1; k < K; ++k)
+  for (int64_t k = 1; k < K; ++k) {
+    if (FULL) {  // the K rows are K strided streams: fetch the next block's lines ahead
+      __builtin_prefetch(xp + k * L + q0 + B * VW<T>);
+      __builtin_prefetch(xp + k * L + q0 + B * VW<T> + 64 / sizeof(T));
+    }
     for (int64_t b = 0; b < B; ++b) {
       const V<T> v = ld(xp + k * L + q0 + b * VW<T>, b);
       m[b] = v > m[b] ? v : m[b];
     }
+  }
   for (int64_t k = 0; k < K; ++k)
     for (int64_t b = 0; b < B; ++b) {
       const V<T> e = vexp(ld(xp + k * L + q0 + b * VW<T>, b) - m[b]);
@@ -284,11 +289,19 @@ inline void tap_softmax_backward_block(const T* gp, const T* yp, T* op, int64_t 
   for (int64_t b = 0; b < B; ++b) nv[b] = FULL ? VW<T> : std::max<int64_t>(0, std::min(VW<T>, L - q0 - b * VW<T>));
   auto ld = [&](const T* p, int64_t b) { return FULL ? load_part(p, VW<T>) : load_part(p, nv[b]); };
   V<T> s[B] = {};
-  for (int64_t k = 0; k < K; ++k)
+  for (int64_t k = 0; k < K; ++k) {
+    if (FULL) {  // 2K strided streams: fetch the next block's lines ahead
+      const int64_t next = k * L + q0 + B * VW<T>;
+      __builtin_prefetch(yp + next);
+      __builtin_prefetch(gp + next);
+      __builtin_prefetch(yp + next + 64 / sizeof(T));
+      __builtin_prefetch(gp + next + 64 / sizeof(T));
+    }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t i = k * L + q0 + b * VW<T>;
       s[b] += ld(yp + i, b) * ld(gp + i, b);
     }
+  }
   for (int64_t k = 0; k < K; ++k)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t i = k * L + q0 + b * VW<T>;
@@ -325,7 +338,9 @@ inline void agg_fwd_block(const T* xp, int64_t plane, const T* wt, T* y0, int64_
   for (int64_t kh = 0; kh < g.k; ++kh) {
     const T* xrow = xp + (ho + kh * g.d) * g.Wp + q;
     for (int64_t kw = 0; kw < g.k; ++kw) {
-      const V<T> wv = load_part(wt + (kh * g.k + kw) * L + ho * g.Wo + q, nv);
+      const T* wp = wt + (kh * g.k + kw) * L + ho * g.Wo + q;
+      __builtin_prefetch(wp + 4 * VW<T>);  // the K weight rows are K strided streams: fetch ahead explicitly
+      const V<T> wv = load_part(wp, nv);
       const T* xb = xrow + kw * g.d;
       for (int j = 0; j < G; ++j) acc[j] += wv * load_part(xb + j * plane, VW<T>);
     }
@@ -349,6 +364,8 @@ inline void agg_bwd_block(const T* gy0, int64_t gystride, const T* xp, T* gxp, i
   const bool by_column = g.k >= 5 && g.Wo >= 2 * VW<T>;
   auto tap = [&](int64_t kh, int64_t kw) {
     const int64_t off = (ho + kh * g.d) * g.Wp + q + kw * g.d, wofs = (kh * g.k + kw) * L + ho * g.Wo + q;
+    __builtin_prefetch(wt + wofs + 4 * VW<T>);  // K strided streams each of w and gw: fetch ahead explicitly
+    __builtin_prefetch(gwt + wofs + 4 * VW<T>, 1);
     const V<T> wv = load_part(wt + wofs, nv);
     V<T> acc = first ? V<T>{} : load_part(gwt + wofs, nv);
     for (int j = 0; j < G; ++j) {
@@ -988,8 +1005,15 @@ std::vector<torch::Tensor> aggregation_forward(torch::Tensor x, torch::Tensor w,
   auto y = torch::empty({N, C, g.Ho, g.Wo}, x.options());
   auto wsm = softmax ? torch::empty_like(w) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_forward", [&] {
-    aggregation_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), N, C,
-                                         Cw, g, softmax ? wsm.data_ptr<scalar_t>() : nullptr);
+    // A task's softmax plane is reused from cache only if it fits in L2 (per core, with room for the x planes):
+    // larger planes (SAN stage 1: 49 x 3136 floats, 600 KB) are normalised in a separate pass first (same values).
+    const bool per_task = softmax && g.K() * g.L() * int64_t(sizeof(scalar_t)) <= 256 * 1024;
+    if (softmax && !per_task)
+      tap_softmax_kernel<scalar_t>(w.data_ptr<scalar_t>(), wsm.data_ptr<scalar_t>(), N * Cw, g.K(), g.L());
+    aggregation_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(),
+                                         softmax && !per_task ? wsm.data_ptr<scalar_t>() : w.data_ptr<scalar_t>(),
+                                         y.data_ptr<scalar_t>(), N, C, Cw, g,
+                                         per_task ? wsm.data_ptr<scalar_t>() : nullptr);
   });
   if (softmax) return {y, wsm};
   return {y};

@@ -230,6 +230,7 @@ def _softmax_aggregation_setup(ctx, inputs, output):
     # The softmax output is saved as an output of this node, so that a double backward reaches the logits through it.
     ctx.save_for_backward(x, output[1])
     ctx.args = args
+    ctx.set_materialize_grads(False)  # the returned softmax is usually unused: no zero gradient to allocate and add
 
 
 def _softmax_aggregation_grad(ctx, grad, grad_weight):
