@@ -105,8 +105,9 @@ def softmax_aggregation(
     pad_mode: str = "reflect",
 ) -> torch.Tensor:
     """``aggregation(x, softmax(logits, dim=2))``: the pairwise attention's normalisation and aggregation in one
-    op. The ``cpu`` backend normalises each (K, L) plane of logits and aggregates with it while it is in cache,
-    and fuses the softmax's backward into the aggregation's the same way.
+    op. The ``cpu`` backend normalises each (K, L) plane of logits and aggregates with it while it is in cache
+    (planes over 256 KB, which do not fit, get a separate softmax pass first), and fuses the softmax's backward
+    into the aggregation's per plane.
 
     Args:
         x: (N, C, H, W) values; logits: (N, Cw, K, L), C % Cw == 0, K = kernel_size**2.
