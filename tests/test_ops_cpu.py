@@ -216,6 +216,15 @@ BAD = [
     (lambda: ops.unfold(torch.randn(1, 2, 5, 5), 4), ValueError, "odd"),
     (lambda: ops.subtraction2(torch.randn(2, 2, 5, 5), torch.randn(2, 2, 5, 5), 3, append=torch.randn(2, 1, 9, 24)),
      ValueError, "append must be"),
+    (lambda: ops.subtraction2_batchnorm_relu_conv(torch.randn(2, 2, 5, 5), torch.randn(2, 2, 5, 5), None, None, 1e-5,
+                                                  torch.randn(3, 3), kernel_size=3, append=torch.randn(1, 2, 9, 25)),
+     ValueError, r"conv_weight must have shape \(Cout, 4\)"),
+    (lambda: ops.subtraction2_batchnorm_relu_conv(torch.randn(2, 2, 5, 5), torch.randn(2, 2, 5, 5), torch.randn(3),
+                                                  None, 1e-5, torch.randn(3, 2), kernel_size=3),
+     ValueError, r"weight must have shape \(2,\)"),
+    (lambda: ops.subtraction2_batchnorm_relu_conv(torch.randn(2, 2, 5, 5), torch.randn(2, 2, 5, 4), None, None, 1e-5,
+                                                  torch.randn(3, 2), kernel_size=3),
+     ValueError, "same shape"),
 ]
 
 
@@ -564,3 +573,161 @@ def test_softmax_aggregation_large_planes_match_reference():
     _close(yf, yr, torch.float64)
     for a, b in zip(gf, gr):
         _close(a, b, torch.float64)
+
+
+# --- subtraction2 + training BN + ReLU + conv1x1 without writing z ------------------------------------------------
+# (kernel_size, stride, dilation, padding, H, W, append batch: None, 1 or N)
+RELATION_CASES = [
+    (3, 1, 1, None, 9, 11, 1),
+    (7, 1, 1, None, 13, 12, 2),
+    (7, 2, 1, None, 15, 9, None),
+    (5, 1, 2, None, 11, 12, 1),
+    (3, 2, 1, 2, 5, 7, 2),
+    (3, 3, 2, None, 10, 7, 1),
+]
+
+
+def _relation_inputs(case, dtype, affine=True, n=2, c=3, e=2, c_out=5):
+    k, s, d, p, h, w, batch = case
+    fp = ops.resolve_footprint(k, s, p, d, "zeros")
+    positions = fp.out_size(h) * fp.out_size(w)
+    x1, x2 = torch.randn(n, c, h, w, dtype=dtype), torch.randn(n, c, h, w, dtype=dtype)
+    append = None if batch is None else torch.randn(batch, e, k * k, positions, dtype=dtype) * 0.5 + 3.0
+    ct = c + (0 if append is None else e)
+    bn = [torch.rand(ct, dtype=dtype) + 0.5, torch.randn(ct, dtype=dtype)] if affine else []
+    conv = [torch.randn(c_out, ct, dtype=dtype), torch.randn(c_out, dtype=dtype)]
+    return (x1, x2, *(() if append is None else (append,)), *bn, *conv), dict(kernel_size=k, stride=s, padding=p,
+                                                                                dilation=d)
+
+
+def _relation_call(has_append, affine, mode, stats=True, **fp):
+    def call(x1, x2, *rest):
+        rest = list(rest)
+        append = rest.pop(0) if has_append else None
+        weight, bias = (rest.pop(0), rest.pop(0)) if affine else (None, None)
+        y, mean, var = ops.subtraction2_batchnorm_relu_conv(x1, x2, weight, bias, 1e-5, *rest, pad_mode=mode, **fp,
+                                                            append=append)
+        return y + 0.1 * (mean.sum() + var.sum()) if stats else y  # gradients through the returned statistics too
+    return call
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", RELATION_CASES, ids=lambda c: _ids(c[:6]) + f"_append{c[6]}")
+def test_subtraction2_batchnorm_relu_conv_matches_reference(case, mode, dtype):
+    # The reference backend writes z and runs the two ops; the fused one gathers z's rows where it needs them.
+    tensors, fp = _relation_inputs(case, dtype)
+    tensors = (tensors[0] * 0.5 + 4.0, *tensors[1:])  # a mean large against the spread
+    (yf, gf), (yr, gr) = _both(_relation_call(case[6] is not None, True, mode, **fp), *tensors)
+    _close(yf, yr, dtype)
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-9)
+    for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_subtraction2_batchnorm_relu_conv_gradcheck_opcheck_threads():
+    from torch.library import opcheck
+
+    small = [((3, 1, 1, None, 4, 5, 1), True), ((3, 2, 1, 2, 4, 4, 2), False), ((5, 2, 1, None, 6, 5, None), True)]
+    for case, affine in small:
+        tensors, fp = _relation_inputs(case, torch.float64, affine=affine, n=2, c=2, c_out=2)
+        leaves = [t.requires_grad_(True) for t in tensors]
+        for mode in MODES:
+            call = _relation_call(case[6] is not None, affine, mode, **fp)
+            with ops.use_backend("cpu"):
+                assert torch.autograd.gradcheck(call, leaves)
+                assert torch.autograd.gradgradcheck(call, leaves)
+    x1, x2 = torch.randn(2, 3, 7, 8, dtype=torch.float64), torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    w, b = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    cw, cb = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    for t in (x1, x2, w, b, cw, cb):
+        t.requires_grad_(True)
+    for batch in (1, 2):
+        append = torch.randn(batch, 2, 9, 56, dtype=torch.float64, requires_grad=True)
+        for reflect in (True, False):
+            opcheck(torch.ops.torchsan.subtraction2_batchnorm_relu_conv.default,
+                    (x1, x2, append, w, b, 1e-5, cw, cb, 3, 1, 1, 1, reflect))
+    opcheck(torch.ops.torchsan.subtraction2_batchnorm_relu_conv.default,
+            (x1, x2, None, None, None, 1e-5, cw[:, :3], None, 5, 2, 2, 1, True))
+    # Deterministic: the same bits with 1 and 2 threads (several pixel chunks per image). (Without the statistics
+    # term: its gradient would come from torch's sum over y's gradient, which depends on the thread count.)
+    q, k = torch.randn(3, 6, 17, 15), torch.randn(3, 6, 17, 15)
+    append, cw = torch.randn(1, 2, 49, 255), torch.randn(7, 8)
+    previous, outs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            (y, g), _ = _both(_relation_call(True, False, "reflect", stats=False, kernel_size=7), q, k, append, cw,
+                              cw[:, 0])
+            outs.append((y, g))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outs[0][0], outs[1][0]) and all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_pairwise_layer_fuses_the_relation_into_gamma(training, monkeypatch):
+    """On maps of >= MIN_RELATION_FUSED_PIXELS a training pairwise layer never writes z: same outputs, gradients and
+    BN running statistics as the reference backend. In eval mode (running statistics) it runs the ops one by one."""
+    from torchsan.layers import PairwiseSelfAttention, attention
+
+    calls = []
+    fused = ops.subtraction2_batchnorm_relu_conv
+    monkeypatch.setattr(ops, "subtraction2_batchnorm_relu_conv", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    layer = PairwiseSelfAttention(16, 4, 16, share_planes=4, kernel_size=5).double().train(training)
+    with torch.no_grad():
+        # Random BN shifts: with the default zero shift, the centre tap's z = p_i - p_i = 0 sits on ReLU's kink
+        # (its pre-activation is -mean * scale, a rounding error away from 0), and the two backends may round apart.
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        for name, b in layer.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand_like(b) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn_like(b))
+    initial = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 16, 29, 28, dtype=torch.float64)
+    assert 29 * 28 >= attention.MIN_RELATION_FUSED_PIXELS
+    outs = []
+    for backend in ("cpu", "reference"):
+        layer.load_state_dict(initial)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with ops.use_backend(backend):
+            y = layer(xi)
+            y.square().sum().backward()
+        outs.append((y.detach(), [xi.grad] + [p.grad.clone() for p in layer.parameters()],
+                     [b.clone() for b in layer.buffers()]))
+    assert len(calls) == (1 if training else 0)
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1] + outs[0][2], outs[1][1] + outs[1][2]):
+        torch.testing.assert_close(a, b)
+    calls.clear()
+    with ops.use_backend("cpu"):
+        layer(torch.randn(2, 16, 20, 20, dtype=torch.float64))  # 400 pixels: z is written
+    assert calls == []
+
+
+def test_torch_compile_pairwise_layer_with_fused_relation_matches_eager():
+    # A training step of a pairwise layer whose relation is fused into gamma (28 x 28 >= MIN_RELATION_FUSED_PIXELS),
+    # traced into one graph (no break at the fused op or its backward).
+    from torchsan.layers import PairwiseSelfAttention, attention
+
+    torch.manual_seed(0)
+    layer = PairwiseSelfAttention(8, 2, 8, share_planes=2, kernel_size=3).train()
+    eager = PairwiseSelfAttention(8, 2, 8, share_planes=2, kernel_size=3).train()
+    eager.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 28, 28)
+    assert 28 * 28 >= attention.MIN_RELATION_FUSED_PIXELS
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with ops.use_backend("cpu"):
+        y = compiled(x)
+        y.square().sum().backward()
+        y_eager = eager(x)
+        y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-4)
+    for a, b in zip(layer.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
+    for a, b in zip(layer.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b)

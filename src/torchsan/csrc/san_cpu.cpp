@@ -568,20 +568,46 @@ void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t N, 
   });
 }
 
+// A training-mode BatchNorm's statistics share of the gradient of z = subtraction2(x1, x2), added to gout on the fly:
+// gz = gout + a[c] + b[c] * (z - mean[c]) (see channel_stats_backward_kernel), z recomputed from x1 and x2.
+template <typename T>
+struct StatsCorrection {
+  const T *x1, *x2, *a, *b, *mean;  // x1, x2 (N, C, H, W); a, b, mean (C)
+};
+
 template <typename T>
 void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t N, int64_t C, int64_t Ct,
-                            const Geometry& g) {
+                            const Geometry& g, const StatsCorrection<T>* corr = nullptr) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W, c0 = (g.k / 2) * g.d;
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p1(gx1 ? g.plane() : 0), p2(gx2 ? g.plane() : 0);
+    std::vector<T> z1(corr ? g.plane() : 0), z2(corr ? g.plane() : 0), gz(corr ? g.Wo : 0);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(p1.begin(), p1.end(), T(0));
       std::fill(p2.begin(), p2.end(), T(0));
+      if (corr) {
+        pad_plane(corr->x1 + t * HW, z1.data(), g);
+        pad_plane(corr->x2 + t * HW, z2.data(), g);
+      }
       for (int64_t kh = 0; kh < g.k; ++kh) {
         for (int64_t kw = 0; kw < g.k; ++kw) {
           const T* gt = gout + (((t / C) * Ct + t % C) * K + kh * g.k + kw) * L;  // gout: Ct >= C channels
           for (int64_t ho = 0; ho < g.Ho; ++ho) {
             const T* grow = gt + ho * g.Wo;
+            if (corr) {
+              const int64_t c = t % C;
+              const T a = corr->a[c], b = corr->b[c], mu = corr->mean[c];
+              const T* crow = z1.data() + (ho * g.s + c0) * g.Wp + c0;
+              const T* xrow = z2.data() + (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
+              if (g.s == 1) {
+#pragma omp simd
+                for (int64_t wo = 0; wo < g.Wo; ++wo) gz[wo] = grow[wo] + a + b * ((crow[wo] - xrow[wo]) - mu);
+              } else {
+                for (int64_t wo = 0; wo < g.Wo; ++wo)
+                  gz[wo] = grow[wo] + a + b * ((crow[wo * g.s] - xrow[wo * g.s]) - mu);
+              }
+              grow = gz.data();
+            }
             if (gx1) {
               T* crow = p1.data() + (ho * g.s + c0) * g.Wp + c0;
               if (g.s == 1) {
@@ -670,35 +696,80 @@ inline void store_cols(T* row, int64_t q, int64_t m, const V<T>* v) {
   }
 }
 
-// Stage relu(scale * x + shift) for columns [q0, q0 + m) of every input channel into r (rows of kSub), zero tails.
+// Where the BN-ReLU-conv kernels and the channel statistics read their input rows (N, Cin, P): row(n, ci, q0, m,
+// scratch) returns the m values x[n, ci, q0 .. q0 + m), either in place (DenseRows) or computed into scratch.
 template <typename T>
-inline void stage_relu(const T* x, const T* scale, const T* shift, T* r, int64_t Cin, int64_t P, int64_t q0,
-                       int64_t m) {
-  for (int64_t ci = 0; ci < Cin; ++ci) {
-    const T* xr = x + ci * P + q0;
-    T* rr = r + ci * kSub;
-    const T a = scale[ci], b = shift[ci];
+struct DenseRows {
+  const T* x;
+  int64_t Cin, P;
+  const T* row(int64_t n, int64_t ci, int64_t q0, int64_t, T*) const { return x + (n * Cin + ci) * P + q0; }
+};
+
+// z = [x1_i - x2_j, append] of subtraction2 with append (P = K * L), gathered on the fly from padded copies of x1
+// and x2 (N, C, Hp, Wp), so that the K-times larger z is never written: the pairwise mapping's first triple reads
+// its input through this. The values are those gather_forward_kernel writes, bit for bit.
+template <typename T>
+struct RelationRows {
+  const T* x1p;
+  const T* x2p;
+  const T* append;  // (B, E, K, L) with B = 1 (broadcast over N) or N; null if E = 0
+  int64_t append_batch, C, E;
+  Geometry g;
+  const T* row(int64_t n, int64_t ci, int64_t q0, int64_t m, T* scratch) const {
+    const int64_t L = g.L(), P = g.K() * L, c0 = (g.k / 2) * g.d;
+    if (ci >= C) return append + ((append_batch == 1 ? 0 : n) * E + ci - C) * P + q0;
+    const T* p1 = x1p + (n * C + ci) * g.plane();
+    const T* p2 = x2p + (n * C + ci) * g.plane();
+    // Runs along one output row of one tap; (tap, ho, wo) advance without divisions (short rows on small maps).
+    const int64_t tap = q0 / L;
+    int64_t ho = (q0 % L) / g.Wo, wo = (q0 % L) % g.Wo, kh = tap / g.k, kw = tap % g.k;
+    T* out = scratch;
+    for (int64_t left = m; left > 0;) {
+      const int64_t len = std::min(g.Wo - wo, left);
+      const T* crow = p1 + (ho * g.s + c0) * g.Wp + c0 + wo * g.s;
+      const T* xrow = p2 + (ho * g.s + kh * g.d) * g.Wp + kw * g.d + wo * g.s;
+      if (g.s == 1) {
 #pragma omp simd
-    for (int64_t i = 0; i < m; ++i) {
-      const T pre = xr[i] * a + b;
-      rr[i] = pre <= 0 ? T(0) : pre;  // NaN passes through, like torch.relu
+        for (int64_t i = 0; i < len; ++i) out[i] = crow[i] - xrow[i];
+      } else {
+        for (int64_t i = 0; i < len; ++i) out[i] = crow[i * g.s] - xrow[i * g.s];
+      }
+      out += len;
+      left -= len;
+      wo = 0;
+      if (++ho == g.Ho) {
+        ho = 0;
+        if (++kw == g.k) kw = 0, ++kh;
+      }
     }
-    std::fill(rr + m, rr + kSub, T(0));
+    return scratch;
   }
+};
+
+// rr[0 .. kSub) <- relu(a * x + b) for the m values of x, zero tail.
+template <typename T>
+inline void stage_relu_row(const T* xr, T a, T b, T* rr, int64_t m) {
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) {
+    const T pre = xr[i] * a + b;
+    rr[i] = pre <= 0 ? T(0) : pre;  // NaN passes through, like torch.relu
+  }
+  std::fill(rr + m, rr + kSub, T(0));
 }
 
-template <typename T, int R>
-void brc_forward_kernel(const T* x, const T* scale, const T* shift, const T* w, const T* bias, T* y, int64_t N,
+template <typename T, int R, typename Rows>
+void brc_forward_kernel(const Rows& src, const T* scale, const T* shift, const T* w, const T* bias, T* y, int64_t N,
                         int64_t Cin, int64_t Cout, int64_t P) {
   const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, blocks = round_up(Cout, R) / R;
   const std::vector<T> wp = pack_rows<T, R>(w, Cout, Cin, false);
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> r(Cin * kSub);
+    std::vector<T> r(Cin * kSub), scratch(kSub);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
       for (int64_t q0 = p0; q0 < p1; q0 += kSub) {
         const int64_t m = std::min(kSub, p1 - q0);
-        stage_relu(x + n * Cin * P, scale, shift, r.data(), Cin, P, q0, m);
+        for (int64_t ci = 0; ci < Cin; ++ci)
+          stage_relu_row(src.row(n, ci, q0, m, scratch.data()), scale[ci], shift[ci], r.data() + ci * kSub, m);
         for (int64_t b = 0; b < blocks; ++b) {
           gemm_block<T, R>(wp.data() + b * Cin * R, Cin, r.data(), m, [&](int64_t j, int64_t q, const V<T>* acc) {
             const int64_t co = b * R + j;
@@ -717,8 +788,8 @@ void brc_forward_kernel(const T* x, const T* scale, const T* shift, const T* w, 
 // Gradients: gx (N, Cin, P); and per-task partial sums of gscale, gshift (Cin), gw (Cout x Cin), gbias (Cout),
 // reduced in task order at the end. Per sub-block: stage relu(pre) and grad rows, then
 //   gw += G R^T (register blocks of R x kInTile channel pairs), gR = W^T G (gemm_block), gpre = gR * (pre > 0).
-template <typename T, int R, int RI>
-void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift, const T* w, T* gx, T* gscale,
+template <typename T, int R, int RI, typename Rows>
+void brc_backward_kernel(const T* gy, const Rows& src, const T* scale, const T* shift, const T* w, T* gx, T* gscale,
                          T* gshift, T* gw, T* gbias, int64_t N, int64_t Cin, int64_t Cout, int64_t P) {
   const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, tasks = N * chunks;
   const int64_t cin_pad = round_up(Cin, kInTile), cout_pad = round_up(Cout, R), in_blocks = round_up(Cin, RI) / RI;
@@ -728,16 +799,20 @@ void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift
   parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> r(cin_pad * kSub, T(0)), g(cout_pad * kSub, T(0));  // padding rows stay zero
     std::vector<V<T>> acc_w(cout_pad * cin_pad), acc_s(Cin), acc_b(Cin), acc_bias(Cout);
+    std::vector<T> scratch(Cin * kSub);  // raw input rows that src computes (not read in place)
+    std::vector<const T*> xrows(Cin);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
       std::fill(acc_w.begin(), acc_w.end(), V<T>{});
       std::fill(acc_s.begin(), acc_s.end(), V<T>{});
       std::fill(acc_b.begin(), acc_b.end(), V<T>{});
       std::fill(acc_bias.begin(), acc_bias.end(), V<T>{});
-      const T* xn = x + n * Cin * P;
       for (int64_t q0 = p0; q0 < p1; q0 += kSub) {
         const int64_t m = std::min(kSub, p1 - q0), mv = round_up(m, VW<T>);
-        stage_relu(xn, scale, shift, r.data(), Cin, P, q0, m);
+        for (int64_t ci = 0; ci < Cin; ++ci) {
+          xrows[ci] = src.row(n, ci, q0, m, scratch.data() + ci * kSub);
+          stage_relu_row(xrows[ci], scale[ci], shift[ci], r.data() + ci * kSub, m);
+        }
         for (int64_t co = 0; co < Cout; ++co) {
           const T* src = gy + (n * Cout + co) * P + q0;
           T* gr = g.data() + co * kSub;
@@ -769,7 +844,7 @@ void brc_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift
             const int64_t ci = b * RI + j;
             if (ci >= Cin) return;
             const T* rr = r.data() + ci * kSub + q;
-            const T* xr = xn + ci * P + q0 + q;
+            const T* xr = xrows[ci] + q;
             V<T> gpre[kCols];
             for (int64_t c = 0; c < kCols; ++c) {
               const int64_t nv = std::max<int64_t>(0, std::min(VW<T>, m - q - c * VW<T>));
@@ -910,21 +985,22 @@ void brp_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift
 // Each chunk of kPixelChunk values gets an exact two-pass mean and sum of squared deviations (in double); chunks
 // are merged in a fixed order with Chan et al.'s pairwise formula: deterministic for any thread count, and free of
 // the cancellation of E[x^2] - E[x]^2 when the mean is large against the spread.
-template <typename T>
-void channel_stats_kernel(const T* x, T* var, T* mean, int64_t N, int64_t C, int64_t P) {
+template <typename T, typename Rows>
+void channel_stats_kernel(const Rows& src, T* var, T* mean, int64_t N, int64_t C, int64_t P) {
   const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk;
   std::vector<double> cmean(N * C * chunks), cm2(N * C * chunks);
   parallel_range(0, N * C * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(kPixelChunk);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
-      const T* xr = x + (t / chunks) * P;
+      const int64_t p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk), m = p1 - p0;
+      const T* xr = src.row(t / (C * chunks), (t / chunks) % C, p0, m, scratch.data());
       double s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t p = p0; p < p1; ++p) s += double(xr[p]);
-      const double mu = s / double(p1 - p0);
+      for (int64_t p = 0; p < m; ++p) s += double(xr[p]);
+      const double mu = s / double(m);
       double m2 = 0;
 #pragma omp simd reduction(+ : m2)
-      for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t p = 0; p < m; ++p) {
         const double d = double(xr[p]) - mu;
         m2 += d * d;
       }
@@ -987,6 +1063,61 @@ void check_geometry(const Geometry& g) {
   TORCH_CHECK(!g.reflect || (g.p < g.H && g.p < g.W), "torchsan: reflect padding ", g.p,
               " must be smaller than the input size ", g.H, "x", g.W);
 }
+
+// The register-block sizes of brc_backward_kernel for these channel counts.
+template <typename T, typename Rows>
+auto brc_backward_for(int64_t Cin, int64_t Cout) {
+  const bool out6 = pick_rows(Cout) == 6, in6 = pick_rows(Cin) == 6;
+  return out6 ? (in6 ? brc_backward_kernel<T, 6, 6, Rows> : brc_backward_kernel<T, 6, 4, Rows>)
+              : (in6 ? brc_backward_kernel<T, 4, 6, Rows> : brc_backward_kernel<T, 4, 4, Rows>);
+}
+
+// x (N, C, H, W) -> its padded planes (N, C, Hp, Wp).
+torch::Tensor pad_planes(const torch::Tensor& x, const Geometry& g) {
+  auto out = torch::empty({x.size(0), x.size(1), g.Hp, g.Wp}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pad_planes", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    parallel_range(0, x.size(0) * x.size(1), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) pad_plane(src + t * g.H * g.W, dst + t * g.plane(), g);
+    });
+  });
+  return out;
+}
+
+// The inputs of subtraction2 with append, checked, with what RelationRows reads.
+struct Relation {
+  torch::Tensor x1, x2, x1p, x2p, append;
+  Geometry g;
+  int64_t N, C, E, Ct, P;
+  Relation(torch::Tensor a, torch::Tensor b, c10::optional<torch::Tensor> app, int64_t k, int64_t s, int64_t p,
+           int64_t d, bool reflect)
+      : x1(a.contiguous()), x2(b.contiguous()), g(a.size(2), a.size(3), k, s, p, d, reflect) {
+    check_cpu(x1, "x1");
+    check_cpu(x2, "x2");
+    check_geometry(g);
+    TORCH_CHECK(x1.sizes() == x2.sizes() && x1.scalar_type() == x2.scalar_type(), "x1 and x2 must match");
+    N = x1.size(0);
+    C = x1.size(1);
+    P = g.K() * g.L();
+    E = 0;
+    if (app.has_value() && app->defined()) {
+      append = app->contiguous();
+      TORCH_CHECK(append.dim() == 4 && (append.size(0) == 1 || append.size(0) == N) && append.size(2) == g.K() &&
+                      append.size(3) == g.L() && append.scalar_type() == x1.scalar_type(),
+                  "append must be (1 or N, E, K, L) of x1's dtype");
+      E = append.size(1);
+    }
+    Ct = C + E;
+    x1p = pad_planes(x1, g);
+    x2p = pad_planes(x2, g);
+  }
+  template <typename T>
+  RelationRows<T> rows() const {
+    return RelationRows<T>{x1p.data_ptr<T>(), x2p.data_ptr<T>(), E ? append.data_ptr<T>() : nullptr,
+                           E ? append.size(0) : 1, C, E, g};
+  }
+};
 
 }  // namespace
 
@@ -1114,9 +1245,11 @@ torch::Tensor bn_relu_conv_forward(torch::Tensor x, torch::Tensor scale, torch::
   sizes[1] = Cout;
   auto y = torch::empty(sizes, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv_forward", [&] {
-    auto kernel = pick_rows(Cout) == 6 ? brc_forward_kernel<scalar_t, 6> : brc_forward_kernel<scalar_t, 4>;
-    kernel(x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-           b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, Cin, Cout, P);
+    using Rows = DenseRows<scalar_t>;
+    auto kernel = pick_rows(Cout) == 6 ? brc_forward_kernel<scalar_t, 6, Rows> : brc_forward_kernel<scalar_t, 4, Rows>;
+    kernel(Rows{x.data_ptr<scalar_t>(), Cin, P}, scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+           weight.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, Cin,
+           Cout, P);
   });
   return y;
 }
@@ -1133,10 +1266,10 @@ std::vector<torch::Tensor> bn_relu_conv_backward(torch::Tensor gy, torch::Tensor
   auto gscale = torch::zeros_like(scale), gshift = torch::zeros_like(shift), gw = torch::zeros_like(weight);
   auto gbias = torch::zeros({Cout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv_backward", [&] {
-    const bool out6 = pick_rows(Cout) == 6, in6 = pick_rows(Cin) == 6;
-    auto kernel = out6 ? (in6 ? brc_backward_kernel<scalar_t, 6, 6> : brc_backward_kernel<scalar_t, 6, 4>)
-                       : (in6 ? brc_backward_kernel<scalar_t, 4, 6> : brc_backward_kernel<scalar_t, 4, 4>);
-    kernel(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+    using Rows = DenseRows<scalar_t>;
+    auto kernel = brc_backward_for<scalar_t, Rows>(Cin, Cout);
+    kernel(gy.data_ptr<scalar_t>(), Rows{x.data_ptr<scalar_t>(), Cin, P}, scale.data_ptr<scalar_t>(),
+           shift.data_ptr<scalar_t>(),
            weight.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(), gshift.data_ptr<scalar_t>(),
            gw.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(), N, Cin, Cout, P);
   });
@@ -1187,8 +1320,8 @@ std::vector<torch::Tensor> channel_var_mean(torch::Tensor x) {
   TORCH_CHECK(N * P > 0, "channel_var_mean: no values per channel");
   auto var = torch::empty({C}, x.options()), mean = torch::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_var_mean", [&] {
-    channel_stats_kernel<scalar_t>(x.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), N, C,
-                                   P);
+    channel_stats_kernel<scalar_t>(DenseRows<scalar_t>{x.data_ptr<scalar_t>(), C, P}, var.data_ptr<scalar_t>(),
+                                   mean.data_ptr<scalar_t>(), N, C, P);
   });
   return {var, mean};
 }
@@ -1238,6 +1371,96 @@ torch::Tensor tap_softmax_backward(torch::Tensor g, torch::Tensor y) {
   return gx;
 }
 
+// The channel statistics, BN-ReLU-conv forward and backward of z = cat([subtraction2(x1, x2), append]) (N, C + E, K, L)
+// without writing z: each reads z's rows through RelationRows. Same results as the dense ops on the written z.
+std::vector<torch::Tensor> relation_var_mean(torch::Tensor x1, torch::Tensor x2, c10::optional<torch::Tensor> append,
+                                             int64_t k, int64_t s, int64_t p, int64_t d, bool reflect) {
+  const Relation rel(x1, x2, append, k, s, p, d, reflect);
+  auto var = torch::empty({rel.Ct}, rel.x1.options()), mean = torch::empty({rel.Ct}, rel.x1.options());
+  AT_DISPATCH_FLOATING_TYPES(rel.x1.scalar_type(), "relation_var_mean", [&] {
+    channel_stats_kernel<scalar_t>(rel.rows<scalar_t>(), var.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), rel.N,
+                                   rel.Ct, rel.P);
+  });
+  return {var, mean};
+}
+
+torch::Tensor relation_bn_relu_conv_forward(torch::Tensor x1, torch::Tensor x2, c10::optional<torch::Tensor> append,
+                                            torch::Tensor scale, torch::Tensor shift, torch::Tensor weight,
+                                            c10::optional<torch::Tensor> bias, int64_t k, int64_t s, int64_t p,
+                                            int64_t d, bool reflect) {
+  const Relation rel(x1, x2, append, k, s, p, d, reflect);
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  weight = weight.contiguous();
+  torch::Tensor b = bias.has_value() ? bias->contiguous() : torch::Tensor();
+  const int64_t Cout = weight.size(0);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == rel.Ct && scale.numel() == rel.Ct && shift.numel() == rel.Ct,
+              "relation_bn_relu_conv: shape mismatch");
+  auto y = torch::empty({rel.N, Cout, rel.g.K(), rel.g.L()}, rel.x1.options());
+  AT_DISPATCH_FLOATING_TYPES(rel.x1.scalar_type(), "relation_bn_relu_conv_forward", [&] {
+    using Rows = RelationRows<scalar_t>;
+    auto kernel = pick_rows(Cout) == 6 ? brc_forward_kernel<scalar_t, 6, Rows> : brc_forward_kernel<scalar_t, 4, Rows>;
+    kernel(rel.rows<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+           b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), rel.N, rel.Ct, Cout, rel.P);
+  });
+  return y;
+}
+
+// Returns {grad z (holding scale and shift fixed) (N, C + E, K, L), grad scale, grad shift, grad weight, grad bias}.
+std::vector<torch::Tensor> relation_bn_relu_conv_backward(torch::Tensor gy, torch::Tensor x1, torch::Tensor x2,
+                                                          c10::optional<torch::Tensor> append, torch::Tensor scale,
+                                                          torch::Tensor shift, torch::Tensor weight, int64_t k,
+                                                          int64_t s, int64_t p, int64_t d, bool reflect) {
+  const Relation rel(x1, x2, append, k, s, p, d, reflect);
+  gy = gy.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  weight = weight.contiguous();
+  const int64_t Cin = rel.Ct, Cout = weight.size(0);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Cin && scale.numel() == Cin && shift.numel() == Cin &&
+                  gy.dim() == 4 && gy.size(0) == rel.N && gy.size(1) == Cout && gy.size(2) * gy.size(3) == rel.P,
+              "relation_bn_relu_conv_backward: shape mismatch");
+  auto gz = torch::empty({rel.N, Cin, rel.g.K(), rel.g.L()}, rel.x1.options());
+  auto gscale = torch::zeros_like(scale), gshift = torch::zeros_like(shift), gw = torch::zeros_like(weight);
+  auto gbias = torch::zeros({Cout}, rel.x1.options());
+  AT_DISPATCH_FLOATING_TYPES(rel.x1.scalar_type(), "relation_bn_relu_conv_backward", [&] {
+    auto kernel = brc_backward_for<scalar_t, RelationRows<scalar_t>>(Cin, Cout);
+    kernel(gy.data_ptr<scalar_t>(), rel.rows<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+           weight.data_ptr<scalar_t>(), gz.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(), gshift.data_ptr<scalar_t>(),
+           gw.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(), rel.N, Cin, Cout, rel.P);
+  });
+  return {gz, gscale, gshift, gw, gbias};
+}
+
+// Gradients w.r.t. x1, x2 of subtraction2 from the first C channels of gz0 plus a training BatchNorm's statistics
+// share, gz = gz0 + a + b * (z - mean) per channel (a, b, mean: (C)), z recomputed from x1 and x2.
+std::vector<torch::Tensor> relation_stats_backward(torch::Tensor gz0, torch::Tensor x1, torch::Tensor x2,
+                                                   torch::Tensor a, torch::Tensor b, torch::Tensor mean, int64_t k,
+                                                   int64_t s, int64_t p, int64_t d, bool reflect) {
+  check_cpu(gz0, "grad");
+  check_cpu(x1, "x1");
+  gz0 = gz0.contiguous();
+  x1 = x1.contiguous();
+  x2 = x2.contiguous();
+  a = a.contiguous();
+  b = b.contiguous();
+  mean = mean.contiguous();
+  const Geometry g(x1.size(2), x1.size(3), k, s, p, d, reflect);
+  check_geometry(g);
+  const int64_t N = x1.size(0), C = x1.size(1), Ct = gz0.size(1);
+  TORCH_CHECK(x1.sizes() == x2.sizes() && gz0.size(0) == N && Ct >= C && gz0.size(2) == g.K() &&
+                  gz0.size(3) == g.L() && a.numel() >= C && b.numel() >= C && mean.numel() >= C,
+              "relation_stats_backward: shape mismatch");
+  auto gx1 = torch::empty_like(x1), gx2 = torch::empty_like(x1);
+  AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "relation_stats_backward", [&] {
+    const StatsCorrection<scalar_t> corr{x1.data_ptr<scalar_t>(), x2.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+                                         b.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>()};
+    gather_backward_kernel<scalar_t>(gz0.data_ptr<scalar_t>(), gx1.data_ptr<scalar_t>(), gx2.data_ptr<scalar_t>(),
+                                     scalar_t(1), N, C, Ct, g, &corr);
+  });
+  return {gx1, gx2};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tap_softmax", &tap_softmax);
   m.def("tap_softmax_backward", &tap_softmax_backward);
@@ -1251,4 +1474,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_relu_maxpool_forward", &bn_relu_maxpool_forward);
   m.def("bn_relu_maxpool_backward", &bn_relu_maxpool_backward);
   m.def("channel_var_mean_backward", &channel_var_mean_backward);
+  m.def("relation_var_mean", &relation_var_mean);
+  m.def("relation_bn_relu_conv_forward", &relation_bn_relu_conv_forward);
+  m.def("relation_bn_relu_conv_backward", &relation_bn_relu_conv_backward);
+  m.def("relation_stats_backward", &relation_stats_backward);
 }

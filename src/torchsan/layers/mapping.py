@@ -50,7 +50,7 @@ def build_mapping(spec: str, in_channels: int, hidden_channels: int, out_channel
     return nn.Sequential(*modules)
 
 
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     """What ``nn.BatchNorm2d.forward`` does to the running statistics in training mode (var: biased)."""
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
@@ -80,7 +80,7 @@ def batchnorm_then(
     """
     if bn.training or bn.running_mean is None:
         y, mean, var = with_batch_stats(x, bn.weight, bn.bias, bn.eps)
-        _update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+        update_running_stats(bn, mean, var, x.numel() // x.shape[1])
         return y
     scale, shift = batchnorm_affine(bn)
     return with_affine(x, scale, shift)

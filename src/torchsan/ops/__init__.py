@@ -11,6 +11,7 @@ bad input identically.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ __all__ = [
     "softmax_aggregation",
     "subtraction",
     "subtraction2",
+    "subtraction2_batchnorm_relu_conv",
     "tap_softmax",
     "unfold",
     "use_backend",
@@ -280,8 +282,11 @@ def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -
     return implementation(x).bn_relu_maxpool(x, scale, shift)
 
 
-def _check_batchnorm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
-    c = x.shape[1]
+def _check_batchnorm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                     shape: tuple[int, ...] | None = None) -> None:
+    """A training BN's parameters for input x (or, with ``shape``, an input of that shape and x's kind)."""
+    shape = tuple(x.shape) if shape is None else shape
+    c = shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _checks.check_same_kind("x", x, name, t)
@@ -289,8 +294,8 @@ def _check_batchnorm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
                 raise ValueError(f"{name} must have shape ({c},) for x with {c} channels, got {tuple(t.shape)}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
-    if x.numel() // max(1, c) < 2:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    if math.prod(shape) // max(1, c) < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
 
 
 def batchnorm_relu_conv(
@@ -326,6 +331,57 @@ def batchnorm_relu_conv(
         if tuple(conv_bias.shape) != (conv_weight.shape[0],):
             raise ValueError(f"conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
     return implementation(x).batchnorm_relu_conv(x, weight, bias, float(eps), conv_weight, conv_bias)
+
+
+def subtraction2_batchnorm_relu_conv(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None = None,
+    kernel_size: int = 7,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+    *,
+    append: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batchnorm_relu_conv` of ``z = subtraction2(x1, x2, ..., append=append)`` in one op.
+
+    The first BN-ReLU-conv1x1 of the pairwise mapping gamma, with z = [phi(x_i) - psi(x_j), p_i - p_j]. The ``cpu``
+    backend never writes z (K times the size of x1): its statistics, the fused triple and their backward gather z's
+    values from x1, x2 and append as they go, and z is not kept for backward. Same function and gradients as the two
+    ops one after the other (which is what the reference backend runs).
+
+    Args:
+        x1, x2: (N, C, H, W); append: (1 or N, E, K, L) or None; weight, bias: (C + E,) or None (the BN's affine
+            parameters); conv_weight: (Cout, C + E); conv_bias: (Cout,) or None; the footprint: as in
+            :func:`subtraction2`.
+    Returns:
+        y (N, Cout, K, L), mean (C + E,), var (C + E,) (biased; the batch statistics of z).
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    x1, x2, append, weight, bias, conv_weight, conv_bias = _autocast(x1, x2, append, weight, bias, conv_weight,
+                                                                     conv_bias)
+    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
+    c = x1.shape[1]
+    if append is not None:
+        _checks.check_append(append, x1, fp.kernel_size**2, h_out * w_out)
+        c += append.shape[1]
+    # The checks of batchnorm_relu_conv, on z's shape (without building z).
+    _check_batchnorm(x1, weight, bias, eps, shape=(x1.shape[0], c, fp.kernel_size**2, h_out * w_out))
+    _checks.check_same_kind("x1", x1, "conv_weight", conv_weight)
+    if conv_weight.dim() != 2 or conv_weight.shape[1] != c:
+        raise ValueError(f"conv_weight must have shape (Cout, {c}), got {tuple(conv_weight.shape)}")
+    if conv_bias is not None:
+        _checks.check_same_kind("x1", x1, "conv_bias", conv_bias)
+        if tuple(conv_bias.shape) != (conv_weight.shape[0],):
+            raise ValueError(f"conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
+    return implementation(x1).subtraction2_batchnorm_relu_conv(x1, x2, append, weight, bias, float(eps), conv_weight,
+                                                               conv_bias, fp)
 
 
 def batchnorm_relu_maxpool(

@@ -647,8 +647,8 @@ def bn_relu_maxpool(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 # shift = bias - mean * scale. One autograd node for all of it: its backward runs f's fused backward, then
 # adds the statistics' share of grad x in the same pass (channel_var_mean_backward with base), instead of a
 # separate statistics gradient that autograd would allocate and add.
-def _bn_train_backward(x, weight, mean, var, eps, gx0, gscale, gshift, gmean_out, gvar_out):
-    """grad x, weight, bias from f's gradients w.r.t. x (holding scale, shift fixed), scale and shift."""
+def _bn_stats_grads(weight, mean, var, eps, gscale, gshift, gmean_out, gvar_out):
+    """From f's gradients w.r.t. scale and shift (and the returned mean and var): grad weight, mean and var."""
     rstd = torch.rsqrt(var + eps)
     scale = rstd if weight is None else weight * rstd
     gscale = gscale - gshift * mean  # shift = bias - mean * scale depends on scale too
@@ -659,8 +659,14 @@ def _bn_train_backward(x, weight, mean, var, eps, gx0, gscale, gshift, gmean_out
         g_mean = g_mean + gmean_out
     if gvar_out is not None:
         g_var = g_var + gvar_out
+    return (None if weight is None else g_weight), g_mean, g_var
+
+
+def _bn_train_backward(x, weight, mean, var, eps, gx0, gscale, gshift, gmean_out, gvar_out):
+    """grad x, weight, bias from f's gradients w.r.t. x (holding scale, shift fixed), scale and shift."""
+    g_weight, g_mean, g_var = _bn_stats_grads(weight, mean, var, eps, gscale, gshift, gmean_out, gvar_out)
     gx = channel_var_mean_backward_op(x, mean, g_var, g_mean, gx0)
-    return gx, (None if weight is None else g_weight), gshift
+    return gx, g_weight, gshift
 
 
 def _bn_train_double_backward(fn, saved, grads):
@@ -768,3 +774,111 @@ def batchnorm_relu_conv(x, weight, bias, eps, conv_weight, conv_bias):
 
 def batchnorm_relu_maxpool(x, weight, bias, eps):
     return batchnorm_relu_maxpool_op(x, weight, bias, eps)
+
+
+# --- subtraction2 (with append) + training-mode BN + ReLU + 1x1 conv, without writing z --------
+# The first triple of the pairwise mapping gamma reads z = [phi(x_i) - psi(x_j), p_i - p_j] (N, C + E, K, L), K times
+# the size of phi(x) and psi(x). Here its statistics, the fused BN-ReLU-conv and their backward gather z's rows from
+# x1, x2 and append as they go, so z is neither written nor kept for backward; the statistics' share of grad z is
+# added inside the scatter back onto x1 and x2.
+@torch.library.custom_op("torchsan::subtraction2_batchnorm_relu_conv", mutates_args=(), device_types="cpu")
+def subtraction2_batchnorm_relu_conv_op(x1: Tensor, x2: Tensor, append: Tensor | None, weight: Tensor | None,
+                                        bias: Tensor | None, eps: float, conv_weight: Tensor, conv_bias: Tensor | None,
+                                        kernel_size: int, stride: int, padding: int, dilation: int,
+                                        reflect: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """batchnorm_relu_conv(subtraction2(x1, x2, append=append), ...): (y (N, Cout, K, L), mean, var (C + E))."""
+    geometry = (kernel_size, stride, padding, dilation, reflect)
+    var, mean = _kernels().relation_var_mean(x1, x2, append, *geometry)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, eps)
+    y = _kernels().relation_bn_relu_conv_forward(x1, x2, append, scale, shift, conv_weight, conv_bias, *geometry)
+    return y, mean, var
+
+
+@subtraction2_batchnorm_relu_conv_op.register_fake
+def _(x1, x2, append, weight, bias, eps, conv_weight, conv_bias, kernel_size, stride, padding, dilation, reflect):
+    ho, wo = _out_hw(x1.shape[2], x1.shape[3], kernel_size, stride, padding, dilation)
+    c = x1.shape[1] + (0 if append is None else append.shape[1])
+    y = x1.new_empty((x1.shape[0], conv_weight.shape[0], kernel_size * kernel_size, ho * wo))
+    return y, x1.new_empty(c), x1.new_empty(c)
+
+
+@torch.library.custom_op("torchsan::subtraction2_bn_relu_conv_backward", mutates_args=(), device_types="cpu")
+def subtraction2_bn_relu_conv_backward_op(grad: Tensor, x1: Tensor, x2: Tensor, append: Tensor | None, scale: Tensor,
+                                          shift: Tensor, conv_weight: Tensor, kernel_size: int, stride: int,
+                                          padding: int, dilation: int,
+                                          reflect: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """bn_relu_conv's backward on z = [subtraction2(x1, x2), append] (holding scale and shift fixed), z gathered:
+    (grad z (N, C + E, K, L), grad scale, grad shift, grad conv_weight, grad conv_bias)."""
+    return tuple(_kernels().relation_bn_relu_conv_backward(grad, x1, x2, append, scale, shift, conv_weight,
+                                                           kernel_size, stride, padding, dilation, reflect))
+
+
+@subtraction2_bn_relu_conv_backward_op.register_fake
+def _(grad, x1, x2, append, scale, shift, conv_weight, kernel_size, stride, padding, dilation, reflect):
+    z = grad.new_empty((grad.shape[0], scale.shape[0], *grad.shape[2:]))
+    return z, torch.empty_like(scale), torch.empty_like(shift), torch.empty_like(conv_weight), grad.new_empty(
+        grad.shape[1])
+
+
+@torch.library.custom_op("torchsan::subtraction2_stats_backward", mutates_args=(), device_types="cpu")
+def subtraction2_stats_backward_op(grad: Tensor, x1: Tensor, x2: Tensor, append: Tensor | None, grad_mean: Tensor,
+                                   grad_var: Tensor, mean: Tensor, kernel_size: int, stride: int, padding: int,
+                                   dilation: int, reflect: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of z = [subtraction2(x1, x2), append] (N, C + E, K, L) from grad z plus the share of z's batch mean
+    and variance (grad_mean, grad_var (C + E)): grad z + grad_mean / n + 2 grad_var / n * (z - mean), n = N K L, with
+    z recomputed. Returns (grad x1, grad x2, grad append (empty if append is None))."""
+    inv = 1.0 / (grad.numel() // grad.shape[1])
+    a, b = grad_mean * inv, grad_var * (2 * inv)
+    g1, g2 = _kernels().relation_stats_backward(grad, x1, x2, a, b, mean, kernel_size, stride, padding, dilation,
+                                                reflect)
+    if append is None:
+        return g1, g2, grad.new_empty(0)
+    c, view = x1.shape[1], (1, -1, 1, 1)
+    g_append = grad[:, c:] + a[c:].view(view) + b[c:].view(view) * (append - mean[c:].view(view))
+    if append.shape[0] == 1 and x1.shape[0] != 1:
+        g_append = g_append.sum(0, keepdim=True)
+    return g1, g2, g_append
+
+
+@subtraction2_stats_backward_op.register_fake
+def _(grad, x1, x2, append, grad_mean, grad_var, mean, kernel_size, stride, padding, dilation, reflect):
+    return torch.empty_like(x1), torch.empty_like(x1), grad.new_empty(0) if append is None else torch.empty_like(append)
+
+
+def _s2brc_setup(ctx, inputs, output):
+    x1, x2, append, weight, bias, eps, conv_weight, conv_bias, *geometry = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x1, x2, append, weight, bias, conv_weight, conv_bias, mean, var)
+    ctx.eps, ctx.geometry = eps, tuple(geometry)
+
+
+def _s2brc_reference(impl, x1, x2, append, weight, bias, conv_weight, conv_bias, eps, geometry):
+    k, s, p, d, reflect = geometry
+    fp = Footprint(k, s, p, d, "reflect" if reflect else "zeros")
+    z = impl.subtraction2(x1, x2, fp, fp.out_size(x1.shape[2]), fp.out_size(x1.shape[3]), append=append)
+    return impl.batchnorm_relu_conv(z, weight, bias, eps, conv_weight, conv_bias)
+
+
+def _s2brc_grad(ctx, grad, gmean_out, gvar_out):
+    x1, x2, append, weight, bias, conv_weight, conv_bias, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        g = _bn_train_double_backward(
+            lambda impl, *t: _s2brc_reference(impl, *t, ctx.eps, ctx.geometry),
+            (x1, x2, append, weight, bias, conv_weight, conv_bias), (grad, gmean_out, gvar_out))
+        return (*g[:5], None, *g[5:], None, None, None, None, None)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, ctx.eps)
+    gz0, gscale, gshift, gcw, gcb = subtraction2_bn_relu_conv_backward_op(grad, x1, x2, append, scale, shift,
+                                                                          conv_weight, *ctx.geometry)
+    g_weight, g_mean, g_var = _bn_stats_grads(weight, mean, var, ctx.eps, gscale, gshift, gmean_out, gvar_out)
+    g1, g2, g_append = subtraction2_stats_backward_op(gz0, x1, x2, append, g_mean, g_var, mean, *ctx.geometry)
+    g_append = None if append is None else g_append
+    return (g1, g2, g_append, g_weight, gshift if bias is not None else None, None, gcw,
+            gcb if conv_bias is not None else None, None, None, None, None, None)
+
+
+subtraction2_batchnorm_relu_conv_op.register_autograd(_s2brc_grad, setup_context=_s2brc_setup)
+
+
+def subtraction2_batchnorm_relu_conv(x1, x2, append, weight, bias, eps, conv_weight, conv_bias, fp: Footprint):
+    return subtraction2_batchnorm_relu_conv_op(x1, x2, append, weight, bias, eps, conv_weight, conv_bias,
+                                               *_fp_args(fp))

@@ -101,3 +101,8 @@ def batchnorm_relu_maxpool(x, weight, bias, eps):
     var, mean = channel_var_mean(x)
     scale, shift = batchnorm_scale_shift(weight, bias, mean, var, eps)
     return bn_relu_maxpool(x, scale, shift), mean, var
+
+
+def subtraction2_batchnorm_relu_conv(x1, x2, append, weight, bias, eps, conv_weight, conv_bias, fp: Footprint):
+    z = subtraction2(x1, x2, fp, fp.out_size(x1.shape[2]), fp.out_size(x1.shape[3]), append=append)
+    return batchnorm_relu_conv(z, weight, bias, eps, conv_weight, conv_bias)
