@@ -7,10 +7,11 @@ attention's phi, psi and beta convolutions, the relation and position encoding (
 the softmax and the aggregation, and the block's BN-ReLU-conv pairs, all run module by module. "fused": the
 default on the ``cpu`` backend: each gamma BN-ReLU-conv triple as one op with its batch statistics
 (``torchsan.ops.batchnorm_relu_conv``), each BN-ReLU-max-pool as ``torchsan.ops.batchnorm_relu_maxpool``,
-phi/psi/beta as one convolution with stacked weights, z written by ``subtraction2(..., append=p)``, the softmax
-inside the aggregation (``softmax_aggregation``), and the block's BN-ReLU-conv pairs fused on maps of >= 1024
-px. Both use the fused aggregation and subtraction kernels. The two settings alternate in one process after
-warm-up steps, so both see the same allocator state. Prints the median step of each and writes
+phi/psi/beta as one convolution with stacked weights, z never written on maps of >= 14 x 14 (its statistics and
+gamma's first triple gather it: ``subtraction2_batchnorm_relu_conv``) and written by ``subtraction2(..., append=p)``
+on smaller ones, the softmax inside the aggregation (``softmax_aggregation``), and the block's BN-ReLU-conv pairs
+fused on maps of >= 1024 px. Both use the fused aggregation and subtraction kernels. The two settings alternate in
+one process after warm-up steps, so both see the same allocator state. Prints the median step of each and writes
 benchmarks/results/ab_mapping.json.
 A measurement, not a test.
 """

@@ -704,8 +704,8 @@ def test_pairwise_layer_fuses_the_relation_into_gamma(training, monkeypatch):
         torch.testing.assert_close(a, b)
     calls.clear()
     with ops.use_backend("cpu"):
-        layer(torch.randn(2, 16, 20, 20, dtype=torch.float64))  # 400 pixels: z is written
-    assert calls == []
+        layer(torch.randn(2, 16, 12, 12, dtype=torch.float64))  # a smaller map: z is written
+    assert 12 * 12 < attention.MIN_RELATION_FUSED_PIXELS and calls == []
 
 
 def test_torch_compile_pairwise_layer_with_fused_relation_matches_eager():
@@ -731,3 +731,24 @@ def test_torch_compile_pairwise_layer_with_fused_relation_matches_eager():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
     for a, b in zip(layer.buffers(), eager.buffers()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gathers_on_tiny_maps_match_reference(dtype):
+    # The stride-1 gathers move whole vectors and may spill into the rows they write next: on maps narrower than a
+    # vector (and with many planes, so that a spill past a channel's block would hit another's) the results must
+    # still be exact, and nothing may be written outside the output.
+    for h, w in [(1, 1), (2, 3), (3, 2), (5, 3), (7, 7), (9, 2)]:
+        for k in (1, 3, 5):
+            x1, x2 = torch.randn(3, 5, h, w, dtype=dtype), torch.randn(3, 5, h, w, dtype=dtype)
+            guard = torch.randn(3, 5, h, w, dtype=dtype)  # (best effort) a neighbour in memory that must stay as it is
+            before = guard.clone()
+
+            def call(a, b, k=k):
+                return ops.subtraction2(a, b, k, pad_mode="zeros") + ops.unfold(b, k, pad_mode="zeros")
+
+            (yf, gf), (yr, gr) = _both(call, x1, x2)
+            _close(yf, yr, dtype)
+            for a, b in zip(gf, gr):
+                _close(a, b, dtype)
+            assert torch.equal(guard, before)
