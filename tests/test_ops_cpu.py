@@ -516,6 +516,14 @@ def test_batchnorm_fused_ops_gradcheck_and_opcheck():
     opcheck(torch.ops.torchsan.batchnorm_relu_conv.default, (x, w, b, 1e-5, cw, cb))
     opcheck(torch.ops.torchsan.batchnorm_relu_conv.default, (x, None, None, 1e-5, cw, None))
     opcheck(torch.ops.torchsan.batchnorm_relu_maxpool.default, (x, w, b, 1e-5))
+    # The statistics' share of grad x, added in place to a gradient buffer (the fused backward passes use it).
+    stats = (x.detach(), x.detach().mean((0, 2, 3)), torch.randn(3, dtype=torch.float64),
+             torch.randn(3, dtype=torch.float64))
+    base = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    expected = torch.ops.torchsan.channel_var_mean_backward.default(*stats, base)
+    opcheck(torch.ops.torchsan.channel_var_mean_backward_.default, (*stats, base.clone()))
+    torch.ops.torchsan.channel_var_mean_backward_.default(*stats, base)
+    assert torch.equal(base, expected)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ops.batchnorm_relu_conv(torch.randn(1, 3, 1), None, None, 1e-5, torch.randn(2, 3))
     with pytest.raises(ValueError, match="eps must be positive"):

@@ -51,8 +51,6 @@ struct Geometry {
 // which streams far better than one short row per tap, while the block's outputs stay in L1.
 constexpr int64_t kRowBlock = 8;
 
-inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
 inline int64_t reflect_index(int64_t i, int64_t n) {
   if (i < 0) i = -i;
   if (i >= n) i = 2 * (n - 1) - i;
@@ -183,45 +181,6 @@ inline T hsum(V<T> v) {
   T s = 0;
   for (int64_t i = 0; i < VW<T>; ++i) s += v[i];
   return s;
-}
-
-// out[0, n) = a - b (b null: out = a) for the stride-1 gathers, in whole vectors: the last vector reads up to VW - 1
-// values past a + n and b + n and writes as many past out + n. The callers own that room (slack, or the next output
-// row, which they write afterwards). On SAN's 14 and 7 px maps a row is about one vector long, and a simd loop would
-// run most of it as its scalar remainder (masked AVX2 stores are slower still on this machine's AMD cores).
-constexpr int64_t kSlack = 8;  // values of slack after buffers read or written this way (>= VW<float>)
-template <typename T>
-inline void row_diff_over(T* out, const T* a, const T* b, int64_t n) {
-  for (int64_t i = 0; i < n; i += VW<T>) {
-    V<T> v, w;
-    std::memcpy(&v, a + i, sizeof(V<T>));
-    if (b) {
-      std::memcpy(&w, b + i, sizeof(V<T>));
-      v -= w;
-    }
-    std::memcpy(out + i, &v, sizeof(V<T>));
-  }
-}
-
-// dst[0, n) += alpha * src[0, n) in whole vectors: reads up to VW - 1 values past dst + n and src + n and stores
-// dst's own values back there (a per-thread buffer with slack, or rows this task owns).
-template <typename T>
-inline V<T> lane_index() {
-  V<T> v;
-  for (int64_t i = 0; i < VW<T>; ++i) v[i] = T(i);
-  return v;
-}
-template <typename T>
-inline void row_add_over(T* dst, const T* src, T alpha, int64_t n) {
-  static const V<T> lanes = lane_index<T>();
-  for (int64_t i = 0; i < n; i += VW<T>) {
-    V<T> d, v;
-    std::memcpy(&d, dst + i, sizeof(V<T>));
-    std::memcpy(&v, src + i, sizeof(V<T>));
-    V<T> sum = d + alpha * v;
-    if (i + VW<T> > n) sum = lanes < T(n - i) ? sum : d;
-    std::memcpy(dst + i, &sum, sizeof(V<T>));
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -578,7 +537,7 @@ void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t N, 
                            const Geometry& g) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W, c0 = (g.k / 2) * g.d;
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p1(x1 ? g.plane() + kSlack : 0), p2(g.plane() + kSlack);
+    std::vector<T> p1(x1 ? g.plane() : 0), p2(g.plane());
     for (int64_t t = begin; t < end; ++t) {
       if (x1) pad_plane(x1 + t * HW, p1.data(), g);
       pad_plane(x2 + t * HW, p2.data(), g);
@@ -589,18 +548,13 @@ void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t N, 
             T* orow = ot + ho * g.Wo;
             const T* xrow = p2.data() + (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
             const T* crow = x1 ? p1.data() + (ho * g.s + c0) * g.Wp + c0 : nullptr;
-            // (sign is 1 with x1, -1 without.) Whole vectors may spill into the rows after this one, which this task
-            // writes next, but not past its channel's (K, L) block: there lies another task's output.
-            const bool last = orow + round_up(g.Wo, VW<T>) > ot - (kh * g.k + kw) * L + K * L;
-            if (g.s == 1 && !last) {
-              row_diff_over(orow, crow ? crow : xrow, crow ? xrow : nullptr, g.Wo);
-            } else if (g.s == 1) {
+            if (g.s == 1) {  // contiguous rows: vectorised
               if (crow) {
 #pragma omp simd
-                for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = crow[wo] - xrow[wo];
+                for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = crow[wo] - sign * xrow[wo];
               } else {
 #pragma omp simd
-                for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = xrow[wo];
+                for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = -sign * xrow[wo];
               }
             } else if (crow) {
               for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = crow[wo * g.s] - sign * xrow[wo * g.s];
@@ -626,8 +580,8 @@ void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t N, in
                             const Geometry& g, const StatsCorrection<T>* corr = nullptr) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W, c0 = (g.k / 2) * g.d;
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p1(gx1 ? g.plane() + kSlack : 0), p2(gx2 ? g.plane() + kSlack : 0);
-    std::vector<T> z1(corr ? g.plane() : 0), z2(corr ? g.plane() : 0), gz(corr ? g.Wo + kSlack : 0);
+    std::vector<T> p1(gx1 ? g.plane() : 0), p2(gx2 ? g.plane() : 0);
+    std::vector<T> z1(corr ? g.plane() : 0), z2(corr ? g.plane() : 0), gz(corr ? g.Wo : 0);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(p1.begin(), p1.end(), T(0));
       std::fill(p2.begin(), p2.end(), T(0));
@@ -640,9 +594,6 @@ void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t N, in
           const T* gt = gout + (((t / C) * Ct + t % C) * K + kh * g.k + kw) * L;  // gout: Ct >= C channels
           for (int64_t ho = 0; ho < g.Ho; ++ho) {
             const T* grow = gt + ho * g.Wo;
-            // Whole vectors (row_add_over) read past the row in gout: not past this channel's (K, L) block (the last
-            // channel's ends the tensor).
-            const bool over = g.s == 1 && grow + round_up(g.Wo, VW<T>) <= gt - (kh * g.k + kw) * L + K * L;
             if (corr) {
               const int64_t c = t % C;
               const T a = corr->a[c], b = corr->b[c], mu = corr->mean[c];
@@ -659,9 +610,7 @@ void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t N, in
             }
             if (gx1) {
               T* crow = p1.data() + (ho * g.s + c0) * g.Wp + c0;
-              if (over || (corr && g.s == 1)) {
-                row_add_over(crow, grow, T(1), g.Wo);
-              } else if (g.s == 1) {
+              if (g.s == 1) {
 #pragma omp simd
                 for (int64_t wo = 0; wo < g.Wo; ++wo) crow[wo] += grow[wo];
               } else {
@@ -670,9 +619,7 @@ void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t N, in
             }
             if (gx2) {
               T* xrow = p2.data() + (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
-              if (over || (corr && g.s == 1)) {
-                row_add_over(xrow, grow, -sign, g.Wo);
-              } else if (g.s == 1) {
+              if (g.s == 1) {
 #pragma omp simd
                 for (int64_t wo = 0; wo < g.Wo; ++wo) xrow[wo] -= sign * grow[wo];
               } else {
@@ -703,6 +650,7 @@ constexpr int64_t kCols = 2;           // column vectors per register block of t
 constexpr int64_t kSub = 256;          // pixels per sub-block: its staged rows stay in L1/L2 (a multiple of kCols * VW)
 constexpr int64_t kInTile = 2;         // input channels per register block of the weight-gradient reduction
 
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Rows per register block (R) of the small GEMMs: 6 x kCols = 12 accumulators (of AVX2's 16 registers) hide the FMA
 // latency better than 4 x kCols = 8 (x0.8-0.9 at 32-128 rows, benchmarks/mapping_triples.py), but pad 8 rows to 12.
@@ -781,7 +729,8 @@ struct RelationRows {
       const T* crow = p1 + (ho * g.s + c0) * g.Wp + c0 + wo * g.s;
       const T* xrow = p2 + (ho * g.s + kh * g.d) * g.Wp + kw * g.d + wo * g.s;
       if (g.s == 1) {
-        row_diff_over(out, crow, xrow, len);  // spills into the next run's room, or the slack after scratch
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) out[i] = crow[i] - xrow[i];
       } else {
         for (int64_t i = 0; i < len; ++i) out[i] = crow[i * g.s] - xrow[i * g.s];
       }
@@ -814,7 +763,7 @@ void brc_forward_kernel(const Rows& src, const T* scale, const T* shift, const T
   const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, blocks = round_up(Cout, R) / R;
   const std::vector<T> wp = pack_rows<T, R>(w, Cout, Cin, false);
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> r(Cin * kSub), scratch(kSub + kSlack);
+    std::vector<T> r(Cin * kSub), scratch(kSub);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
       for (int64_t q0 = p0; q0 < p1; q0 += kSub) {
@@ -850,7 +799,7 @@ void brc_backward_kernel(const T* gy, const Rows& src, const T* scale, const T* 
   parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> r(cin_pad * kSub, T(0)), g(cout_pad * kSub, T(0));  // padding rows stay zero
     std::vector<V<T>> acc_w(cout_pad * cin_pad), acc_s(Cin), acc_b(Cin), acc_bias(Cout);
-    std::vector<T> scratch(Cin * kSub + kSlack);  // raw input rows that src computes (not read in place)
+    std::vector<T> scratch(Cin * kSub);  // raw input rows that src computes (not read in place)
     std::vector<const T*> xrows(Cin);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
@@ -1041,7 +990,7 @@ void channel_stats_kernel(const Rows& src, T* var, T* mean, int64_t N, int64_t C
   const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk;
   std::vector<double> cmean(N * C * chunks), cm2(N * C * chunks);
   parallel_range(0, N * C * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(kPixelChunk + kSlack);
+    std::vector<T> scratch(kPixelChunk);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk), m = p1 - p0;
       const T* xr = src.row(t / (C * chunks), (t / chunks) % C, p0, m, scratch.data());
@@ -1125,8 +1074,7 @@ auto brc_backward_for(int64_t Cin, int64_t Cout) {
 
 // x (N, C, H, W) -> its padded planes (N, C, Hp, Wp).
 torch::Tensor pad_planes(const torch::Tensor& x, const Geometry& g) {
-  const int64_t n = x.size(0) * x.size(1) * g.plane();  // kSlack more: RelationRows reads whole vectors
-  auto out = torch::empty({n + kSlack}, x.options()).narrow(0, 0, n).view({x.size(0), x.size(1), g.Hp, g.Wp});
+  auto out = torch::empty({x.size(0), x.size(1), g.Hp, g.Wp}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pad_planes", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -1379,7 +1327,7 @@ std::vector<torch::Tensor> channel_var_mean(torch::Tensor x) {
 }
 
 torch::Tensor channel_var_mean_backward(torch::Tensor x, torch::Tensor mean, torch::Tensor gvar, torch::Tensor gmean,
-                                        c10::optional<torch::Tensor> base) {
+                                        c10::optional<torch::Tensor> base, bool in_place) {
   x = x.contiguous();
   torch::Tensor b = base.has_value() ? base->contiguous() : torch::Tensor();
   TORCH_CHECK(!b.defined() || (b.sizes() == x.sizes() && b.scalar_type() == x.scalar_type()),
@@ -1389,7 +1337,10 @@ torch::Tensor channel_var_mean_backward(torch::Tensor x, torch::Tensor mean, tor
   gmean = gmean.contiguous();
   const int64_t N = x.size(0), C = x.size(1), P = x.numel() / std::max<int64_t>(1, N * C);
   TORCH_CHECK(mean.numel() == C && gvar.numel() == C && gmean.numel() == C, "channel_var_mean_backward: shape mismatch");
-  auto gx = torch::empty_like(x);
+  // in_place: the result overwrites base (a gradient buffer of the caller's), two streams instead of three.
+  auto gx = in_place ? b : torch::empty_like(x);
+  TORCH_CHECK(!in_place || (b.defined() && base->is_contiguous()), "channel_var_mean_backward: in place needs a "
+              "contiguous base");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_var_mean_backward", [&] {
     channel_stats_backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), gvar.data_ptr<scalar_t>(),
                                             gmean.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,

@@ -517,7 +517,14 @@ def _(x):
 def channel_var_mean_backward_op(x: Tensor, mean: Tensor, grad_var: Tensor, grad_mean: Tensor,
                                  base: Tensor | None = None) -> Tensor:
     """base + grad_mean / n + (2 grad_var / n) * (x - mean), per channel; one pass over x."""
-    return _kernels().channel_var_mean_backward(x, mean, grad_var, grad_mean, base)
+    return _kernels().channel_var_mean_backward(x, mean, grad_var, grad_mean, base, False)
+
+
+@torch.library.custom_op("torchsan::channel_var_mean_backward_", mutates_args=("base",), device_types="cpu")
+def channel_var_mean_backward_inplace_op(x: Tensor, mean: Tensor, grad_var: Tensor, grad_mean: Tensor,
+                                         base: Tensor) -> None:
+    """base += grad_mean / n + (2 grad_var / n) * (x - mean), in place (base: contiguous, x's shape)."""
+    _kernels().channel_var_mean_backward(x, mean, grad_var, grad_mean, base, True)
 
 
 channel_var_mean_backward_op.register_fake(
@@ -645,7 +652,7 @@ def bn_relu_maxpool(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 # --- training-mode BatchNorm (batch statistics) fused with what follows it ------------------------
 # y, mean, var = f(x, scale, shift) with var, mean = var_mean(x), scale = weight * rsqrt(var + eps) and
 # shift = bias - mean * scale. One autograd node for all of it: its backward runs f's fused backward, then
-# adds the statistics' share of grad x in the same pass (channel_var_mean_backward with base), instead of a
+# adds the statistics' share of grad x to that buffer in place (channel_var_mean_backward_), instead of a
 # separate statistics gradient that autograd would allocate and add.
 def _bn_stats_grads(weight, mean, var, eps, gscale, gshift, gmean_out, gvar_out):
     """From f's gradients w.r.t. scale and shift (and the returned mean and var): grad weight, mean and var."""
@@ -665,8 +672,8 @@ def _bn_stats_grads(weight, mean, var, eps, gscale, gshift, gmean_out, gvar_out)
 def _bn_train_backward(x, weight, mean, var, eps, gx0, gscale, gshift, gmean_out, gvar_out):
     """grad x, weight, bias from f's gradients w.r.t. x (holding scale, shift fixed), scale and shift."""
     g_weight, g_mean, g_var = _bn_stats_grads(weight, mean, var, eps, gscale, gshift, gmean_out, gvar_out)
-    gx = channel_var_mean_backward_op(x, mean, g_var, g_mean, gx0)
-    return gx, g_weight, gshift
+    channel_var_mean_backward_inplace_op(x, mean, g_var, g_mean, gx0)  # gx0: a fresh buffer of f's backward
+    return gx0, g_weight, gshift
 
 
 def _bn_train_double_backward(fn, saved, grads):
