@@ -298,6 +298,18 @@ def _check_batchnorm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
 
 
+def _check_conv1x1(name: str, x: torch.Tensor, c_in: int, conv_weight: torch.Tensor,
+                   conv_bias: torch.Tensor | None) -> None:
+    """A 1x1 convolution's (Cout, c_in) weight and (Cout,) bias, of x's dtype and device."""
+    _checks.check_same_kind(name, x, "conv_weight", conv_weight)
+    if conv_weight.dim() != 2 or conv_weight.shape[1] != c_in:
+        raise ValueError(f"conv_weight must have shape (Cout, {c_in}), got {tuple(conv_weight.shape)}")
+    if conv_bias is not None:
+        _checks.check_same_kind(name, x, "conv_bias", conv_bias)
+        if tuple(conv_bias.shape) != (conv_weight.shape[0],):
+            raise ValueError(f"conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
+
+
 def batchnorm_relu_conv(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -323,13 +335,7 @@ def batchnorm_relu_conv(
     x, weight, bias, conv_weight, conv_bias = _autocast(x, weight, bias, conv_weight, conv_bias)
     _check_batchnorm(x, weight, bias, eps)
     c_in = x.shape[1]
-    _checks.check_same_kind("x", x, "conv_weight", conv_weight)
-    if conv_weight.dim() != 2 or conv_weight.shape[1] != c_in:
-        raise ValueError(f"conv_weight must have shape (Cout, {c_in}), got {tuple(conv_weight.shape)}")
-    if conv_bias is not None:
-        _checks.check_same_kind("x", x, "conv_bias", conv_bias)
-        if tuple(conv_bias.shape) != (conv_weight.shape[0],):
-            raise ValueError(f"conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
+    _check_conv1x1("x", x, c_in, conv_weight, conv_bias)
     return implementation(x).batchnorm_relu_conv(x, weight, bias, float(eps), conv_weight, conv_bias)
 
 
@@ -373,13 +379,7 @@ def subtraction2_batchnorm_relu_conv(
         c += append.shape[1]
     # The checks of batchnorm_relu_conv, on z's shape (without building z).
     _check_batchnorm(x1, weight, bias, eps, shape=(x1.shape[0], c, fp.kernel_size**2, h_out * w_out))
-    _checks.check_same_kind("x1", x1, "conv_weight", conv_weight)
-    if conv_weight.dim() != 2 or conv_weight.shape[1] != c:
-        raise ValueError(f"conv_weight must have shape (Cout, {c}), got {tuple(conv_weight.shape)}")
-    if conv_bias is not None:
-        _checks.check_same_kind("x1", x1, "conv_bias", conv_bias)
-        if tuple(conv_bias.shape) != (conv_weight.shape[0],):
-            raise ValueError(f"conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
+    _check_conv1x1("x1", x1, c, conv_weight, conv_bias)
     return implementation(x1).subtraction2_batchnorm_relu_conv(x1, x2, append, weight, bias, float(eps), conv_weight,
                                                                conv_bias, fp)
 
