@@ -266,25 +266,20 @@ def test_model_fused_matches_reference(sa_type, pools, size):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
-@pytest.mark.parametrize("training", [True, False])
-def test_block_fused_bn_relu_conv_matches_reference(sa_type, training, monkeypatch):
-    """On maps of >= MIN_FUSED_PIXELS the block runs norm1-act1-(phi|psi|beta) and norm2-act2-proj fused."""
-    from torchsan.layers import SelfAttentionBlock, block
-
-    calls = []
-    fused = block.bn_relu_conv1x1
-    monkeypatch.setattr(block, "bn_relu_conv1x1", lambda *a: calls.append(a[0]) or fused(*a))
-    layer = SelfAttentionBlock(32, sa_type, kernel_size=3, share_planes=4).double().train(training)
+def _layer_step_matches_reference(layer, x):
+    """Random parameters and running statistics (random BN shifts: with the default zero shift, a pairwise layer's
+    centre tap z = p_i - p_i = 0 sits on ReLU's kink, a rounding error away from 0, and backends may round apart),
+    then one forward + backward on the cpu and the reference backends from the same state: outputs, gradients
+    (input and parameters) and buffers must agree."""
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
         for name, b in layer.named_buffers():
             if name.endswith("running_var"):
                 b.copy_(torch.rand_like(b) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn_like(b))
     initial = {k: v.clone() for k, v in layer.state_dict().items()}
-    x = torch.randn(2, 32, 33, 32, dtype=torch.float64)  # 1056 pixels
-    assert x.shape[2] * x.shape[3] >= block.MIN_FUSED_PIXELS
     outs = []
     for backend in ("cpu", "reference"):
         layer.load_state_dict(initial)
@@ -295,10 +290,25 @@ def test_block_fused_bn_relu_conv_matches_reference(sa_type, training, monkeypat
             y.square().sum().backward()
         outs.append((y.detach(), [xi.grad] + [p.grad.clone() for p in layer.parameters()],
                      [b.clone() for b in layer.buffers()]))
-    assert calls == [layer.norm1, layer.norm2]  # the cpu run fused both pairs; the reference run none
     torch.testing.assert_close(outs[0][0], outs[1][0])
     for a, b in zip(outs[0][1] + outs[0][2], outs[1][1] + outs[1][2]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+@pytest.mark.parametrize("training", [True, False])
+def test_block_fused_bn_relu_conv_matches_reference(sa_type, training, monkeypatch):
+    """On maps of >= MIN_FUSED_PIXELS the block runs norm1-act1-(phi|psi|beta) and norm2-act2-proj fused."""
+    from torchsan.layers import SelfAttentionBlock, block
+
+    calls = []
+    fused = block.bn_relu_conv1x1
+    monkeypatch.setattr(block, "bn_relu_conv1x1", lambda *a: calls.append(a[0]) or fused(*a))
+    layer = SelfAttentionBlock(32, sa_type, kernel_size=3, share_planes=4).double().train(training)
+    x = torch.randn(2, 32, 33, 32, dtype=torch.float64)  # 1056 pixels
+    assert x.shape[2] * x.shape[3] >= block.MIN_FUSED_PIXELS
+    _layer_step_matches_reference(layer, x)
+    assert calls == [layer.norm1, layer.norm2]  # the cpu run fused both pairs; the reference run none
 
 
 @pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
@@ -688,33 +698,9 @@ def test_pairwise_layer_fuses_the_relation_into_gamma(training, monkeypatch):
     fused = ops.subtraction2_batchnorm_relu_conv
     monkeypatch.setattr(ops, "subtraction2_batchnorm_relu_conv", lambda *a, **k: calls.append(1) or fused(*a, **k))
     layer = PairwiseSelfAttention(16, 4, 16, share_planes=4, kernel_size=5).double().train(training)
-    with torch.no_grad():
-        # Random BN shifts: with the default zero shift, the centre tap's z = p_i - p_i = 0 sits on ReLU's kink
-        # (its pre-activation is -mean * scale, a rounding error away from 0), and the two backends may round apart.
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-        for name, b in layer.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(torch.rand_like(b) + 0.5)
-            elif name.endswith("running_mean"):
-                b.copy_(torch.randn_like(b))
-    initial = {k: v.clone() for k, v in layer.state_dict().items()}
-    x = torch.randn(2, 16, 29, 28, dtype=torch.float64)
     assert 29 * 28 >= attention.MIN_RELATION_FUSED_PIXELS
-    outs = []
-    for backend in ("cpu", "reference"):
-        layer.load_state_dict(initial)
-        layer.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        with ops.use_backend(backend):
-            y = layer(xi)
-            y.square().sum().backward()
-        outs.append((y.detach(), [xi.grad] + [p.grad.clone() for p in layer.parameters()],
-                     [b.clone() for b in layer.buffers()]))
+    _layer_step_matches_reference(layer, torch.randn(2, 16, 29, 28, dtype=torch.float64))
     assert len(calls) == (1 if training else 0)
-    torch.testing.assert_close(outs[0][0], outs[1][0])
-    for a, b in zip(outs[0][1] + outs[0][2], outs[1][1] + outs[1][2]):
-        torch.testing.assert_close(a, b)
     calls.clear()
     with ops.use_backend("cpu"):
         layer(torch.randn(2, 16, 12, 12, dtype=torch.float64))  # a smaller map: z is written
