@@ -19,6 +19,8 @@ CASES = [
     (5, 1, 2, None, 11, 12),
     (3, 3, 2, None, 10, 7),
     (3, 1, 1, 0, 6, 7),
+    (3, 1, 1, 2, 6, 5),  # stride 1 with more padding than the half-span: centres are not the input plane
+    (5, 1, 2, 3, 12, 11),
     (3, 2, 1, 2, 5, 7),
     (1, 1, 1, None, 4, 5),
 ]
@@ -100,9 +102,12 @@ def test_gradcheck_full_and_double_backward(mode):
     with ops.use_backend("cpu"):
         agg = lambda a, b: ops.aggregation(a, b, 3, pad_mode=mode)  # noqa: E731
         sub = lambda a, b: ops.subtraction2(a, b, 3, stride=2, pad_mode=mode)  # noqa: E731
+        sub1 = lambda a, b: ops.subtraction2(a, b, 3, padding=2, pad_mode=mode)  # noqa: E731
         unf = lambda a: ops.unfold(a, 3, dilation=2, pad_mode=mode)  # noqa: E731
         assert torch.autograd.gradcheck(agg, (x, weight))
         assert torch.autograd.gradcheck(sub, (x, x2))
+        assert torch.autograd.gradcheck(sub1, (x, x2))
+        assert torch.autograd.gradcheck(lambda a, b: ops.subtraction2(a, b, 3, pad_mode=mode), (x, x2))
         assert torch.autograd.gradgradcheck(agg, (x, weight))
         assert torch.autograd.gradgradcheck(sub, (x, x2))
         assert torch.autograd.gradgradcheck(unf, (x,))
@@ -607,6 +612,9 @@ RELATION_CASES = [
     (5, 1, 2, None, 11, 12, 1),
     (3, 2, 1, 2, 5, 7, 2),
     (3, 3, 2, None, 10, 7, 1),
+    (3, 1, 1, 0, 7, 6, None),
+    (3, 1, 1, 2, 5, 6, 1),
+    (3, 1, 1, None, 5, 19, 1),  # wider than kShiftedMaxWidth: padded planes, not shifted copies
 ]
 
 
@@ -698,13 +706,15 @@ def test_pairwise_layer_fuses_the_relation_into_gamma(training, monkeypatch):
     fused = ops.subtraction2_batchnorm_relu_conv
     monkeypatch.setattr(ops, "subtraction2_batchnorm_relu_conv", lambda *a, **k: calls.append(1) or fused(*a, **k))
     layer = PairwiseSelfAttention(16, 4, 16, share_planes=4, kernel_size=5).double().train(training)
-    assert 29 * 28 >= attention.MIN_RELATION_FUSED_PIXELS
-    _layer_step_matches_reference(layer, torch.randn(2, 16, 29, 28, dtype=torch.float64))
-    assert len(calls) == (1 if training else 0)
+    # A wide map (z's rows from padded planes) and a narrow one (from column-shifted copies).
+    for h, w in [(29, 28), (9, 8)]:
+        assert h * w >= attention.MIN_RELATION_FUSED_PIXELS
+        _layer_step_matches_reference(layer, torch.randn(2, 16, h, w, dtype=torch.float64))
+    assert len(calls) == (2 if training else 0)
     calls.clear()
     with ops.use_backend("cpu"):
-        layer(torch.randn(2, 16, 12, 12, dtype=torch.float64))  # a smaller map: z is written
-    assert 12 * 12 < attention.MIN_RELATION_FUSED_PIXELS and calls == []
+        layer(torch.randn(2, 16, 6, 6, dtype=torch.float64))  # a smaller map: z is written
+    assert 6 * 6 < attention.MIN_RELATION_FUSED_PIXELS and calls == []
 
 
 def test_torch_compile_pairwise_layer_with_fused_relation_matches_eager():
@@ -722,9 +732,9 @@ def test_torch_compile_pairwise_layer_with_fused_relation_matches_eager():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gathers_on_tiny_maps_match_reference(dtype):
-    # The stride-1 gathers move whole vectors and may spill into the rows they write next: on maps narrower than a
-    # vector (and with many planes, so that a spill past a channel's block would hit another's) the results must
-    # still be exact, and nothing may be written outside the output.
+    # The stride-1 gathers run each tap as one vectorised loop over column-shifted copies of the plane: on maps
+    # narrower than a vector, and with many planes (a write past one channel's block would hit another's), the
+    # results must still be exact, and nothing may be written outside the output.
     for h, w in [(1, 1), (2, 3), (3, 2), (5, 3), (7, 7), (9, 2)]:
         for k in (1, 3, 5):
             x1, x2 = torch.randn(3, 5, h, w, dtype=dtype), torch.randn(3, 5, h, w, dtype=dtype)

@@ -24,11 +24,12 @@ from .mapping import build_mapping, fusable_triple, has_hooks, run_mapping, upda
 from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
 
 # The pairwise layer fuses z = [phi(x_i) - psi(x_j), p_i - p_j] into gamma's first BN-ReLU-conv
-# (ops.subtraction2_batchnorm_relu_conv), which never writes z, on output maps of at least this many pixels. On small
-# maps z's rows are runs of 7-14 values and gathering them costs about what writing z saves. benchmarks/
-# relation_mapping.py, batch 8, 2 cores, forward + backward: x0.66-0.88 at 112-28 px, x0.93-1.04 at 14 px (which keeps
-# 20 MB less per block), x1.07 at 7 px.
-MIN_RELATION_FUSED_PIXELS = 196
+# (ops.subtraction2_batchnorm_relu_conv), which never writes z, on output maps of at least this many pixels: all of
+# SAN's at 224 px (the smallest is 7 x 7). benchmarks/relation_mapping.py, batch 8, 2 cores, forward + backward, fused
+# against written: x0.80-0.91 at 56-28 px, x1.01-1.12 at 112 px (where writing z streams), x0.88-1.08 at 14 px and
+# x0.83-0.96 at 7 px (from column-shifted copies on maps up to 16 wide), and none of z kept for backward (22, 20 and
+# 10 MB per block at 112, 14 and 7 px). Smaller maps (the small-input models' last stages) write z: not measured.
+MIN_RELATION_FUSED_PIXELS = 49
 
 PAIRWISE_RELATIONS = ("summation", "subtraction", "concatenation", "hadamard", "dot")
 PATCHWISE_RELATIONS = ("star", "clique", "concatenation")
