@@ -122,6 +122,61 @@ def test_gradcheck_full_and_double_backward(mode):
         assert torch.autograd.gradgradcheck(app, (x, x2, extra))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gathers_eager_fast_path_matches_the_custom_ops(dtype):
+    # In plain eager mode the gathers call the kernels from an autograd.Function (less per-call overhead); under a
+    # dispatch mode (as when tracing) they go through the torch.ops.torchsan custom ops. Same kernels, same bits.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x1, x2 = torch.randn(2, 3, 9, 8, dtype=dtype), torch.randn(2, 3, 9, 8, dtype=dtype)
+    g = torch.randn(2, 3, 25, 72, dtype=dtype)
+    cases = [("subtraction2", lambda a, b: ops.subtraction2(a, b, 5, pad_mode="zeros"), (x1, x2)),
+             ("unfold", lambda a: ops.unfold(a, 5, dilation=1), (x2,)),
+             ("subtraction", lambda a: ops.subtraction(a, 5), (x1,))]
+    with ops.use_backend("cpu"):
+        for name, fn, inputs in cases:
+            results = []
+            for mode in (None, Passthrough()):
+                leaves = [t.clone().requires_grad_(True) for t in inputs]
+                if mode is None:
+                    out = fn(*leaves)
+                    assert type(out.grad_fn).__name__.endswith("FunctionBackward"), (name, out.grad_fn)
+                else:
+                    with mode:
+                        out = fn(*leaves)
+                    assert "torchsan" in type(out.grad_fn).__name__, (name, out.grad_fn)
+                grads = torch.autograd.grad(out, leaves, g)
+                results.append((out.detach(), grads))
+            (y0, g0), (y1, g1) = results
+            assert torch.equal(y0, y1), name
+            assert all(torch.equal(a, b) for a, b in zip(g0, g1)), name
+        # Only the gradients asked for are computed; grads of grads go through the differentiable custom ops.
+        a = x1.clone().requires_grad_(True)
+        (ga,) = torch.autograd.grad(ops.subtraction2(a, x2, 3), (a,), torch.randn(2, 3, 9, 72, dtype=dtype))
+        assert ga.shape == a.shape
+        if dtype == torch.float64:
+            b = x2.clone().requires_grad_(True)
+            assert torch.autograd.gradgradcheck(lambda t: ops.subtraction(t, 3), (b,))
+            assert torch.autograd.gradgradcheck(lambda t: ops.unfold(t, 3, dilation=2), (b,))
+
+
+def test_gathers_with_streaming_stores_match_reference():
+    # Outputs of 8 MB and more with taps of 2 KB and more are written with streaming stores (san_cpu.cpp,
+    # kStreamBytes): 9 MB here, taps of 15 KB starting at unaligned addresses (L = 63 * 61 is odd).
+    x1, x2 = torch.randn(2, 6, 63, 61), torch.randn(2, 6, 63, 61)
+    for fn, inputs in [(lambda a, b: ops.subtraction2(a, b, 7), (x1, x2)), (lambda a: ops.unfold(a, 7), (x2,))]:
+        with ops.use_backend("cpu"):
+            fused = fn(*inputs)
+        assert fused.numel() * 4 >= 8 << 20
+        with ops.use_backend("reference"):
+            ref = fn(*inputs)
+        torch.testing.assert_close(fused, ref, rtol=0, atol=0)
+
+
 def test_same_result_with_1_and_2_threads():
     x = torch.randn(3, 16, 17, 15)
     weight = torch.randn(3, 8, 49, 17 * 15)

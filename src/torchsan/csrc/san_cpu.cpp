@@ -626,15 +626,15 @@ void stream_gather_row(T* o, const T* ct, const T* src, T sg, int64_t n) {
 // Outputs at least this large are streamed (see stream_store): the gathers write K = 9 to 49 times their input,
 // which on SAN's shapes (10 to 80 MB at batch 8) does not stay in this machine's caches until it is read.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
-constexpr int64_t kStreamRunBytes = 8192;  // and only taps this long (SAN's 56 and 112 px maps)
+constexpr int64_t kStreamRunBytes = 2048;  // and only taps this long (SAN's 28, 56 and 112 px maps)
 
 template <typename T>
 void gather_forward_s1(const T* x1, const T* x2, T* out, T sign, int64_t N, int64_t C, int64_t Ct, const Geometry& g) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W;
   const bool same = g.p == (g.k / 2) * g.d;  // the centres are x1's own plane
-  // Streaming pays only in long runs: on 28 px maps and less (taps of 3 KB and less) it was no faster, and on 7 px
-  // maps, streaming each 196-byte tap was 5 times slower (partly written lines), and staging a plane to stream it in
-  // one run, no faster.
+  // Streaming pays only in long runs: x1.11-1.36 on 28-112 px maps (taps of 3-50 KB), but x0.73 on 14 px maps and
+  // 5 times slower on 7 px maps (taps of 784 and 196 bytes leave lines partly written); staging a plane to stream
+  // it in one run was no faster.
   const bool stream = kHaveStreamStores && N * Ct * K * L * int64_t(sizeof(T)) >= kStreamBytes &&
                       L * int64_t(sizeof(T)) >= kStreamRunBytes;
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {

@@ -413,6 +413,62 @@ subtraction2_append_backward_op.register_autograd(_sub2_append_backward_grad, se
 
 
 # --- backend interface (see _dispatch.py) ------------------------------------------------------
+# --- the gathers' eager fast path ---------------------------------------------------------------------------------
+# A call through a Python custom op with registered autograd costs 250-400 us here, against 16-111 us of kernel work
+# for the position grid's subtraction and about 10% of unfold's time on 7 px maps (benchmarks/call_overhead.py). In
+# plain eager mode the gathers therefore call the compiled kernels from a torch.autograd.Function instead; anything
+# that traces or transforms (torch.compile, export, a dispatch mode, vmap, tensor subclasses) gets the custom ops,
+# and so does double backward (the Function's backward dispatches the differentiable backward op when grad mode is
+# on). Both paths run the same kernels: the tests check they agree bit for bit.
+def _eager(*tensors: Tensor) -> bool:
+    """Whether a call on these tensors may skip the dispatcher (see above)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.utils._python_dispatch._get_current_dispatch_mode() is not None):
+        return False
+    return all(type(t) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+class _GatherFunction(torch.autograd.Function):
+    """subtraction2 (x1 given) or unfold (x1 None) on the compiled kernels; see _eager."""
+
+    @staticmethod
+    def forward(ctx, x1: Tensor | None, x2: Tensor, k: int, s: int, p: int, d: int, reflect: bool) -> Tensor:
+        ctx.subtraction = x1 is not None
+        ctx.hw = (x2.shape[2], x2.shape[3])
+        ctx.args = (k, s, p, d, reflect)
+        return _kernels().gather_forward(x1, x2, k, s, p, d, reflect, None)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        need1, need2 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph: through the differentiable custom ops
+            if ctx.subtraction:
+                g1, g2 = subtraction2_backward_op(grad, *ctx.hw, *ctx.args)
+            else:
+                g1, g2 = None, unfold_backward_op(grad, *ctx.hw, *ctx.args)
+        else:
+            g1, g2 = _kernels().gather_backward(grad, *ctx.hw, *ctx.args, ctx.subtraction, need1, need2, grad.shape[1])
+        return (g1 if need1 else None), (g2 if need2 else None), None, None, None, None, None
+
+
+class _SubtractionFunction(torch.autograd.Function):
+    """subtraction (x at the centre minus x at each neighbour) on the compiled kernels; see _eager."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, k: int, s: int, p: int, d: int, reflect: bool) -> Tensor:
+        ctx.hw = (x.shape[2], x.shape[3])
+        ctx.args = (k, s, p, d, reflect)
+        return _kernels().gather_forward(x, x, k, s, p, d, reflect, None)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if torch.is_grad_enabled():
+            g1, g2 = subtraction2_backward_op(grad, *ctx.hw, *ctx.args)
+        else:
+            g1, g2 = _kernels().gather_backward(grad, *ctx.hw, *ctx.args, True, True, True, grad.shape[1])
+        return g1 + g2, None, None, None, None, None
+
+
 def _fp_args(fp: Footprint) -> tuple[int, int, int, int, bool]:
     return fp.kernel_size, fp.stride, fp.padding, fp.dilation, fp.pad_mode == "reflect"
 
@@ -428,14 +484,20 @@ def softmax_aggregation(x: Tensor, logits: Tensor, fp: Footprint, h_out: int, w_
 def subtraction2(x1: Tensor, x2: Tensor, fp: Footprint, h_out: int, w_out: int, append: Tensor | None = None) -> Tensor:
     if append is not None:
         return subtraction2_append_op(x1, x2, append, *_fp_args(fp))
+    if _eager(x1, x2):
+        return _GatherFunction.apply(x1, x2, *_fp_args(fp))
     return subtraction2_op(x1, x2, *_fp_args(fp))
 
 
 def subtraction(x: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
+    if _eager(x):
+        return _SubtractionFunction.apply(x, *_fp_args(fp))
     return subtraction2_op(x, x, *_fp_args(fp))
 
 
 def unfold(x: Tensor, fp: Footprint) -> Tensor:
+    if _eager(x):
+        return _GatherFunction.apply(None, x, *_fp_args(fp))
     return unfold_op(x, *_fp_args(fp))
 
 
