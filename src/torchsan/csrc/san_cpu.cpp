@@ -602,6 +602,22 @@ void centre_plane(const T* xp, T* cen, const Geometry& g) {
   for (int64_t ho = 0; ho < g.Ho; ++ho) std::memcpy(cen + ho * g.Wo, xp + (ho + c0) * g.Wp + c0, sizeof(T) * g.Wo);
 }
 
+// Plane src -> its column-shifted copies S, through the padded buffer xp.
+template <typename T>
+void shifted_copies(const T* src, T* xp, T* S, const Geometry& g) {
+  pad_plane(src, xp, g);
+  shift_columns(xp, S, g);
+}
+
+// The centres of plane src (see centre_plane): src itself with "same" padding, else extracted into cen through xp.
+template <typename T>
+const T* centres(const T* src, T* xp, T* cen, const Geometry& g) {
+  if (g.p == (g.k / 2) * g.d) return src;
+  pad_plane(src, xp, g);
+  centre_plane(xp, cen, g);
+  return cen;
+}
+
 // o[i] = (ct ? ct[i] : 0) - sg * src[i] for i < n, the whole vectors with streaming stores. (sg = +-1: exact
 // products, so the same values as the plain loops.)
 template <typename T>
@@ -641,16 +657,8 @@ void gather_forward_s1(const T* x1, const T* x2, T* out, T sign, int64_t N, int6
     const T sg = sign;  // a local: the compiler need not reload it after each store
     std::vector<T> xp(g.plane() + kSlack<T>), S(g.k * g.Hp * g.Wo + kSlack<T>), cen(x1 && !same ? L : 0);
     for (int64_t t = begin; t < end; ++t) {
-      pad_plane(x2 + t * HW, xp.data(), g);
-      shift_columns(xp.data(), S.data(), g);
-      const T* ct = nullptr;
-      if (x1 && same) {
-        ct = x1 + t * HW;
-      } else if (x1) {
-        pad_plane(x1 + t * HW, xp.data(), g);
-        centre_plane(xp.data(), cen.data(), g);
-        ct = cen.data();
-      }
+      shifted_copies(x2 + t * HW, xp.data(), S.data(), g);
+      const T* ct = x1 ? centres(x1 + t * HW, xp.data(), cen.data(), g) : nullptr;
       T* ot = out + ((t / C) * Ct + t % C) * K * L;  // out has Ct >= C channels
       for (int64_t kh = 0; kh < g.k; ++kh) {
         for (int64_t kw = 0; kw < g.k; ++kw) {
@@ -673,6 +681,7 @@ void gather_forward_s1(const T* x1, const T* x2, T* out, T sign, int64_t N, int6
 }
 
 // out[n, c, k, o] = (x1 ? x1[n, c, centre(o)] : 0) - sign * x2[n, c, nbr_k(o)]; unfold is x1 = null, sign = -1.
+// Stride 1 runs gather_forward_s1; the rows below are strided.
 template <typename T>
 void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t N, int64_t C, int64_t Ct,
                            const Geometry& g) {
@@ -690,15 +699,7 @@ void gather_forward_kernel(const T* x1, const T* x2, T* out, T sign, int64_t N, 
             T* orow = ot + ho * g.Wo;
             const T* xrow = p2.data() + (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
             const T* crow = x1 ? p1.data() + (ho * g.s + c0) * g.Wp + c0 : nullptr;
-            if (g.s == 1) {  // contiguous rows: vectorised
-              if (crow) {
-#pragma omp simd
-                for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = crow[wo] - sign * xrow[wo];
-              } else {
-#pragma omp simd
-                for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = -sign * xrow[wo];
-              }
-            } else if (crow) {
+            if (crow) {
               for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = crow[wo * g.s] - sign * xrow[wo * g.s];
             } else {
               for (int64_t wo = 0; wo < g.Wo; ++wo) orow[wo] = -sign * xrow[wo * g.s];
@@ -731,15 +732,8 @@ void gather_backward_s1(const T* gout, T* gx1, T* gx2, T sign, int64_t N, int64_
       std::fill(gc.begin(), gc.end(), T(0));
       const T* ct = nullptr;
       if (corr) {  // z = centre - S, as in the forward
-        pad_plane(corr->x2 + t * HW, gp.data(), g);
-        shift_columns(gp.data(), S.data(), g);
-        if (same) {
-          ct = corr->x1 + t * HW;
-        } else {
-          pad_plane(corr->x1 + t * HW, gp.data(), g);
-          centre_plane(gp.data(), cen.data(), g);
-          ct = cen.data();
-        }
+        shifted_copies(corr->x2 + t * HW, gp.data(), S.data(), g);
+        ct = centres(corr->x1 + t * HW, gp.data(), cen.data(), g);
       }
       const T* gt = gout + ((t / C) * Ct + t % C) * K * L;  // gout: Ct >= C channels
       for (int64_t kh = 0; kh < g.k; ++kh) {
@@ -815,32 +809,17 @@ void gather_backward_kernel(const T* gout, T* gx1, T* gx2, T sign, int64_t N, in
               const T a = corr->a[c], b = corr->b[c], mu = corr->mean[c];
               const T* crow = z1.data() + (ho * g.s + c0) * g.Wp + c0;
               const T* xrow = z2.data() + (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
-              if (g.s == 1) {
-#pragma omp simd
-                for (int64_t wo = 0; wo < g.Wo; ++wo) gz[wo] = grow[wo] + a + b * ((crow[wo] - xrow[wo]) - mu);
-              } else {
-                for (int64_t wo = 0; wo < g.Wo; ++wo)
-                  gz[wo] = grow[wo] + a + b * ((crow[wo * g.s] - xrow[wo * g.s]) - mu);
-              }
+              for (int64_t wo = 0; wo < g.Wo; ++wo)
+                gz[wo] = grow[wo] + a + b * ((crow[wo * g.s] - xrow[wo * g.s]) - mu);
               grow = gz.data();
             }
             if (gx1) {
               T* crow = p1.data() + (ho * g.s + c0) * g.Wp + c0;
-              if (g.s == 1) {
-#pragma omp simd
-                for (int64_t wo = 0; wo < g.Wo; ++wo) crow[wo] += grow[wo];
-              } else {
-                for (int64_t wo = 0; wo < g.Wo; ++wo) crow[wo * g.s] += grow[wo];
-              }
+              for (int64_t wo = 0; wo < g.Wo; ++wo) crow[wo * g.s] += grow[wo];
             }
             if (gx2) {
               T* xrow = p2.data() + (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
-              if (g.s == 1) {
-#pragma omp simd
-                for (int64_t wo = 0; wo < g.Wo; ++wo) xrow[wo] -= sign * grow[wo];
-              } else {
-                for (int64_t wo = 0; wo < g.Wo; ++wo) xrow[wo * g.s] -= sign * grow[wo];
-              }
+              for (int64_t wo = 0; wo < g.Wo; ++wo) xrow[wo * g.s] -= sign * grow[wo];
             }
           }
         }
@@ -1333,11 +1312,11 @@ torch::Tensor shifted_planes(const torch::Tensor& x, const Geometry& g, bool cen
       // Built in a private buffer (shift_columns may spill past a plane's copies), then copied out.
       std::vector<scalar_t> xp(g.plane() + kSlack<scalar_t>), S(size + kSlack<scalar_t>);
       for (int64_t t = begin; t < end; ++t) {
-        pad_plane(src + t * g.H * g.W, xp.data(), g);
         if (centres) {
+          pad_plane(src + t * g.H * g.W, xp.data(), g);
           centre_plane(xp.data(), dst + t * size, g);
         } else {
-          shift_columns(xp.data(), S.data(), g);
+          shifted_copies(src + t * g.H * g.W, xp.data(), S.data(), g);
           std::memcpy(dst + t * size, S.data(), sizeof(scalar_t) * size);
         }
       }

@@ -412,7 +412,6 @@ def _sub2_append_backward_grad(ctx, gg1, gg2):
 subtraction2_append_backward_op.register_autograd(_sub2_append_backward_grad, setup_context=_sub2_append_backward_setup)
 
 
-# --- backend interface (see _dispatch.py) ------------------------------------------------------
 # --- the gathers' eager fast path ---------------------------------------------------------------------------------
 # A call through a Python custom op with registered autograd costs 250-400 us here, against 16-111 us of kernel work
 # for the position grid's subtraction and about 10% of unfold's time on 7 px maps (benchmarks/call_overhead.py). In
@@ -429,7 +428,7 @@ def _eager(*tensors: Tensor) -> bool:
 
 
 class _GatherFunction(torch.autograd.Function):
-    """subtraction2 (x1 given) or unfold (x1 None) on the compiled kernels; see _eager."""
+    """subtraction2 (x1 given; subtraction is x1 = x2) or unfold (x1 None) on the compiled kernels; see _eager."""
 
     @staticmethod
     def forward(ctx, x1: Tensor | None, x2: Tensor, k: int, s: int, p: int, d: int, reflect: bool) -> Tensor:
@@ -451,24 +450,7 @@ class _GatherFunction(torch.autograd.Function):
         return (g1 if need1 else None), (g2 if need2 else None), None, None, None, None, None
 
 
-class _SubtractionFunction(torch.autograd.Function):
-    """subtraction (x at the centre minus x at each neighbour) on the compiled kernels; see _eager."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, k: int, s: int, p: int, d: int, reflect: bool) -> Tensor:
-        ctx.hw = (x.shape[2], x.shape[3])
-        ctx.args = (k, s, p, d, reflect)
-        return _kernels().gather_forward(x, x, k, s, p, d, reflect, None)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        if torch.is_grad_enabled():
-            g1, g2 = subtraction2_backward_op(grad, *ctx.hw, *ctx.args)
-        else:
-            g1, g2 = _kernels().gather_backward(grad, *ctx.hw, *ctx.args, True, True, True, grad.shape[1])
-        return g1 + g2, None, None, None, None, None
-
-
+# --- backend interface (see _dispatch.py) ------------------------------------------------------
 def _fp_args(fp: Footprint) -> tuple[int, int, int, int, bool]:
     return fp.kernel_size, fp.stride, fp.padding, fp.dilation, fp.pad_mode == "reflect"
 
@@ -491,7 +473,7 @@ def subtraction2(x1: Tensor, x2: Tensor, fp: Footprint, h_out: int, w_out: int, 
 
 def subtraction(x: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
     if _eager(x):
-        return _SubtractionFunction.apply(x, *_fp_args(fp))
+        return _GatherFunction.apply(x, x, *_fp_args(fp))  # autograd adds the two inputs' gradients
     return subtraction2_op(x, x, *_fp_args(fp))
 
 
