@@ -25,6 +25,11 @@ Implementations, all measured in the same run on the same tensors:
   For the gathers (subtraction2, subtraction, unfold): the depthwise k x k convolution with K
   output channels per input channel, which produces a tensor of exactly the op's output size (an
   unfold written as a convolution: K times more multiply-adds than a gather needs);
+* ``traffic``    gathers only: the memory traffic any gather must cause, as a yardstick. A Python
+  ``torch.autograd.Function`` whose forward writes a tensor of the op's output size (``fill_``) and
+  whose backward reads the output gradient once (``sum``) and writes the input-sized gradients
+  (``full_like``). So ``ref/traffic`` bounds what ``ref/fused`` can be for a kernel that writes its
+  output with ordinary stores (streaming stores, which skip reading each line first, can beat it);
 * ``dense3x3``   aggregation only: a dense 3x3 convolution C -> C on the same input.
   Convolutions pad with zeros (PyTorch's native padding); the SAN ops pad by reflection.
   Convolutions run on a channels-last copy of the input (made once, outside the timing): that is
@@ -136,6 +141,20 @@ class Case:
         return math.prod(self.input_shape) * 4
 
 
+class _Traffic(torch.autograd.Function):
+    """Writes an output of the given shape, then reads its gradient once: a gather's unavoidable traffic."""
+
+    @staticmethod
+    def forward(ctx, shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.like = inputs
+        return inputs[0].new_empty(shape).fill_(1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        total = grad.sum()
+        return (None, *(torch.full_like(t, total.item()) for t in ctx.like))
+
+
 def _param(*shape: int, softmax_dim: int | None = None) -> torch.Tensor:
     t = torch.randn(*shape)
     if softmax_dim is not None:
@@ -187,6 +206,9 @@ def build_case(op: str, stage: int, batch: int, image_size: int, conv_layout: st
         raise ValueError(f"unknown op {op!r}")
     xc, wg = conv_input(x), _param(c * area, 1, k, k)  # K outputs per channel: the op's output size
     impls["depthwise"] = Impl(lambda: F.conv2d(xc, wg, padding=pad, groups=c), (xc, wg))
+    inputs = impls["fused"].grad_inputs
+    out_shape = (x.shape[0], c, area, h * h)
+    impls["traffic"] = Impl(lambda: _Traffic.apply(out_shape, *inputs), inputs)
     return Case(op, stage, k, None, shapes, impls)
 
 
@@ -327,6 +349,8 @@ def ratios(record: dict[str, Any]) -> dict[str, dict[str, float | None]]:
             "reference_over_fused_time": _common.ratio(ref, fused),
             "fused_over_depthwise_time": _common.ratio(fused, _get(record, "depthwise", mode, "median_ms")),
             "fused_over_dense3x3_time": _common.ratio(fused, _get(record, "dense3x3", mode, "median_ms")),
+            "reference_over_traffic_time": _common.ratio(ref, _get(record, "traffic", mode, "median_ms")),
+            "fused_over_traffic_time": _common.ratio(fused, _get(record, "traffic", mode, "median_ms")),
             "fused_over_reference_peak": _common.ratio(_get(record, "fused", mode, "peak_bytes"),
                                                        _get(record, "reference", mode, "peak_bytes")),
             "reference_peak_over_input": _common.ratio(_get(record, "reference", mode, "peak_bytes"),
@@ -357,8 +381,9 @@ def _x(value: float | None) -> str:
 def report(records: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = []
     for mode in MODES:
-        headers = ["op", "stage", "input", "k", "Cw", "fused ms", "ref ms", "dw ms", "dense3 ms",
-                   "ref/fused", "fused/dw", "peak fused MB", "peak ref MB", "fused/ref", "ref/in"]
+        headers = ["op", "stage", "input", "k", "Cw", "fused ms", "ref ms", "dw ms", "dense3 ms", "traffic ms",
+                   "ref/fused", "fused/dw", "ref/traffic", "fused/traffic", "peak fused MB", "peak ref MB",
+                   "fused/ref", "ref/in"]
         if mode == "forward":
             headers += ["kept fused MB", "kept ref MB"]
         rows = []
@@ -368,7 +393,9 @@ def report(records: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
                    _common.fmt(r["weight_channels"], "d"),
                    _ms(r, "fused", mode), _ms(r, "reference", mode), _ms(r, "depthwise", mode),
                    _ms(r, "dense3x3", mode) if "dense3x3" in r["impls"] else "-",
+                   _ms(r, "traffic", mode) if "traffic" in r["impls"] else "-",
                    _x(ra["reference_over_fused_time"]), _x(ra["fused_over_depthwise_time"]),
+                   _x(ra["reference_over_traffic_time"]), _x(ra["fused_over_traffic_time"]),
                    _mb(_get(r, "fused", mode, "peak_bytes")), _mb(_get(r, "reference", mode, "peak_bytes")),
                    _x(ra["fused_over_reference_peak"]), _x(ra["reference_peak_over_input"])]
             if mode == "forward":

@@ -177,6 +177,28 @@ def test_gathers_with_streaming_stores_match_reference():
         torch.testing.assert_close(fused, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gathers_staged_through_a_plane_buffer_match_reference(dtype):
+    # Outputs of 16 MB and more with short taps are gathered plane by plane into a buffer and streamed out
+    # (san_cpu.cpp, kStagedStreamBytes): planes of K * L = 49 * 63 values, so most planes start unaligned. The
+    # backward prefetches the next plane's gradient on the same shapes.
+    shape = (3, 600, 7, 9) if dtype == torch.float32 else (2, 400, 7, 9)
+    x1, x2 = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
+    for fn, inputs in [(lambda a, b: ops.subtraction2(a, b, 7), (x1, x2)), (lambda a: ops.unfold(a, 7), (x2,))]:
+        results = []
+        for backend in ("cpu", "reference"):
+            leaves = [t.clone().requires_grad_(True) for t in inputs]
+            with ops.use_backend(backend):
+                out = fn(*leaves)
+            assert out.numel() * out.element_size() >= 16 << 20
+            g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            results.append((out.detach(), torch.autograd.grad(out, leaves, g)))
+        (y0, g0), (y1, g1) = results
+        torch.testing.assert_close(y0, y1, rtol=0, atol=0)
+        for a, b in zip(g0, g1):
+            torch.testing.assert_close(a, b)
+
+
 def test_same_result_with_1_and_2_threads():
     x = torch.randn(3, 16, 17, 15)
     weight = torch.randn(3, 8, 49, 17 * 15)

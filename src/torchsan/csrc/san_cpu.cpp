@@ -643,23 +643,32 @@ void stream_gather_row(T* o, const T* ct, const T* src, T sg, int64_t n) {
 // which on SAN's shapes (10 to 80 MB at batch 8) does not stay in this machine's caches until it is read.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 constexpr int64_t kStreamRunBytes = 2048;  // and only taps this long (SAN's 28, 56 and 112 px maps)
+// Shorter taps (7 and 14 px maps) leave lines partly written when streamed one by one, so a plane of at most
+// kSmallPlaneBytes is gathered into a private buffer and streamed out in one run, on outputs of kStagedStreamBytes
+// and more: x1.08-1.24 forward at 14 px (20 MB at batch 8). At 7 px (10 MB) it was x0.74-1.02, which we read as the
+// output still fitting this machine's 32 MB L3 beside the gradient, hence the larger threshold.
+constexpr int64_t kSmallPlaneBytes = int64_t(64) << 10;
+constexpr int64_t kStagedStreamBytes = int64_t(16) << 20;
 
 template <typename T>
 void gather_forward_s1(const T* x1, const T* x2, T* out, T sign, int64_t N, int64_t C, int64_t Ct, const Geometry& g) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W;
   const bool same = g.p == (g.k / 2) * g.d;  // the centres are x1's own plane
-  // Streaming pays only in long runs: x1.11-1.36 on 28-112 px maps (taps of 3-50 KB), but x0.73 on 14 px maps and
-  // 5 times slower on 7 px maps (taps of 784 and 196 bytes leave lines partly written); staging a plane to stream
-  // it in one run was no faster.
-  const bool stream = kHaveStreamStores && N * Ct * K * L * int64_t(sizeof(T)) >= kStreamBytes &&
-                      L * int64_t(sizeof(T)) >= kStreamRunBytes;
+  // Streaming tap by tap pays only in long runs: x1.11-1.36 on 28-112 px maps (taps of 3-50 KB), but x0.73 on 14 px
+  // maps and 5 times slower on 7 px maps (taps of 784 and 196 bytes). Those planes go through a buffer (staged).
+  const int64_t bytes = N * Ct * K * L * int64_t(sizeof(T));
+  const bool stream = kHaveStreamStores && bytes >= kStreamBytes && L * int64_t(sizeof(T)) >= kStreamRunBytes;
+  const bool staged = kHaveStreamStores && !stream && bytes >= kStagedStreamBytes &&
+                      K * L * int64_t(sizeof(T)) <= kSmallPlaneBytes;
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
     const T sg = sign;  // a local: the compiler need not reload it after each store
     std::vector<T> xp(g.plane() + kSlack<T>), S(g.k * g.Hp * g.Wo + kSlack<T>), cen(x1 && !same ? L : 0);
+    std::vector<T> buf(staged ? K * L : 0);
     for (int64_t t = begin; t < end; ++t) {
       shifted_copies(x2 + t * HW, xp.data(), S.data(), g);
       const T* ct = x1 ? centres(x1 + t * HW, xp.data(), cen.data(), g) : nullptr;
-      T* ot = out + ((t / C) * Ct + t % C) * K * L;  // out has Ct >= C channels
+      T* const odst = out + ((t / C) * Ct + t % C) * K * L;  // out has Ct >= C channels
+      T* ot = staged ? buf.data() : odst;
       for (int64_t kh = 0; kh < g.k; ++kh) {
         for (int64_t kw = 0; kw < g.k; ++kw) {
           const T* src = S.data() + (kw * g.Hp + kh * g.d) * g.Wo;
@@ -675,8 +684,9 @@ void gather_forward_s1(const T* x1, const T* x2, T* out, T sign, int64_t N, int6
           }
         }
       }
+      if (staged) stream_gather_row(odst, static_cast<const T*>(nullptr), buf.data(), T(-1), K * L);
     }
-    if (stream) stream_fence();  // the streamed values are visible to whoever reads the output next
+    if (stream || staged) stream_fence();  // the streamed values are visible to whoever reads the output next
   });
 }
 
@@ -723,6 +733,9 @@ void gather_backward_s1(const T* gout, T* gx1, T* gx2, T sign, int64_t N, int64_
                         const StatsCorrection<T>* corr) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W, c0 = (g.k / 2) * g.d, shifted = g.k * g.Hp * g.Wo;
   const bool same = g.p == c0;
+  // On small planes each tap also fetches its share of the next plane's gradient: x1.04-1.22 backward on 7-14 px maps,
+  // whose taps are too short for the hardware prefetcher to run far enough ahead.
+  const bool prefetch_next = K * L * int64_t(sizeof(T)) <= kSmallPlaneBytes;
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
     const T sg = sign;
     std::vector<T> GS(gx2 ? shifted : 0), gc(gx1 ? L : 0), gp(g.plane() + kSlack<T>);
@@ -736,9 +749,12 @@ void gather_backward_s1(const T* gout, T* gx1, T* gx2, T sign, int64_t N, int64_
         ct = centres(corr->x1 + t * HW, gp.data(), cen.data(), g);
       }
       const T* gt = gout + ((t / C) * Ct + t % C) * K * L;  // gout: Ct >= C channels
+      const T* gnext = prefetch_next && t + 1 < end ? gout + (((t + 1) / C) * Ct + (t + 1) % C) * K * L : nullptr;
       for (int64_t kh = 0; kh < g.k; ++kh) {
         for (int64_t kw = 0; kw < g.k; ++kw) {
           const T* gr = gt + (kh * g.k + kw) * L;
+          if (gnext)
+            for (int64_t i = 0; i < L; i += 64 / sizeof(T)) __builtin_prefetch(gnext + (kh * g.k + kw) * L + i);
           const int64_t at = (kw * g.Hp + kh * g.d) * g.Wo;
           if (corr) {
             const int64_t c = t % C;
