@@ -643,23 +643,25 @@ void stream_gather_row(T* o, const T* ct, const T* src, T sg, int64_t n) {
 // which on SAN's shapes (10 to 80 MB at batch 8) does not stay in this machine's caches until it is read.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 constexpr int64_t kStreamRunBytes = 2048;  // and only taps this long (SAN's 28, 56 and 112 px maps)
-// Shorter taps (7 and 14 px maps) leave lines partly written when streamed one by one, so a plane of at most
-// kSmallPlaneBytes is gathered into a private buffer and streamed out in one run, on outputs of kStagedStreamBytes
-// and more: x1.08-1.24 forward at 14 px (20 MB at batch 8). At 7 px (10 MB) it was x0.74-1.02, which we read as the
-// output still fitting this machine's 32 MB L3 beside the gradient, hence the larger threshold.
+// Shorter taps leave lines partly written when streamed one by one, so on 14 px maps (taps of 784 bytes) a plane of
+// at most kSmallPlaneBytes is gathered into a private buffer and streamed out in one run, on outputs larger than this
+// machine's 32 MB L3. Forward, then a sum of the output, 39 MB at 14 px: x1.11-1.32. At 20 MB the sum found the
+// output in the L3 only when it was written normally (x0.72-0.79 staged), and on 7 px maps (196-byte taps) the
+// staging cost more than the streaming saved (x0.87-0.94 at 39 MB).
 constexpr int64_t kSmallPlaneBytes = int64_t(64) << 10;
-constexpr int64_t kStagedStreamBytes = int64_t(16) << 20;
+constexpr int64_t kStagedStreamBytes = int64_t(32) << 20;
+constexpr int64_t kStagedRunBytes = 512;
 
 template <typename T>
 void gather_forward_s1(const T* x1, const T* x2, T* out, T sign, int64_t N, int64_t C, int64_t Ct, const Geometry& g) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W;
   const bool same = g.p == (g.k / 2) * g.d;  // the centres are x1's own plane
   // Streaming tap by tap pays only in long runs: x1.11-1.36 on 28-112 px maps (taps of 3-50 KB), but x0.73 on 14 px
-  // maps and 5 times slower on 7 px maps (taps of 784 and 196 bytes). Those planes go through a buffer (staged).
+  // maps and 5 times slower on 7 px maps (taps of 784 and 196 bytes). 14 px planes may go through a buffer (staged).
   const int64_t bytes = N * Ct * K * L * int64_t(sizeof(T));
   const bool stream = kHaveStreamStores && bytes >= kStreamBytes && L * int64_t(sizeof(T)) >= kStreamRunBytes;
-  const bool staged = kHaveStreamStores && !stream && bytes >= kStagedStreamBytes &&
-                      K * L * int64_t(sizeof(T)) <= kSmallPlaneBytes;
+  const bool staged = kHaveStreamStores && !stream && bytes > kStagedStreamBytes &&
+                      L * int64_t(sizeof(T)) >= kStagedRunBytes && K * L * int64_t(sizeof(T)) <= kSmallPlaneBytes;
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
     const T sg = sign;  // a local: the compiler need not reload it after each store
     std::vector<T> xp(g.plane() + kSlack<T>), S(g.k * g.Hp * g.Wo + kSlack<T>), cen(x1 && !same ? L : 0);
