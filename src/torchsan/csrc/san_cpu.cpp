@@ -647,7 +647,7 @@ constexpr int64_t kStreamRunBytes = 2048;  // and only taps this long (SAN's 28,
 // at most kSmallPlaneBytes is gathered into a private buffer and streamed out in one run, on outputs larger than this
 // machine's 32 MB L3. Forward, then a sum of the output, 39 MB at 14 px: x1.11-1.32. At 20 MB the sum found the
 // output in the L3 only when it was written normally (x0.72-0.79 staged), and on 7 px maps (196-byte taps) the
-// staging cost more than the streaming saved (x0.87-0.94 at 39 MB).
+// staging cost more than the streaming saved (x0.87-0.96 at 39 MB).
 constexpr int64_t kSmallPlaneBytes = int64_t(64) << 10;
 constexpr int64_t kStagedStreamBytes = int64_t(32) << 20;
 constexpr int64_t kStagedRunBytes = 512;
@@ -686,7 +686,7 @@ void gather_forward_s1(const T* x1, const T* x2, T* out, T sign, int64_t N, int6
           }
         }
       }
-      if (staged) stream_gather_row(odst, static_cast<const T*>(nullptr), buf.data(), T(-1), K * L);
+      if (staged) stream_gather_row(odst, static_cast<const T*>(nullptr), buf.data(), T(-1), K * L);  // a copy
     }
     if (stream || staged) stream_fence();  // the streamed values are visible to whoever reads the output next
   });
@@ -735,8 +735,8 @@ void gather_backward_s1(const T* gout, T* gx1, T* gx2, T sign, int64_t N, int64_
                         const StatsCorrection<T>* corr) {
   const int64_t K = g.K(), L = g.L(), HW = g.H * g.W, c0 = (g.k / 2) * g.d, shifted = g.k * g.Hp * g.Wo;
   const bool same = g.p == c0;
-  // On small planes each tap also fetches its share of the next plane's gradient: x1.04-1.22 backward on 7-14 px maps,
-  // whose taps are too short for the hardware prefetcher to run far enough ahead.
+  // On small planes each tap also fetches its share of the next plane's gradient: x0.94-1.28 backward on 7-14 px maps
+  // (about x1.10 in the median of five A/B runs), whose taps are too short for the hardware prefetcher to run ahead.
   const bool prefetch_next = K * L * int64_t(sizeof(T)) <= kSmallPlaneBytes;
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
     const T sg = sign;
