@@ -3,7 +3,9 @@
 A checkpoint is a dict of tensors and plain values (so ``torch.load(weights_only=True)`` reads it):
 ``state_dict`` (the model), ``model`` (its name), ``optimizer``, ``scheduler``, ``scaler``,
 ``epoch`` and ``step`` (the position in the schedule: ``step`` iterations of epoch ``epoch`` are
-done), ``rng``, ``config``, ``history`` (per-epoch metrics), ``best_top1`` and ``classes``.
+done), ``epoch_sums`` (each rank's running totals of an unfinished epoch, or None), ``rng``, ``config``,
+``history`` (per-epoch metrics), ``best_top1``, ``classes``, ``in_chans``, ``torch_version`` and ``elapsed``
+(seconds of training so far).
 ``model_best.pth`` holds only the model, its name, config and metrics; ``torchsan eval`` and
 ``torchsan.models.load_checkpoint`` read both kinds.
 """

@@ -4,6 +4,10 @@
 gloo on the CPU, NCCL on GPUs). Every random draw is a function of (seed, rank, epoch, iteration)
 and the checkpoint holds the whole state, so a resumed run, after a crash or a SIGKILL, continues
 bit-for-bit where its last checkpoint left off (in deterministic mode on the CPU).
+
+The steps of a run, in order: ``_check_settings`` and ``_find_resume_checkpoint`` (every check before
+anything is written), ``_build_data``, ``_build_parts``, ``_resume_run``, ``_open_run_dir``, then per
+epoch ``train_one_epoch``, ``validate`` and ``_end_epoch``, and last ``_finish`` (the summary).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-from ..data import build_datasets, build_loader
+from ..data import DataInfo, build_datasets, build_loader
 from ..data.build import _mix
 from ..models._helpers import load_converted, read_checkpoint
 from .checkpoint import (
@@ -38,6 +44,7 @@ from .config import TrainConfig, load_config
 from .distributed import DistEnv, all_reduce_sum, init_distributed, shutdown
 from .logger import MetricsLogger
 from .losses import mixup, smooth_targets, soft_cross_entropy
+from .meters import EpochMeters
 
 __all__ = ["train", "evaluate", "evaluate_checkpoint", "lr_factor", "SCHEDULE_KEYS"]
 
@@ -48,6 +55,9 @@ SCHEDULE_KEYS = (
     "lr", "momentum", "weight_decay", "schedule", "schedule_unit", "step_milestones", "warmup_epochs",
     "label_smoothing", "mixup_alpha", "grad_clip", "amp", "seed",
 )
+
+# How a training loop writes a checkpoint: (epoch, step, epoch_sums) as in the checkpoint's fields.
+SaveFn = Callable[[int, int, list[list[float]] | None], None]
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -68,16 +78,23 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 def _autocast(cfg_amp: str, device: torch.device):
+    """The autocast context of an ``amp`` setting ("none", "bf16" or "fp16") on ``device``."""
     if cfg_amp == "none":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg_amp == "bf16" else torch.float16)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch moved to ``device`` (images in channels-last layout if asked)."""
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
 
 
 def _check_model_name(name: str) -> None:
+    """Raise ValueError unless timm knows the model ``name`` (torchsan's models included)."""
     import timm
 
     import torchsan.models  # noqa: F401  (registers the models with timm)
@@ -87,6 +104,7 @@ def _check_model_name(name: str) -> None:
 
 
 def _create_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """``cfg.model`` built by timm with ``cfg.model_kwargs``; ValueError if the arguments do not fit it."""
     import timm
 
     _check_model_name(cfg.model)
@@ -111,6 +129,7 @@ class _Progress:
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True, leave=False)
 
     def update(self, images: int, **stats: float) -> None:
+        """Count one iteration of ``images`` images (all ranks together) and show ``stats`` with the rate."""
         self.done += 1
         self.images += images
         rate = self.images / max(time.perf_counter() - self.start, 1e-9)
@@ -124,6 +143,7 @@ class _Progress:
             print(f"{self.desc} {self.done}/{self.total} {fields} eta {eta:.0f}s", flush=True)
 
     def close(self) -> None:
+        """Remove the bar (if any)."""
         if self.bar is not None:
             self.bar.close()
 
@@ -138,9 +158,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv
         if batch is None:
             continue
         images, labels, n_skipped = batch
-        images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = _to_device(images, labels, env.device, channels_last)
         with _autocast(amp, env.device):
             logits = model(images)
         logits = logits.float()
@@ -158,7 +176,98 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv
                 count=int(count), skipped=int(skipped))
 
 
+def validate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: TrainConfig) -> dict[str, Any]:
+    """``evaluate`` with the run's settings, timed; returns the history row's ``val_*`` fields."""
+    t1 = time.perf_counter()
+    val = evaluate(model, loader, env, cfg.amp, cfg.channels_last)
+    return dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_images=val["count"],
+                val_skipped=val["skipped"], val_seconds=time.perf_counter() - t1)
+
+
+# --- the pieces of a run --------------------------------------------------------------------------
+
+@dataclass
+class TrainData:
+    """What a run trains and validates on: the data's description, both loaders, iterations per epoch."""
+
+    info: DataInfo
+    train_loader: DataLoader
+    val_loader: DataLoader
+    steps_per_epoch: int
+
+
+@dataclass
+class TrainParts:
+    """What a run trains with: the model, its DDP wrapper, the optimizer, schedule and gradient scaler."""
+
+    model: nn.Module  # the bare model: what checkpoints hold and validation runs
+    ddp: nn.Module  # what the loop trains: DistributedDataParallel(model) on several processes, else model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    n_params: int
+    gmacs: float | None  # multiply-adds per image (None for models the counting rules do not cover)
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the iteration it (re)starts at, the epochs done, the best top-1 and its time so far."""
+
+    start_epoch: int = 0
+    start_step: int = 0  # iterations of ``start_epoch`` done before this session
+    carried: EpochMeters = field(default_factory=EpochMeters)  # this rank's totals of those iterations
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished epoch
+    best_top1: float = -1.0
+    elapsed_before: float = 0.0  # training seconds of earlier sessions
+    start_time: float = 0.0  # time.perf_counter() when this session's training began
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run up to now."""
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+
+def _configure_torch(cfg: TrainConfig) -> None:
+    """Apply the process-wide settings: thread count, deterministic algorithms."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def _check_settings(cfg: TrainConfig, env: DistEnv) -> None:
+    """Raise ValueError for settings this process group or device cannot run."""
+    if cfg.batch_size % env.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {env.world_size} processes")
+    if cfg.amp == "fp16" and env.device.type != "cuda":
+        raise ValueError("amp fp16 needs a GPU; use bf16 on the CPU")
+    if cfg.sync_bn and env.device.type != "cuda":
+        raise ValueError("sync_bn needs GPUs (torch's SyncBatchNorm has no CPU implementation)")
+
+
+def _find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint that ``resume`` names (a file, a folder's newest, "auto": ``run_dir``'s newest or None).
+
+    Raises FileNotFoundError if a named folder holds none, FileExistsError if the run would write into a
+    folder holding another run's checkpoints (or, without ``resume``, any checkpoints).
+    """
+    if resume is None:
+        if latest_checkpoint(run_dir) is not None:
+            raise FileExistsError(f"{str(run_dir)!r} already holds checkpoints: pass --resume to continue that run, "
+                                  f"or choose another --output")
+        return None
+    target = run_dir if resume == "auto" else Path(resume)
+    ckpt_path = latest_checkpoint(target) if target.is_dir() or resume == "auto" else target
+    if ckpt_path is None and resume != "auto":
+        raise FileNotFoundError(f"no checkpoint to resume from in {str(target)!r}")
+    if ckpt_path is not None and ckpt_path.resolve().parent != run_dir.resolve() and latest_checkpoint(run_dir):
+        raise FileExistsError(f"resuming {str(ckpt_path)!r} would write into {str(run_dir)!r}, which holds "
+                              f"another run's checkpoints; choose another --output")
+    return ckpt_path
+
+
 def _resume_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """The training checkpoint at ``path``, read; ValueError if it is not one or its settings differ from ``cfg``."""
     ckpt = read_checkpoint(path)
     missing = [k for k in ("state_dict", "optimizer", "scheduler", "epoch", "step", "config", "rng") if k not in ckpt]
     if missing:
@@ -172,6 +281,249 @@ def _resume_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     if differ:
         raise ValueError(f"cannot resume from {str(path)!r} with different settings ({'; '.join(differ)})")
     return ckpt
+
+
+def _build_data(cfg: TrainConfig, env: DistEnv) -> TrainData:
+    """The data sets and this rank's loaders (``cfg.batch_size`` split over the processes)."""
+    datasets, info = build_datasets(cfg.data, cfg.image_size, cfg.train_subset, cfg.val_subset, cfg.augment,
+                                    cfg.skip_corrupt)
+    per_rank = cfg.batch_size // env.world_size
+    pin = env.device.type == "cuda"
+    train_loader = build_loader(datasets["train"], per_rank, train=True, rank=env.rank, world_size=env.world_size,
+                                seed=cfg.seed, workers=cfg.workers, pin_memory=pin)
+    val_loader = build_loader(datasets["val"], per_rank, train=False, rank=env.rank, world_size=env.world_size,
+                              workers=cfg.workers, pin_memory=pin)
+    return TrainData(info, train_loader, val_loader, train_loader.batch_sampler.steps_per_epoch())
+
+
+def _build_parts(cfg: TrainConfig, env: DistEnv, data: TrainData) -> TrainParts:
+    """A freshly initialised model (the same on every rank), wrapped for DDP, with its optimizer and schedule."""
+    info = data.info
+    torch.manual_seed(_mix(cfg.seed, 7))  # the same initial weights on every rank (DDP also broadcasts them)
+    model = _create_model(cfg, info.num_classes, info.in_chans).to(env.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and env.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    gmacs = _gmacs(model, info.in_chans, cfg.image_size)  # draws a random image: after the seeding above
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, data.steps_per_epoch))
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
+    return TrainParts(model, ddp, optimizer, scheduler, scaler, n_params, gmacs)
+
+
+def _resume_run(ckpt: dict[str, Any] | None, ckpt_path: Path | None, parts: TrainParts, cfg: TrainConfig,
+                env: DistEnv, steps_per_epoch: int) -> RunState:
+    """Load ``ckpt`` (from ``ckpt_path``) into ``parts`` and the random generators; returns where the run stands.
+
+    Without a checkpoint: seeds Python's generator and returns a fresh state.
+    """
+    if ckpt is None:
+        random.seed(cfg.seed)
+        return RunState()
+    load_converted(parts.model, ckpt["state_dict"], f"checkpoint {str(ckpt_path)!r}")
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        parts.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    history, best_top1 = list(ckpt.get("history", [])), float(ckpt.get("best_top1", -1.0))
+    start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
+    rank_sums = ckpt.get("epoch_sums") or [[0.0] * 5] * env.world_size  # one list of 5 sums per rank
+    if len(rank_sums) != env.world_size:
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} was written mid-epoch by {len(rank_sums)} processes; "
+                         f"resume it with the same number ({env.world_size} now), or from an epoch checkpoint")
+    state = RunState(start_epoch, start_step, EpochMeters.from_list(rank_sums[env.rank]), history, best_top1,
+                     elapsed_before=float(ckpt.get("elapsed", 0.0)))
+    if env.is_main:
+        if start_epoch >= cfg.epochs:
+            print(f"{ckpt_path}: the run is already complete ({cfg.epochs} epochs); reporting it")
+        else:
+            print(f"resumed from {ckpt_path} (epoch {start_epoch + 1}, iteration {start_step}/{steps_per_epoch})")
+    return state
+
+
+def _open_run_dir(cfg: TrainConfig, run_dir: Path, env: DistEnv,
+                  history: list[dict[str, Any]]) -> MetricsLogger | None:
+    """Create ``run_dir`` with ``config.yaml`` and return its metrics logger (main process; None elsewhere).
+
+    The logs of the epochs in ``history`` are rewritten: a run killed between a checkpoint and its logs.
+    """
+    if not env.is_main:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
+    logger = MetricsLogger(run_dir, cfg.tensorboard)
+    if history:
+        logger.log_epoch(history, tensorboard=False)
+    return logger
+
+
+@dataclass
+class _CheckpointWriter:
+    """Writes the run's checkpoints and ``model_best.pth`` into ``run_dir`` (main process only)."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    run_dir: Path
+    parts: TrainParts
+    info: DataInfo
+    state: RunState
+
+    def training_state(self, epoch: int, step: int, epoch_sums: list[list[float]] | None) -> dict[str, Any]:
+        """A training checkpoint's contents at iteration ``step`` of epoch ``epoch`` (see ``checkpoint.py``)."""
+        p, state = self.parts, self.state
+        return dict(state_dict=p.model.state_dict(), model=self.cfg.model, optimizer=p.optimizer.state_dict(),
+                    scheduler=p.scheduler.state_dict(), scaler=p.scaler.state_dict(), epoch=epoch, step=step,
+                    epoch_sums=epoch_sums, rng=rng_state(), config=self.cfg.to_dict(), history=state.history,
+                    best_top1=state.best_top1, classes=list(self.info.classes), in_chans=self.info.in_chans,
+                    torch_version=str(torch.__version__), elapsed=state.elapsed())
+
+    def save(self, epoch: int, step: int, epoch_sums: list[list[float]] | None) -> None:
+        """Write the checkpoint of (epoch, step) and prune the old ones; ``epoch_sums``: None at an epoch's end."""
+        if self.env.is_main:
+            save_atomic(self.training_state(epoch, step, epoch_sums), self.run_dir / checkpoint_name(epoch, step))
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+
+    def save_best(self, epochs_done: int, row: dict[str, Any]) -> None:
+        """Write ``model_best.pth``: the weights, name, config and metrics ``row`` after ``epochs_done`` epochs."""
+        if self.env.is_main:
+            save_atomic(dict(state_dict=self.parts.model.state_dict(), model=self.cfg.model, config=self.cfg.to_dict(),
+                             epoch=epochs_done, metrics=row, classes=list(self.info.classes),
+                             in_chans=self.info.in_chans), self.run_dir / "model_best.pth")
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+def _train_step(parts: TrainParts, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, env: DistEnv,
+                num_classes: int, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch (iteration ``step`` of ``epoch``); returns its loss and logits."""
+    torch.manual_seed(_mix(cfg.seed, env.rank, epoch, step))  # dropout and friends
+    q = smooth_targets(labels, num_classes, cfg.label_smoothing)
+    if cfg.mixup_alpha > 0:
+        g = torch.Generator().manual_seed(_mix(cfg.seed, env.rank, epoch, step, 2))
+        images, q = mixup(images, q, cfg.mixup_alpha, g)
+    with _autocast(cfg.amp, env.device):
+        logits = parts.ddp(images)
+    loss = soft_cross_entropy(logits, q)
+    if _any_rank(not torch.isfinite(loss), env):
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {step}: lower "
+                                 f"the learning rate (checkpoints so far are kept)")
+    optimizer, scaler = parts.optimizer, parts.scaler
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(parts.ddp.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
+
+
+def train_one_epoch(epoch: int, parts: TrainParts, data: TrainData, cfg: TrainConfig, env: DistEnv,
+                    first_step: int, meters: EpochMeters, save: SaveFn) -> dict[str, Any]:
+    """Train epoch ``epoch`` (0-based) from iteration ``first_step`` on.
+
+    ``meters``: this rank's totals of the iterations before ``first_step`` (added to in place); ``save``
+    writes the mid-epoch checkpoints (every ``cfg.checkpoint_every_steps`` iterations). Returns the
+    history row's ``epoch``, ``lr`` and ``train_*`` fields, summed over the processes.
+    """
+    steps_per_epoch = data.steps_per_epoch
+    data.train_loader.batch_sampler.set_epoch(epoch, first_step)
+    epoch_lr = parts.optimizer.param_groups[0]["lr"]  # the rate this epoch starts with
+    parts.ddp.train()
+    progress = _Progress(cfg.progress, env.is_main, steps_per_epoch, first_step, f"epoch {epoch + 1}/{cfg.epochs}")
+    t0 = time.perf_counter()
+    for step, batch in enumerate(data.train_loader, start=first_step):
+        if env.distributed and _any_rank(batch is None, env):  # all ranks stop together, none waits
+            raise ValueError(f"every image of a batch is corrupt (epoch {epoch + 1}, iteration {step})")
+        if batch is not None:
+            images, labels, n_skipped = batch
+            images, labels = _to_device(images, labels, env.device, cfg.channels_last)
+            loss, logits = _train_step(parts, images, labels, cfg, env, data.info.num_classes, epoch, step)
+            n = labels.numel()
+            meters.update(loss.item(), (logits.argmax(dim=1) == labels).sum().item(), n, n_skipped)
+            progress.update(n * env.world_size, loss=loss.item(), lr=parts.optimizer.param_groups[0]["lr"])
+        parts.scheduler.step()  # per iteration; the factor function decides per-epoch or per-step annealing
+        done = step + 1
+        if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < steps_per_epoch:
+            save(epoch, done, meters.snapshot(t0).gather(env))
+    progress.close()
+    _sync_buffers(parts.model, env)  # BN running stats differ per rank: evaluate and save rank 0's
+    totals = meters.snapshot(t0).all_reduce(env)
+    count, seconds = totals.images, totals.seconds
+    return dict(epoch=epoch + 1, lr=epoch_lr, train_loss=totals.loss_sum / max(count, 1),
+                train_top1=None if cfg.mixup_alpha > 0 else 100 * totals.correct / max(count, 1),
+                train_images=int(count), train_skipped=int(totals.skipped), train_seconds=seconds,
+                train_images_per_s=count / max(seconds, 1e-9))
+
+
+def _end_epoch(row: dict[str, Any], cfg: TrainConfig, env: DistEnv, state: RunState, writer: _CheckpointWriter,
+               logger: MetricsLogger | None) -> None:
+    """Record a finished epoch's metrics ``row``: history, best model, epoch checkpoint, logs, one printed line."""
+    epochs_done = row["epoch"]
+    state.history.append(row)
+    is_best = row.get("val_top1") is not None and row["val_top1"] > state.best_top1
+    if is_best:
+        state.best_top1 = row["val_top1"]
+        writer.save_best(epochs_done, row)  # before the epoch checkpoint, which records best_top1
+    writer.save(epochs_done, 0, None)
+    if env.is_main:
+        logger.log_epoch(state.history)
+        val_text = (f", val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+                    if "val_top1" in row else "")
+        skipped_text = f", {row['train_skipped']} corrupt images skipped" if row["train_skipped"] else ""
+        print(f"epoch {epochs_done}/{cfg.epochs}: train loss {row['train_loss']:.4f}{val_text}, "
+              f"{row['train_images_per_s']:.1f} img/s, {row['train_seconds']:.0f} s{skipped_text}", flush=True)
+
+
+def _fit(cfg: TrainConfig, env: DistEnv, data: TrainData, parts: TrainParts, state: RunState,
+         writer: _CheckpointWriter, logger: MetricsLogger | None) -> None:
+    """Run the epochs from ``state.start_epoch`` (at ``state.start_step``) to ``cfg.epochs``."""
+    for epoch in range(state.start_epoch, cfg.epochs):
+        resuming = epoch == state.start_epoch
+        first_step = state.start_step if resuming else 0
+        meters = state.carried if resuming else EpochMeters()
+        row = train_one_epoch(epoch, parts, data, cfg, env, first_step, meters, writer.save)
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            # The bare model: DDP's forward is a collective, and ranks may have unequal val batches.
+            row.update(validate(parts.model, data.val_loader, env, cfg))
+        _end_epoch(row, cfg, env, state, writer, logger)
+
+
+def _start_line(cfg: TrainConfig, env: DistEnv, data: TrainData, parts: TrainParts, run_dir: Path) -> str:
+    """The line a run prints before its first epoch: model, data, processes, batch, schedule, folder."""
+    info = data.info
+    macs_text = f", {parts.gmacs:.3f} GMACs/image" if parts.gmacs is not None else ""
+    return (f"training {cfg.model} ({parts.n_params / 1e6:.2f}M params{macs_text}) on {info.name}: {info.num_train} "
+            f"train / {info.num_val} val images, {info.num_classes} classes, {cfg.image_size} px, {env.world_size} "
+            f"process(es) on {env.device}, batch {cfg.batch_size}, peak lr {cfg.learning_rate:.4g}, {cfg.epochs} "
+            f"epoch(s) x {data.steps_per_epoch} iterations -> {run_dir}")
+
+
+def _finish(cfg: TrainConfig, env: DistEnv, run_dir: Path, data: TrainData, parts: TrainParts, state: RunState,
+            logger: MetricsLogger | None) -> dict[str, Any]:
+    """The run summary; the main process also writes ``summary.json``, closes the logger and prints it."""
+    in_sync = _ranks_in_sync(parts.ddp, env)
+    summary = dict(model=cfg.model, data=data.info.name, params=parts.n_params, gmacs=parts.gmacs,
+                   epochs=cfg.epochs, image_size=cfg.image_size, world_size=env.world_size, device=str(env.device),
+                   ranks_in_sync=in_sync, seconds=state.elapsed(), best_val_top1=state.best_top1,
+                   final=state.history[-1] if state.history else {}, run_dir=str(run_dir))
+    if env.is_main:
+        import json
+
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        logger.close()
+        final = summary["final"]
+        print(f"done: {cfg.model} val top-1 {final.get('val_top1', float('nan')):.2f}%, top-5 "
+              f"{final.get('val_top5', float('nan')):.2f}% (best top-1 {state.best_top1:.2f}%) after {cfg.epochs} "
+              f"epoch(s); run folder {run_dir} (checkpoints, model_best.pth, metrics.csv/json, curves.png, "
+              f"tensorboard/)")
+    return summary
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
@@ -188,223 +540,32 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    if cfg.batch_size % env.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {env.world_size} processes")
-    if cfg.amp == "fp16" and env.device.type != "cuda":
-        raise ValueError("amp fp16 needs a GPU; use bf16 on the CPU")
-    if cfg.sync_bn and env.device.type != "cuda":
-        raise ValueError("sync_bn needs GPUs (torch's SyncBatchNorm has no CPU implementation)")
+    """``train`` within the process group ``env``: check, build, resume, run the epochs, summarise."""
+    _configure_torch(cfg)
+    _check_settings(cfg, env)
     run_dir = cfg.run_dir()
-    main = env.is_main
-    say = print if main else (lambda *a, **k: None)
-
-    ckpt_path: Path | None = None
-    if resume is not None:
-        target = run_dir if resume == "auto" else Path(resume)
-        ckpt_path = latest_checkpoint(target) if target.is_dir() or resume == "auto" else target
-        if ckpt_path is None and resume != "auto":
-            raise FileNotFoundError(f"no checkpoint to resume from in {str(target)!r}")
-        if ckpt_path is not None and ckpt_path.resolve().parent != run_dir.resolve() and latest_checkpoint(run_dir):
-            raise FileExistsError(f"resuming {str(ckpt_path)!r} would write into {str(run_dir)!r}, which holds "
-                                  f"another run's checkpoints; choose another --output")
-    elif latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"{str(run_dir)!r} already holds checkpoints: pass --resume to continue that run, "
-                              f"or choose another --output")
+    ckpt_path = _find_resume_checkpoint(resume, run_dir)
     ckpt = _resume_state(ckpt_path, cfg) if ckpt_path is not None else None  # all checks before any write
     _check_model_name(cfg.model)
+    data = _build_data(cfg, env)
+    parts = _build_parts(cfg, env, data)
+    state = _resume_run(ckpt, ckpt_path, parts, cfg, env, data.steps_per_epoch)
+    logger = _open_run_dir(cfg, run_dir, env, state.history)
+    writer = _CheckpointWriter(cfg, env, run_dir, parts, data.info, state)
+    if env.is_main and state.start_epoch < cfg.epochs:
+        print(_start_line(cfg, env, data, parts, run_dir))
+    state.start_time = time.perf_counter()
+    _fit(cfg, env, data, parts, state, writer, logger)
+    return _finish(cfg, env, run_dir, data, parts, state, logger)
 
-    datasets, info = build_datasets(cfg.data, cfg.image_size, cfg.train_subset, cfg.val_subset, cfg.augment,
-                                    cfg.skip_corrupt)
-    per_rank = cfg.batch_size // env.world_size
-    pin = env.device.type == "cuda"
-    train_loader = build_loader(datasets["train"], per_rank, train=True, rank=env.rank, world_size=env.world_size,
-                                seed=cfg.seed, workers=cfg.workers, pin_memory=pin)
-    val_loader = build_loader(datasets["val"], per_rank, train=False, rank=env.rank, world_size=env.world_size,
-                              workers=cfg.workers, pin_memory=pin)
-    steps_per_epoch = train_loader.batch_sampler.steps_per_epoch()
 
-    torch.manual_seed(_mix(cfg.seed, 7))  # the same initial weights on every rank (DDP also broadcasts them)
-    model = _create_model(cfg, info.num_classes, info.in_chans).to(env.device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and env.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    gmacs = _gmacs(model, info.in_chans, cfg.image_size)
-    ddp = nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
-
-    peak_lr = cfg.learning_rate
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
-
-    history: list[dict[str, Any]] = []
-    best_top1, start_epoch, start_step, carried, elapsed_before = -1.0, 0, 0, [0.0] * 5, 0.0
-    if ckpt is not None:
-        load_converted(model, ckpt["state_dict"], f"checkpoint {str(ckpt_path)!r}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        history, best_top1 = list(ckpt.get("history", [])), float(ckpt.get("best_top1", -1.0))
-        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
-        rank_sums = ckpt.get("epoch_sums") or [carried] * env.world_size  # one list of 5 sums per rank
-        if len(rank_sums) != env.world_size:
-            raise ValueError(f"checkpoint {str(ckpt_path)!r} was written mid-epoch by {len(rank_sums)} processes; "
-                             f"resume it with the same number ({env.world_size} now), or from an epoch checkpoint")
-        carried = list(rank_sums[env.rank])
-        elapsed_before = float(ckpt.get("elapsed", 0.0))
-        if start_epoch >= cfg.epochs:
-            say(f"{ckpt_path}: the run is already complete ({cfg.epochs} epochs); reporting it")
-        else:
-            say(f"resumed from {ckpt_path} (epoch {start_epoch + 1}, iteration {start_step}/{steps_per_epoch})")
-    else:
-        random.seed(cfg.seed)
-
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
-    logger = MetricsLogger(run_dir, cfg.tensorboard) if main else None
-    if main and history:  # a run killed between its checkpoint and its logs: rewrite them
-        logger.log_epoch(history, tensorboard=False)
-    classes = list(info.classes)
-
-    def state(epoch: int, step: int, sums: list[list[float]] | None) -> dict[str, Any]:
-        return dict(state_dict=_unwrap(ddp).state_dict(), model=cfg.model, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                    epoch_sums=sums, rng=rng_state(), config=cfg.to_dict(), history=history,
-                    best_top1=best_top1, classes=classes, in_chans=info.in_chans, torch_version=str(torch.__version__),
-                    elapsed=elapsed_before + time.perf_counter() - start_time)
-
-    def save(epoch: int, step: int, sums: list[list[float]] | None) -> None:
-        if main:
-            save_atomic(state(epoch, step, sums), run_dir / checkpoint_name(epoch, step))
-            prune_checkpoints(run_dir, cfg.keep_checkpoints)
-
-    macs_text = f", {gmacs:.3f} GMACs/image" if gmacs is not None else ""
-    if start_epoch < cfg.epochs:
-        say(f"training {cfg.model} ({n_params / 1e6:.2f}M params{macs_text}) on {info.name}: {info.num_train} train / "
-            f"{info.num_val} val images, {info.num_classes} classes, {cfg.image_size} px, {env.world_size} "
-            f"process(es) on {env.device}, batch {cfg.batch_size}, peak lr {peak_lr:.4g}, {cfg.epochs} epoch(s) x "
-            f"{steps_per_epoch} iterations -> {run_dir}")
-    start_time = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        first = start_step if epoch == start_epoch else 0
-        sums = carried if epoch == start_epoch else [0.0] * 5  # loss*n, correct, n, skipped, seconds
-        train_loader.batch_sampler.set_epoch(epoch, first)
-        epoch_lr = optimizer.param_groups[0]["lr"]  # the rate this epoch starts with
-        ddp.train()
-        progress = _Progress(cfg.progress, main, steps_per_epoch, first, f"epoch {epoch + 1}/{cfg.epochs}")
-        t0 = time.perf_counter()
-        for step, batch in enumerate(train_loader, start=first):
-            if env.distributed and _any_rank(batch is None, env):  # all ranks stop together, none waits
-                raise ValueError(f"every image of a batch is corrupt (epoch {epoch + 1}, iteration {step})")
-            if batch is not None:
-                images, labels, n_skipped = batch
-                images = images.to(env.device, non_blocking=True)
-                labels = labels.to(env.device, non_blocking=True)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                torch.manual_seed(_mix(cfg.seed, env.rank, epoch, step))  # dropout and friends
-                q = smooth_targets(labels, info.num_classes, cfg.label_smoothing)
-                if cfg.mixup_alpha > 0:
-                    g = torch.Generator().manual_seed(_mix(cfg.seed, env.rank, epoch, step, 2))
-                    images, q = mixup(images, q, cfg.mixup_alpha, g)
-                with _autocast(cfg.amp, env.device):
-                    logits = ddp(images)
-                loss = soft_cross_entropy(logits, q)
-                if _any_rank(not torch.isfinite(loss), env):
-                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {step}: lower "
-                                             f"the learning rate (checkpoints so far are kept)")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                n = labels.numel()
-                sums[0] += loss.item() * n
-                sums[1] += (logits.argmax(dim=1) == labels).sum().item()
-                sums[2] += n
-                sums[3] += n_skipped
-                progress.update(n * env.world_size, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-            scheduler.step()  # per iteration; the factor function decides per-epoch or per-step annealing
-            done = step + 1
-            if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0 and done < steps_per_epoch:
-                save(epoch, done, _gather_sums(sums[:4] + [sums[4] + time.perf_counter() - t0], env))
-        progress.close()
-        _sync_buffers(_unwrap(ddp), env)  # BN running stats differ per rank: evaluate and save rank 0's
-        seconds = sums[4] + time.perf_counter() - t0
-        loss_sum, correct, count, skipped = all_reduce_sum(sums[:4], env)
-        row: dict[str, Any] = dict(epoch=epoch + 1, lr=epoch_lr,
-                                   train_loss=loss_sum / max(count, 1),
-                                   train_top1=None if cfg.mixup_alpha > 0 else 100 * correct / max(count, 1),
-                                   train_images=int(count), train_skipped=int(skipped), train_seconds=seconds,
-                                   train_images_per_s=count / max(seconds, 1e-9))
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            t1 = time.perf_counter()
-            # The unwrapped model: DDP's forward is a collective, and ranks may have unequal val batches.
-            val = evaluate(_unwrap(ddp), val_loader, env, cfg.amp, cfg.channels_last)
-            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_images=val["count"],
-                       val_skipped=val["skipped"], val_seconds=time.perf_counter() - t1)
-        history.append(row)
-        is_best = row.get("val_top1") is not None and row["val_top1"] > best_top1
-        if is_best:
-            best_top1 = row["val_top1"]
-        if main and is_best:  # before the epoch checkpoint, which records best_top1
-            save_atomic(dict(state_dict=_unwrap(ddp).state_dict(), model=cfg.model, config=cfg.to_dict(),
-                             epoch=epoch + 1, metrics=row, classes=classes, in_chans=info.in_chans),
-                        run_dir / "model_best.pth")
-        save(epoch + 1, 0, None)
-        if main:
-            logger.log_epoch(history)
-            val_text = (f", val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
-                        if "val_top1" in row else "")
-            skipped_text = f", {row['train_skipped']} corrupt images skipped" if row["train_skipped"] else ""
-            say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}{val_text}, "
-                f"{row['train_images_per_s']:.1f} img/s, {seconds:.0f} s{skipped_text}", flush=True)
-
-    in_sync = _ranks_in_sync(ddp, env)
-    summary = dict(model=cfg.model, data=info.name, params=n_params, gmacs=gmacs, epochs=cfg.epochs,
-                   image_size=cfg.image_size,
-                   world_size=env.world_size, device=str(env.device), ranks_in_sync=in_sync,
-                   seconds=elapsed_before + time.perf_counter() - start_time, best_val_top1=best_top1,
-                   final=history[-1] if history else {}, run_dir=str(run_dir))
-    if main:
-        import json
-
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        logger.close()
-        final = summary["final"]
-        say(f"done: {cfg.model} val top-1 {final.get('val_top1', float('nan')):.2f}%, top-5 "
-            f"{final.get('val_top5', float('nan')):.2f}% (best top-1 {best_top1:.2f}%) after {cfg.epochs} epoch(s); "
-            f"run folder {run_dir} (checkpoints, model_best.pth, metrics.csv/json, curves.png, tensorboard/)")
-    return summary
-
+# --- helpers ----------------------------------------------------------------------------------------
 
 def _any_rank(flag: bool, env: DistEnv) -> bool:
     """Whether ``flag`` holds on any process (a collective: every rank must call it at the same point)."""
     if not env.distributed:
         return bool(flag)
     return all_reduce_sum([float(flag)], env)[0] > 0
-
-
-def _gather_sums(sums: list[float], env: DistEnv) -> list[list[float]]:
-    """Every rank's running sums (for a mid-epoch checkpoint, so each rank resumes its own)."""
-    if not env.distributed:
-        return [list(sums)]
-    t = torch.tensor(sums, dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
-    gathered = [torch.zeros_like(t) for _ in range(env.world_size)]
-    dist.all_gather(gathered, t)
-    return [g.tolist() for g in gathered]
 
 
 def _sync_buffers(model: nn.Module, env: DistEnv) -> None:
@@ -440,6 +601,7 @@ def _ranks_in_sync(model: nn.Module, env: DistEnv) -> bool:
 
 
 def _yaml(values: dict[str, Any]) -> str:
+    """``values`` as YAML, in their order."""
     import yaml
 
     return yaml.safe_dump(values, sort_keys=False)
