@@ -1,8 +1,7 @@
 """Helpers shared by the benchmark scripts: the machine's description, the JSON file, text tables.
 
-Imported by ``benchmarks/ops.py`` and ``benchmarks/models.py`` (run as scripts, so this folder is on
-``sys.path``). It imports neither torch nor torchsan at module level, so the scripts can set up
-``sys.path`` and environment variables first.
+Imported by the scripts in ``benchmarks/`` (run as scripts, so this folder is on ``sys.path``). It imports
+neither torch nor torchsan at module level, so the scripts can set up ``sys.path`` and environment variables first.
 """
 
 from __future__ import annotations

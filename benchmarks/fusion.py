@@ -1,23 +1,20 @@
-"""Forward+backward of one mapping triple (BN-ReLU-conv1x1 over a (N, C, K, L) grid): fused vs unfused.
+"""Where the ``cpu`` backend fuses BatchNorm-ReLU-conv1x1: the measurements behind its rule, and the rule's answer.
 
-    python benchmarks/mapping_triples.py [--repeats 5]
+    python benchmarks/fusion.py [--repeats 5] [--json benchmarks/results/fusion.json]
 
-Shapes: SAN10 gamma at batch 8, 224 px: pairwise stages 1-4 ((rel + 2) -> rel -> mid / share over the
-(K, L) grid) and patchwise stages 1 and 3 (rel * (K + 1) -> mid / share -> K * mid / share).
-Columns, each the best of ``--repeats`` runs in milliseconds:
-``conv`` (the 1x1 convolution alone, as torch runs it), ``bn+relu+conv`` (the unfused modules'
-arithmetic: affine BN, ReLU, convolution) and ``fused`` (``torchsan.ops.bn_relu_conv``). The fused
-op is used up to ``MAX_FUSED_IN_CHANNELS`` inputs and ``MAX_FUSED_OUT_CHANNELS`` outputs
-(``torchsan.layers.mapping``). Writes
-benchmarks/results/mapping_triples.json. A measurement, not a test.
+Every row is one BatchNorm2d (training mode) -> ReLU -> 1x1 convolution, forward + backward, as the models run it:
+gamma's triples over the (K, L) grid and the block's BN-ReLU-conv pairs over feature maps, at SAN10's shapes at
+224 px (batch 8) and in the small-input form at 16 px (batch 32, the README's main job), pairwise and patchwise.
+Columns (milliseconds, best of ``--repeats``): ``conv`` the 1x1 convolution alone; ``modules`` BatchNorm2d, ReLU and
+the convolution one by one; ``fused`` ``torchsan.ops.batchnorm_relu_conv1x1``; ``fused/modules``; and ``rule``,
+what ``torchsan.ops.should_fuse`` decides for the shape (``fused`` or ``modules``). A row where the rule picks the
+slower route is marked ``<-``. A measurement, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import _common
 
@@ -26,15 +23,36 @@ _common.use_checkout()  # measure this checkout's src/, installed or not
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import torchsan  # noqa: E402
-from torchsan.layers.mapping import MAX_FUSED_IN_CHANNELS, MAX_FUSED_OUT_CHANNELS  # noqa: E402
+from torchsan import ops  # noqa: E402
 
+# (what, (N, Cin, *spatial), Cout)
 SHAPES = [
-    # pairwise gamma, stages 1-4: (rel + 2) -> rel -> mid / share over the (K, L) grid
-    ((8, 18, 49, 3136), 16), ((8, 16, 49, 3136), 8), ((8, 34, 49, 784), 32), ((8, 32, 49, 784), 16),
-    ((8, 66, 49, 196), 64), ((8, 64, 49, 196), 32), ((8, 130, 49, 49), 128), ((8, 128, 49, 49), 64),
-    # patchwise gamma, stages 1 and 3: rel * (K + 1) -> mid / share -> K * mid / share over (1, L)
-    ((8, 800, 1, 3136), 8), ((8, 8, 1, 3136), 392), ((8, 3200, 1, 196), 32), ((8, 32, 1, 196), 1568),
+    # pairwise gamma at 224 px, stages 0-4: (rel + 2) -> rel -> mid / share over the (K, L) grid
+    ("pairwise gamma s0", (8, 6, 9, 12544), 4), ("pairwise gamma s0", (8, 4, 9, 12544), 2),
+    ("pairwise gamma s1", (8, 18, 49, 3136), 16), ("pairwise gamma s1", (8, 16, 49, 3136), 8),
+    ("pairwise gamma s2", (8, 34, 49, 784), 32), ("pairwise gamma s2", (8, 32, 49, 784), 16),
+    ("pairwise gamma s3", (8, 66, 49, 196), 64), ("pairwise gamma s3", (8, 64, 49, 196), 32),
+    ("pairwise gamma s4", (8, 130, 49, 49), 128), ("pairwise gamma s4", (8, 128, 49, 49), 64),
+    # patchwise gamma at 224 px: rel * (K + 1) -> mid / share -> K * mid / share over (1, L)
+    ("patchwise gamma s1", (8, 800, 1, 3136), 8), ("patchwise gamma s1", (8, 8, 1, 3136), 392),
+    ("patchwise gamma s2", (8, 1600, 1, 784), 16), ("patchwise gamma s2", (8, 16, 1, 784), 784),
+    ("patchwise gamma s3", (8, 3200, 1, 196), 32), ("patchwise gamma s3", (8, 32, 1, 196), 1568),
+    ("patchwise gamma s4", (8, 64, 1, 49), 3136),
+    # the block's pairs at 224 px: norm1 -> (phi | psi | beta) and norm2 -> proj
+    ("block s0", (8, 64, 112, 112), 24), ("block s0", (8, 16, 112, 112), 64),
+    ("block s1", (8, 256, 56, 56), 96), ("block s1", (8, 64, 56, 56), 256),
+    ("block s2", (8, 512, 28, 28), 192), ("block s2", (8, 128, 28, 28), 512),
+    ("block s3", (8, 1024, 14, 14), 384), ("block s3", (8, 256, 14, 14), 1024),
+    ("block s4", (8, 2048, 7, 7), 768),
+    # the small-input form at 16 px (stages at 16, 8, 4, 4, 4 px), batch 32
+    ("small block s0", (32, 64, 16, 16), 24), ("small block s0", (32, 16, 16, 16), 64),
+    ("small block s1", (32, 256, 8, 8), 96), ("small block s1", (32, 64, 8, 8), 256),
+    ("small block s2", (32, 512, 4, 4), 192), ("small block s2", (32, 128, 4, 4), 512),
+    ("small block s3", (32, 1024, 4, 4), 384), ("small block s3", (32, 256, 4, 4), 1024),
+    ("small pairwise gamma s0", (32, 6, 9, 256), 4), ("small pairwise gamma s1", (32, 18, 49, 64), 16),
+    ("small pairwise gamma s2", (32, 34, 49, 16), 32), ("small pairwise gamma s4", (32, 130, 49, 16), 128),
+    ("small patchwise gamma s1", (32, 800, 1, 64), 8), ("small patchwise gamma s1", (32, 8, 1, 64), 392),
+    ("small patchwise gamma s2", (32, 1600, 1, 16), 16), ("small patchwise gamma s2", (32, 16, 1, 16), 784),
 ]
 
 
@@ -51,46 +69,50 @@ def best_ms(fn, repeats: int) -> float:
 def measure(shape: tuple[int, ...], c_out: int, repeats: int) -> dict:
     c_in = shape[1]
     x = torch.randn(shape, requires_grad=True)
-    w = torch.randn(c_out, c_in, 1, 1, requires_grad=True)
-    scale, shift = (torch.rand(c_in) + 0.5).requires_grad_(), (0.1 * torch.randn(c_in)).requires_grad_()
+    w = (torch.randn(c_out, c_in, 1, 1) / c_in**0.5).requires_grad_()
+    b = torch.randn(c_out, requires_grad=True)
+    bn_w, bn_b = (torch.rand(c_in) + 0.5).requires_grad_(), (0.1 * torch.randn(c_in)).requires_grad_()
     gy = torch.randn(shape[0], c_out, *shape[2:])
-    affine = (scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1))
 
     def conv() -> None:
-        F.conv2d(x, w).backward(gy)
+        F.conv2d(x, w, b).backward(gy)
 
-    def unfused() -> None:
-        F.conv2d(torch.relu(x * affine[0] + affine[1]), w).backward(gy)
+    def modules() -> None:
+        F.conv2d(torch.relu(F.batch_norm(x, None, None, bn_w, bn_b, True, 0.1, 1e-5)), w, b).backward(gy)
 
     def fused() -> None:
-        torchsan.ops.bn_relu_conv(x, scale, shift, w.view(c_out, c_in)).backward(gy)
+        ops.batchnorm_relu_conv1x1(x, bn_w, bn_b, 1e-5, w.flatten(1), b)[0].backward(gy)
 
     row = dict(shape=list(shape), c_in=c_in, c_out=c_out, conv_ms=best_ms(conv, repeats),
-               unfused_ms=best_ms(unfused, repeats), fused_ms=best_ms(fused, repeats),
-               fused_in_models=c_in <= MAX_FUSED_IN_CHANNELS and c_out <= MAX_FUSED_OUT_CHANNELS)
+               modules_ms=best_ms(modules, repeats), fused_ms=best_ms(fused, repeats))
+    row["rule"] = "fused" if ops.should_fuse("batchnorm_relu_conv1x1", x, out_channels=c_out) else "modules"
     return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", default=str(Path(__file__).parent / "results" / "mapping_triples.json"))
+    p.add_argument("--json", default=str(_common.RESULTS / "fusion.json"))
     _common.add_malloc_flag(p)
     args = p.parse_args()
-    print(f"malloc: {_common.apply_malloc(args.malloc)}")
+    start, machine = time.perf_counter(), _common.machine_info()
+    malloc = _common.apply_malloc(args.malloc)
     torch.manual_seed(0)
-    rows = []
-    print(f"{'shape':<22} {'in->out':>8} {'pairs':>6} {'conv':>8} {'bn+relu+conv':>13} {'fused':>8} "
-          f"{'unfused/fused':>13}  used")
-    for shape, c_out in SHAPES:
-        row = measure(shape, c_out, args.repeats)
-        c_in = shape[1]
-        rows.append(row)
-        print(f"{str(tuple(shape)):<22} {f'{c_in}->{c_out}':>8} {c_in * c_out:>6} {row['conv_ms']:>8.1f} "
-              f"{row['unfused_ms']:>13.1f} {row['fused_ms']:>8.1f} {row['unfused_ms'] / row['fused_ms']:>13.2f}  "
-              f"{'fused' if row['fused_in_models'] else 'unfused'}", flush=True)
-    Path(args.json).write_text(json.dumps(dict(threads=torch.get_num_threads(), rows=rows), indent=1))
-    print(f"wrote {args.json}")
+    if ops.backend_for(torch.zeros(1)) != "cpu":
+        raise SystemExit("the cpu backend is not available here; nothing to measure")
+    records, rows = [], []
+    for what, shape, c_out in SHAPES:
+        row = dict(what=what, **measure(shape, c_out, args.repeats))
+        records.append(row)
+        ratio = row["fused_ms"] / row["modules_ms"]
+        wrong = (ratio < 1) != (row["rule"] == "fused")
+        rows.append([what, str(tuple(shape)), f"{shape[1]}->{c_out}", _common.fmt(row["conv_ms"]),
+                     _common.fmt(row["modules_ms"]), _common.fmt(row["fused_ms"]), f"{ratio:.2f}",
+                     row["rule"] + (" <-" if wrong else "")])
+        print("  ".join(rows[-1]), flush=True)
+    text = _common.table(["what", "input", "in->out", "conv ms", "modules ms", "fused ms", "fused/modules", "rule"],
+                         rows, left=2)
+    _common.finish("fusion", args.json, machine, dict(repeats=args.repeats, malloc=malloc), records, text, start)
 
 
 if __name__ == "__main__":

@@ -71,14 +71,15 @@ def measure(model_name: str, backend: str, memory_efficient: bool, batch: int, s
     def post(module, args, output, name):
         stack.pop()
 
-    # No module hooks: the fused paths run only on modules without hooks (so that hooks see every module), and
+    # No module hooks: the fused routes run only on modules without hooks (so that hooks see every module), and
     # hooks here would measure the unfused model. Instead nn.Module.__call__ is wrapped for the duration, which
     # tracks the running module without registering anything, and the fused calls made outside any submodule's
-    # __call__ are wrapped by name: gamma (run_mapping, and ops.subtraction2_batchnorm_relu_conv, z with gamma's first
-    # triple), the block's BN-ReLU-conv1x1 pairs (bn_relu_conv1x1), the softmax + aggregation
+    # __call__ are wrapped by name: gamma (run_mapping, and ops.subtraction2_batchnorm_relu_conv1x1, z with gamma's
+    # first triple), the block's BN-ReLU-conv1x1 pairs (norm_act_conv1x1), the softmax + aggregation
     # (ops.softmax_aggregation) and the attention after its transforms (attend).
     import torchsan.layers.attention as attention
     import torchsan.layers.block as block
+    import torchsan.layers.fused as fused
 
     names = {id(m): n for n, m in model.named_modules()}
     module_call = torch.nn.Module.__call__
@@ -99,17 +100,22 @@ def measure(model_name: str, backend: str, memory_efficient: bool, batch: int, s
                 stack.pop()
         return wrapper
 
-    originals = [(attention, "run_mapping", attention.run_mapping), (block, "bn_relu_conv1x1", block.bn_relu_conv1x1),
-                 (ops, "softmax_aggregation", ops.softmax_aggregation),
-                 (ops, "subtraction2_batchnorm_relu_conv", ops.subtraction2_batchnorm_relu_conv),
-                 (attention._SelfAttention, "attend", attention._SelfAttention.attend)]
-    # (the block calls attend directly when it has fused the attention's transforms into its BN-ReLU)
-    attention._SelfAttention.attend = tracked(attention._SelfAttention.attend, lambda a, *r: names.get(id(a), "x.attn"))
-    attention.run_mapping = tracked(attention.run_mapping, lambda seq, z: names.get(id(seq), "x.attn.gamma"))
-    block.bn_relu_conv1x1 = tracked(block.bn_relu_conv1x1, lambda bn, *a: names.get(id(bn), ""))
-    ops.softmax_aggregation = tracked(ops.softmax_aggregation, "x.attn.aggregation")
-    # z + gamma's first triple as one op (z never written): its saved tensors count as gamma's
-    ops.subtraction2_batchnorm_relu_conv = tracked(ops.subtraction2_batchnorm_relu_conv, "x.attn.gamma")
+    def gamma_label(seq, z):
+        return names.get(id(seq), "x.attn.gamma")
+
+    def pair_label(bn, *args):
+        return names.get(id(bn), "")
+
+    wrapped = [(attention, "run_mapping", gamma_label), (fused, "run_mapping", gamma_label),
+               (block, "norm_act_conv1x1", pair_label), (fused, "norm_act_conv1x1", pair_label),
+               (ops, "softmax_aggregation", "x.attn.aggregation"),
+               # z + gamma's first triple as one op (z never written): its saved tensors count as gamma's
+               (ops, "subtraction2_batchnorm_relu_conv1x1", "x.attn.gamma"),
+               # the block calls attend directly when it has fused the attention's transforms into its BN-ReLU
+               (attention._SelfAttention, "attend", lambda a, *r: names.get(id(a), "x.attn"))]
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in wrapped]
+    for owner, attr, label in wrapped:
+        setattr(owner, attr, tracked(getattr(owner, attr), label))
     torch.nn.Module.__call__ = tracked_call
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ batch 8, 224 px, stages 0-4 (phi(x), psi(x): (8, rel, H, W), the position encodi
 rel + 2 -> rel, training-mode BN with gradients through the batch statistics). Implementations, in one process,
 rounds taken in turn so that a slow phase of the shared machine hits each alike; the table shows the best round:
 
-* ``written``  the ``cpu`` backend's ``subtraction2(q, k, append=p)`` then ``batchnorm_relu_conv(z, ...)``: z is
+* ``written``  the ``cpu`` backend's ``subtraction2(q, k, append=p)`` then ``batchnorm_relu_conv1x1(z, ...)``: z is
   written, read by the statistics, the triple and its backward, and kept for backward;
-* ``gathered`` ``ops.subtraction2_batchnorm_relu_conv`` (``cpu``): z's rows are gathered from q, k and p where they
-  are needed and never written; what the pairwise layer runs on maps of at least ``MIN_RELATION_FUSED_PIXELS``;
+* ``gathered`` ``ops.subtraction2_batchnorm_relu_conv1x1`` (``cpu``): z's rows are gathered from q, k and p where they
+  are needed and never written; what the pairwise layer runs where ``ops.should_fuse`` says so (the ``used`` column);
 * ``reference`` the plain-PyTorch backend (F.unfold), the two ops one after the other.
 
 ``kept MB``: the bytes autograd saves for backward (distinct storages, the inputs excluded) in one forward of each:
@@ -31,7 +31,6 @@ _common.use_checkout()  # measure this checkout's src/, installed or not
 import torch  # noqa: E402
 
 from torchsan import ops  # noqa: E402
-from torchsan.layers.attention import MIN_RELATION_FUSED_PIXELS  # noqa: E402
 
 # SAN10 stages: (block channels C, footprint k); rel = C / 16.
 STAGES = ((64, 3), (256, 7), (512, 7), (1024, 7), (2048, 7))
@@ -49,10 +48,10 @@ def build(stage: int, batch: int, image_size: int) -> tuple[dict[str, Callable[[
 
     def written() -> tuple:
         z = ops.subtraction2(q, kk, k, append=p)
-        return ops.batchnorm_relu_conv(z, weight, bias, 1e-5, conv)
+        return ops.batchnorm_relu_conv1x1(z, weight, bias, 1e-5, conv)
 
     def gathered() -> tuple:
-        return ops.subtraction2_batchnorm_relu_conv(q, kk, weight, bias, 1e-5, conv, kernel_size=k, append=p)
+        return ops.subtraction2_batchnorm_relu_conv1x1(q, kk, weight, bias, 1e-5, conv, kernel_size=k, append=p)
 
     shape = dict(q=(batch, rel, h, h), z=(batch, rel + 2, k * k, h * h), conv=(rel, rel + 2))
     return {"written": written, "gathered": gathered, "reference": written}, inputs, shape
@@ -108,15 +107,15 @@ def main() -> None:
                 times[name].append(step(fns[name], inputs, backends[name], gy))
         best = {name: 1e3 * min(times[name]) for name in IMPLS}
         kept = {name: kept_bytes(fns[name], inputs, backends[name]) / 1e6 for name in IMPLS}
-        pixels = shape["q"][2] * shape["q"][3]
-        records.append(dict(stage=stage, shapes=shape, ms=best, samples_s=times, kept_mb=kept,
-                            used_in_models=pixels >= MIN_RELATION_FUSED_PIXELS))
+        used = ops.should_fuse("subtraction2_batchnorm_relu_conv1x1", inputs[0], out_channels=shape["conv"][0],
+                               positions=shape["q"][2] * shape["q"][3])
+        records.append(dict(stage=stage, shapes=shape, ms=best, samples_s=times, kept_mb=kept, used_in_models=used))
         rows.append([str(stage), "x".join(map(str, shape["z"])), f"{shape['conv'][1]}->{shape['conv'][0]}",
                      *(_common.fmt(best[n]) for n in IMPLS),
                      _common.fmt(_common.ratio(best["gathered"], best["written"]), ".2f"),
                      _common.fmt(_common.ratio(best["reference"], best["gathered"]), ".1f"),
                      *(_common.fmt(kept[n]) for n in ("written", "gathered")),
-                     "gathered" if pixels >= MIN_RELATION_FUSED_PIXELS else "written"])
+                     "gathered" if used else "written"])
         print(f"stage {stage} done", flush=True)
     headers = ["stage", "z", "triple", "written ms", "gathered ms", "ref ms", "gathered/written", "ref/gathered",
                "kept MB written", "kept MB gathered", "in the models"]

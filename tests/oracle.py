@@ -1,12 +1,16 @@
-"""Per-pixel loop oracles: the independent ground truth for the reference ops.
+"""The tests' one oracle module: independent ground truth, sharing no code with torchsan.
 
-Written from the definitions in DESIGN.md section 1, with explicit index arithmetic, and sharing no
-code with torchsan. Slow by design; use on small shapes only.
+* Per-pixel loops (``aggregation``, ``subtraction2``, ``subtraction``, ``unfold``): the oracle for the reference
+  ops. Written from the definitions in DESIGN.md section 1, with explicit index arithmetic. Slow by design; use on
+  small shapes only.
+* ``neighbours`` and ``position``: the compact, vectorised forms (plain ``F.pad`` + ``F.unfold``) that the authors'
+  architecture in ``test_convert.py`` is built from, each checked against the loops above.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -84,3 +88,20 @@ def unfold(x, k, s=1, p=None, d=1, mode="reflect"):
         for kidx, hh, ww in taps:
             out[:, :, kidx, o] = read(x, hh, ww, mode)
     return out
+
+
+# --- compact forms, for whole-model oracles (test_convert.py) -------------------------------------------------------
+def neighbours(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, K, L): x at each pixel's k x k window, reflection-padded by k // 2,
+    stride 1; neighbour k = kh * kernel_size + kw, F.unfold's channel order c * K + k."""
+    n, c, h, w = x.shape
+    pad = kernel_size // 2
+    cols = F.unfold(F.pad(x, (pad, pad, pad, pad), mode="reflect"), kernel_size)
+    return cols.view(n, c, kernel_size * kernel_size, h * w)
+
+
+def position(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """(1, 2, H, W): channel 0 = linspace(-1, 1, W) along columns, 1 = linspace(-1, 1, H) along rows."""
+    cols = torch.linspace(-1, 1, width, dtype=like.dtype).repeat(height, 1)
+    rows = torch.linspace(-1, 1, height, dtype=like.dtype).unsqueeze(1).repeat(1, width)
+    return torch.stack([cols, rows]).unsqueeze(0)

@@ -4,11 +4,12 @@ The oracle is ``AuthorSAN`` below: an independent, compact re-implementation of 
 architecture written from the maths in DESIGN.md sections 1-2, with exactly the authors'
 parameter names (``conv_in``, ``bn_in``, ``conv0..4``, ``bn0..4``, ``layer0..4``, ``fc``; block
 ``bn1``, ``sam``, ``bn2``, ``conv``; attention ``conv1`` (phi), ``conv2`` (psi), ``conv3`` (beta),
-``conv_w`` (gamma), ``conv_p`` (position)). Its neighbour gather is plain ``F.pad(reflect)`` +
-``F.unfold`` (not ``torchsan.ops``). A tiny randomised instance is saved the way the authors'
-training script saves it (``{"epoch", "state_dict" with DDP's "module." prefix, "top1_val"}``)
-and loaded into our model three ways: timm's ``pretrained_cfg_overlay=dict(file=...)``, our
-``checkpoint_filter_fn`` + ``load_state_dict(strict=True)``, and ``torchsan.models.load_checkpoint``.
+``conv_w`` (gamma), ``conv_p`` (position)). Its neighbour gather and position grid are
+``oracle.neighbours`` and ``oracle.position`` (plain ``F.pad(reflect)`` + ``F.unfold``, not
+``torchsan.ops``). A tiny randomised instance is saved the way the authors' training script saves it
+(``{"epoch", "state_dict" with DDP's "module." prefix, "top1_val"}``) and loaded into our model three
+ways: timm's ``pretrained_cfg_overlay=dict(file=...)``, our ``checkpoint_filter_fn`` +
+``load_state_dict(strict=True)``, and ``torchsan.models.load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck as TVBottleneck
 from torchvision.models.resnet import ResNet as TVResNet
 
+import oracle
+from oracle import neighbours, position
 from torchsan.cli import main
 from torchsan.models import load_checkpoint
 from torchsan.models import resnet as our_resnet
@@ -36,22 +39,6 @@ TINY_INPUT = (2, 3, 128, 160)
 # --------------------------------------------------------------------------------------------------
 # The oracle: the authors' architecture and names, from the maths.
 # --------------------------------------------------------------------------------------------------
-def neighbours(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, K, L): x at each pixel's k x k window, reflection-padded by k // 2,
-    stride 1; neighbour k = kh * kernel_size + kw, F.unfold's channel order c * K + k."""
-    n, c, h, w = x.shape
-    pad = kernel_size // 2
-    cols = F.unfold(F.pad(x, (pad, pad, pad, pad), mode="reflect"), kernel_size)
-    return cols.view(n, c, kernel_size * kernel_size, h * w)
-
-
-def position(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """(1, 2, H, W): channel 0 = linspace(-1, 1, W) along columns, 1 = linspace(-1, 1, H) along rows."""
-    cols = torch.linspace(-1, 1, width, dtype=like.dtype).repeat(height, 1)
-    rows = torch.linspace(-1, 1, height, dtype=like.dtype).unsqueeze(1).repeat(1, width)
-    return torch.stack([cols, rows]).unsqueeze(0)
-
-
 class AuthorSAM(nn.Module):
     """Pairwise (subtraction + position) or patchwise (concatenation) self-attention, stride 1."""
 
@@ -198,20 +185,12 @@ def authors_tiny(request, tmp_path_factory):
 # --------------------------------------------------------------------------------------------------
 # The oracle itself
 # --------------------------------------------------------------------------------------------------
-def test_oracle_neighbours_match_a_per_pixel_loop():
-    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
-    k, pad = 3, 1
-    got = neighbours(x, k)
-
-    def reflect(i: int, size: int) -> int:
-        return -i if i < 0 else 2 * (size - 1) - i if i >= size else i
-
-    for h in range(5):
-        for w in range(6):
-            for kh in range(k):
-                for kw in range(k):
-                    src = x[0, :, reflect(h + kh - pad, 5), reflect(w + kw - pad, 6)]
-                    torch.testing.assert_close(got[0, :, kh * k + kw, h * 6 + w], src)
+@pytest.mark.parametrize("kernel_size,height,width", [(3, 5, 6), (5, 7, 4), (7, 8, 9)])
+def test_oracle_neighbours_match_the_per_pixel_loop(kernel_size, height, width):
+    # oracle.unfold reads each tap with explicit index arithmetic (a single reflection at the border).
+    x = torch.randn(2, 3, height, width, dtype=torch.float64)
+    expected = oracle.unfold(x, kernel_size, 1, kernel_size // 2, 1, "reflect")
+    torch.testing.assert_close(neighbours(x, kernel_size), expected, rtol=0, atol=0)
 
 
 def test_oracle_position_grid_orientation():
@@ -219,6 +198,9 @@ def test_oracle_position_grid_orientation():
     assert p.shape == (1, 2, 3, 4)
     torch.testing.assert_close(p[0, 0, 2], torch.linspace(-1, 1, 4))  # x along columns
     torch.testing.assert_close(p[0, 1, :, 3], torch.linspace(-1, 1, 3))  # y along rows
+    for h in range(3):
+        for w in range(4):  # pixel (h, w) at (x, y) = (-1 + 2w / 3, -1 + 2h / 2)
+            torch.testing.assert_close(p[0, :, h, w], torch.tensor([-1 + 2 * w / 3, -1 + h]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -526,7 +526,7 @@ def structurally_dead(model: nn.Module) -> set[str]:
     for prefix, m in model.named_modules():
         if isinstance(m, PairwiseSelfAttention):
             dead.add(f"{prefix}.gamma.{len(m.gamma) - 1}.bias")
-            if m.position_encoding and m.footprint["pad_mode"] == "reflect":
+            if m.position_encoding and m.aggregation.pad_mode == "reflect":
                 dead.add(f"{prefix}.pos_proj.bias")
     return dead
 
@@ -576,3 +576,193 @@ def test_zero_init_last_makes_blocks_identity():
     assert not torch.equal(plain.stages[1].blocks[0].eval()(x), x)
     resnet = timm.create_model("san_resnet26", zero_init_last=True)
     assert all(not m.bn3.weight.detach().any() for m in resnet.modules() if hasattr(m, "bn3"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Intermediate features: forward_intermediates, prune_intermediate_layers, features_only
+# --------------------------------------------------------------------------------------------------
+def _stages_one_by_one(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The stage outputs at their own resolutions and the final features, from the modules run one by one: the
+    stem (conv, BN, ReLU, its pool), then each stage's transition, blocks, BN and ReLU (the intermediate), then
+    its pool (the next stage's downsampling)."""
+    stem = model.stem
+    with torchsan.ops.fusion(False):
+        x = stem.pool(stem.act(stem.bn(stem.conv(x))))
+        outs = []
+        for stage in model.stages:
+            outs.append(stage.act(stage.norm(stage.blocks(stage.transition(x)))))
+            x = stage.pool(outs[-1])
+    return x, outs
+
+
+def _random_eval_san(sa_type: str, **kwargs) -> nn.Module:
+    model = timm.create_model(f"san10_{sa_type}", **dict(SMALL_SAN, **kwargs)).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # random running statistics and affine maps
+                m.running_mean.copy_(torch.randn_like(m.running_mean) * 0.5)
+                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+                m.bias.copy_(torch.randn_like(m.bias) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+@pytest.mark.parametrize("kwargs,size,reductions", [
+    (dict(small_input=True), (32, 30), [1, 2, 4, 4, 4]),
+    (dict(pad_mode="zeros"), (64, 66), [2, 4, 8, 16, 32]),
+    (dict(stage_pools=(False, True, False, True, False), small_input=True), (33, 35), [1, 2, 2, 4, 4]),
+], ids=["small_input", "imagenet_zeros", "odd"])
+def test_forward_intermediates_are_the_stage_outputs(sa_type, kwargs, size, reductions):
+    model = _random_eval_san(sa_type, **kwargs)
+    assert [f["reduction"] for f in model.feature_info] == reductions
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        expected_final, expected = _stages_one_by_one(model, x)
+        features = model.forward_features(x)
+    assert len(intermediates) == 5
+    for t, (got, want, r) in enumerate(zip(intermediates, expected, reductions, strict=True)):
+        assert got.shape == (2, SAN_WIDTHS[t], size[0] // r, size[1] // r), t
+        torch.testing.assert_close(got, want, msg=f"stage {t}")
+    torch.testing.assert_close(final, expected_final)
+    torch.testing.assert_close(features, expected_final)
+
+
+def test_forward_intermediates_indices_and_options():
+    model = _random_eval_san("pairwise", small_input=True)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        final, every = model.forward_intermediates(x)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        some = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        early_final, early = model.forward_intermediates(x, indices=[1], stop_early=True)
+        late_final, late = model.forward_intermediates(x, indices=[1], norm=True)  # (norm: nothing to apply)
+    assert len(last_two) == 2 and len(some) == 2 and len(early) == len(late) == 1
+    for got, t in [(last_two[0], 3), (last_two[1], 4), (some[0], 0), (some[1], 2), (early[0], 1), (late[0], 1)]:
+        torch.testing.assert_close(got, every[t])
+    torch.testing.assert_close(late_final, final)  # every stage ran
+    torch.testing.assert_close(early_final, model.stages[1].pool(every[1]))  # stopped after stage 1 (and its pool)
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("indices,kept", [((1, 3), [1, 3]), (2, [3, 4]), ([0], [0])], ids=str)
+def test_prune_intermediate_layers(indices, kept):
+    model = _random_eval_san("patchwise", small_input=True)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        _, every = model.forward_intermediates(x)
+    assert model.prune_intermediate_layers(indices) == kept
+    assert len(model.stages) == kept[-1] + 1
+    assert isinstance(model.stages[-1].pool, nn.Identity)  # it pooled for a stage that is gone
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), every[kept[-1]])
+        pruned = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+    for got, t in zip(pruned, kept, strict=True):
+        torch.testing.assert_close(got, every[t])
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_features_only_maps_are_the_stage_outputs(sa_type):
+    kwargs = dict(SMALL_SAN, small_input=True)
+    torch.manual_seed(0)
+    plain = timm.create_model(f"san10_{sa_type}", **kwargs).eval()
+    torch.manual_seed(0)  # same initialisation as ``plain``
+    backbone = timm.create_model(f"san10_{sa_type}", features_only=True, out_indices=(1, 3), **kwargs).eval()
+    x = torch.randn(2, 3, 32, 30)
+    with torch.no_grad():
+        maps = backbone(x)
+        _, expected = _stages_one_by_one(plain, x)
+    assert len(maps) == 2
+    for got, t in zip(maps, (1, 3)):
+        torch.testing.assert_close(got, expected[t], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. torch.compile: one graph (no break at the fused ops or their backward), eager's results
+# --------------------------------------------------------------------------------------------------
+COMPILE_SAN = dict(num_classes=5, widths=(16, 32, 32, 64, 64), stem_width=16, share_planes=4, layers=(1, 1, 1, 1, 1))
+
+
+def _compile(model: nn.Module, graphs: list) -> nn.Module:
+    """torch.compile(model, fullgraph=True) (a graph break fails) through aot_eager, keeping dynamo's graphs."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    aot_eager = lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(model, fullgraph=True, backend=backend)
+
+
+def _torchsan_ops(graphs: list) -> set[str]:
+    """The torch.ops.torchsan ops in the traced graphs."""
+    names = (str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function")
+    return {name.split(".")[1] for name in names if name.startswith("torchsan.")}
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_torch_compile_fullgraph_matches_eager(sa_type, monkeypatch):
+    from torchsan.ops._cpu import _build
+
+    # As in a fresh process: the extension is (re)loaded while the graph is traced.
+    monkeypatch.setattr(_build, "_ext", None)
+    monkeypatch.setattr(_build, "_error", None)
+    model = timm.create_model(f"san10_{sa_type}", small_input=True, **COMPILE_SAN).eval()
+    x = torch.randn(2, 3, 16, 16)
+    graphs = []
+    compiled = _compile(model, graphs)
+    with torchsan.ops.use_backend("cpu"), torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    traced = _torchsan_ops(graphs)
+    assert "affine_relu_maxpool2x2" in traced  # the stage boundaries, fused in the graph too
+    assert {"softmax_aggregation", "subtraction2"} <= traced if sa_type == "pairwise" else {"aggregation",
+                                                                                             "unfold"} <= traced
+
+
+def _check_compiled_training_step(model: nn.Module, eager: nn.Module, x: torch.Tensor) -> set[str]:
+    """One training step of torch.compile(model) against eager's on a copy: outputs, gradients and BN running
+    statistics. Returns the torchsan ops in the compiled graph."""
+    graphs = []
+    compiled = _compile(model, graphs)
+    with torchsan.ops.use_backend("cpu"):
+        y = compiled(x)
+        y.square().sum().backward()
+        y_eager = eager(x)
+        y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-4)
+    for a, b in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
+    for a, b in zip(model.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b)
+    return _torchsan_ops(graphs)
+
+
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_torch_compile_training_step_matches_eager(sa_type):
+    # Training mode: the fused BN-with-batch-statistics ops (gamma, stage boundaries) inside one graph, BN running
+    # statistics updated in it, gradients equal to eager's.
+    kwargs = dict(COMPILE_SAN, stage_pools=(True, True, True, False, False))
+    model = timm.create_model(f"san10_{sa_type}", **kwargs).train()
+    eager = timm.create_model(f"san10_{sa_type}", **kwargs).train()
+    eager.load_state_dict(model.state_dict())
+    traced = _check_compiled_training_step(model, eager, torch.randn(2, 3, 36, 34))
+    assert {"batchnorm_relu_maxpool2x2", "batchnorm_relu_conv1x1"} <= traced
+    if sa_type == "pairwise":  # stage 0 runs at 18 x 17 px: its relation is gathered straight into gamma
+        assert "subtraction2_batchnorm_relu_conv1x1" in traced
+
+
+def test_torch_compile_pairwise_layer_with_fused_relation_matches_eager():
+    # A training step of a pairwise layer whose relation is fused into gamma, traced into one graph.
+    from torchsan.ops import _cpu
+
+    assert 28 * 28 >= _cpu.SUBTRACTION2_CONV1X1_MIN_POSITIONS
+    layer = PairwiseSelfAttention(8, 2, 8, share_planes=2, kernel_size=3).train()
+    eager = PairwiseSelfAttention(8, 2, 8, share_planes=2, kernel_size=3).train()
+    eager.load_state_dict(layer.state_dict())
+    traced = _check_compiled_training_step(layer, eager, torch.randn(2, 8, 28, 28))
+    assert "subtraction2_batchnorm_relu_conv1x1" in traced

@@ -27,7 +27,7 @@ MODES = ["reflect", "zeros"]
 
 @pytest.fixture(autouse=True)
 def _reference_backend():
-    """This file tests the reference backend against the oracle; test_ops_cpu.py tests the fused one."""
+    """This file tests the reference backend against the oracle; test_ops_cpu_*.py test the fused one against it."""
     with ops.use_backend("reference"):
         yield
 
@@ -92,7 +92,7 @@ def test_zero_padding_reads_zero_and_reflection_mirrors():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("k,s,d", [(3, 1, 1), (3, 2, 1), (3, 1, 2)])
 def test_gradcheck(mode, k, s, d, backend):
-    """Every backend's gradients, in float64 (the fused ones also in test_ops_cpu.py, full Jacobian)."""
+    """Every backend's gradients, in float64 (the fused ones also in test_ops_cpu_*.py, full Jacobian)."""
     x = torch.randn(2, 4, 5, 4, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(2, 4, 5, 4, dtype=torch.float64, requires_grad=True)
     ho, wo = ops.output_size((5, 4), k, s, None, d)
@@ -270,3 +270,23 @@ def test_softmax_aggregation_is_aggregation_of_the_softmax():
             torch.testing.assert_close(ops.softmax_aggregation(x, logits, 3, pad_mode="zeros"), expected)
     with pytest.raises(ValueError, match="divisible"):
         ops.softmax_aggregation(torch.randn(2, 8, 6, 6), torch.randn(2, 3, 9, 36), 3)
+
+
+def test_public_ops_serve_meta_tensors():
+    """The reference backend serves any device: on meta tensors every public op infers its output's shape."""
+    meta = dict(device="meta")
+    x, weight = torch.empty(2, 8, 9, 7, **meta), torch.empty(2, 4, 9, 63, **meta)
+    s, c = torch.empty(8, **meta), torch.empty(3, 8, **meta)
+    append = torch.empty(1, 2, 9, 63, **meta)
+    shapes = {
+        "unfold": (ops.unfold(x, 3), (2, 8, 9, 63)),
+        "tap_softmax": (ops.tap_softmax(weight), (2, 4, 9, 63)),
+        "aggregation": (ops.aggregation(x, weight, 3), (2, 8, 9, 7)),
+        "softmax_aggregation": (ops.softmax_aggregation(x, weight, 3), (2, 8, 9, 7)),
+        "subtraction2": (ops.subtraction2(x, x, 3, append=append), (2, 10, 9, 63)),
+        "affine_relu_conv1x1": (ops.affine_relu_conv1x1(x, s, s, c), (2, 3, 9, 7)),
+        "affine_relu_maxpool2x2": (ops.affine_relu_maxpool2x2(x, s, s), (2, 8, 4, 3)),
+        "batchnorm_relu_maxpool2x2": (ops.batchnorm_relu_maxpool2x2(x, s, s, 1e-5)[0], (2, 8, 4, 3)),
+    }
+    for name, (out, shape) in shapes.items():
+        assert out.device.type == "meta" and out.shape == shape, name

@@ -2,10 +2,10 @@
 
 By default glibc serves every allocation above a threshold (128 KiB, growing to at most 32 MiB) with a
 fresh ``mmap`` and returns it to the kernel on free. A SAN step allocates many tensors of 40-100 MB (the
-(N, C, K, L) grids of the mapping gamma), so every step faults all of that memory in again, page by page:
-measured on the 2-core development VM, writing a fresh 80 MB tensor takes about 40 ms, writing a reused one
-5 ms, so in a SAN10 step page faults cost more than the arithmetic. (The fix Intel recommends for PyTorch on
-CPUs is preloading jemalloc or tcmalloc; this does the same with glibc's own switches, at run time.)
+(N, C, K, L) grids of the mapping gamma), so every step faults all of that memory in again, page by page,
+which on a small CPU machine can cost more than the step's arithmetic (see docs/performance.md). (The fix Intel
+recommends for PyTorch on CPUs is preloading jemalloc or tcmalloc; this does the same with glibc's own switches,
+at run time.)
 
 :func:`keep_freed_memory` raises the mmap threshold to 1 GiB and the trim threshold to 2 GiB, so large
 blocks come from the heap and stay mapped for reuse. The process's resident memory then stays at its peak instead of

@@ -109,9 +109,8 @@ def profile_model(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 
     was_training = model.training
     try:
         model.eval()
-        # The reference backend runs every module by itself, so every counted module's hook fires
-        # (the fused backend runs some BN-ReLU-conv triples as one op).
-        stack.enter_context(ops.use_backend("reference"))
+        # Every module runs by itself, so every counted module's hook fires (hooks alone switch fusion off too).
+        stack.enter_context(ops.fusion(False))
         param = next(model.parameters(), None)
         kw = dict(device=param.device, dtype=param.dtype) if param is not None else {}
         model(torch.randn(1, *input_size, **kw))

@@ -11,7 +11,6 @@ transform, in -> out), ``gamma`` (the mapping), ``pos_proj`` (the position encod
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
@@ -20,16 +19,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from .mapping import build_mapping, fusable_triple, has_hooks, run_mapping, update_running_stats
+from .fused import is_conv1x1, run_mapping, softmax_aggregation, subtraction2_mapping
+from .mapping import build_mapping
 from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
-
-# The pairwise layer fuses z = [phi(x_i) - psi(x_j), p_i - p_j] into gamma's first BN-ReLU-conv
-# (ops.subtraction2_batchnorm_relu_conv), which never writes z, on output maps of at least this many pixels: all of
-# SAN's at 224 px (the smallest is 7 x 7). benchmarks/relation_mapping.py, batch 8, 2 cores, forward + backward, fused
-# against written: x0.80-0.91 at 56-28 px, x1.01-1.12 at 112 px (where writing z streams), x0.88-1.08 at 14 px and
-# x0.83-0.96 at 7 px (from column-shifted copies on maps up to 16 wide), and none of z kept for backward (22, 20 and
-# 10 MB per block at 112, 14 and 7 px). Smaller maps (the small-input models' last stages) write z: not measured.
-MIN_RELATION_FUSED_PIXELS = 49
 
 PAIRWISE_RELATIONS = ("summation", "subtraction", "concatenation", "hadamard", "dot")
 PATCHWISE_RELATIONS = ("star", "clique", "concatenation")
@@ -97,30 +89,34 @@ class _SelfAttention(nn.Module):
         footprint = dict(kernel_size=kernel_size, stride=stride, dilation=dilation, pad_mode=pad_mode)
         self.aggregation = Aggregation(**footprint)
         self.kernel_size, self.stride = self.aggregation.kernel_size, self.aggregation.stride
-        self.footprint = footprint
+        self.footprint_kwargs = footprint
 
         # phi = psi = beta shares one map; phi = psi shares the relation map.
         self.phi = nn.Conv2d(in_channels, rel_channels, kernel_size=1)
         self.psi = nn.Conv2d(in_channels, rel_channels, kernel_size=1) if transform == "separate" else None
         self.beta = nn.Conv2d(in_channels, out_channels, kernel_size=1) if transform != "shared_all" else None
 
-    def stacked_transform(self) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
-        """phi, psi and beta as one 1x1 convolution: (weight (out, in, 1, 1), bias, split sizes), or None where
-        they cannot run as one (shared transforms; hooks, e.g. a MAC counter, that must see each module run)."""
+    def stacks_transforms(self, x: torch.Tensor) -> bool:
+        """Whether phi, psi and beta run on x as one 1x1 convolution with stacked weights (not with shared
+        transforms, other modules, or where ``ops.should_fuse`` says no)."""
         convs = (self.phi, self.psi, self.beta)
-        if self.psi is None or self.beta is None or has_hooks(*convs):
-            return None
-        if any(c.bias is None for c in convs) and any(c.bias is not None for c in convs):
-            return None
-        bias = torch.cat([c.bias for c in convs]) if convs[0].bias is not None else None
+        if self.psi is None or self.beta is None or not all(is_conv1x1(c) for c in convs):
+            return False
+        if len({c.bias is None for c in convs}) > 1:
+            return False
+        return ops.should_fuse("stacked_conv1x1", x, *convs)
+
+    def stacked_transform(self) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """phi, psi and beta as one 1x1 convolution: (weight (out, in, 1, 1), bias, split sizes)."""
+        convs = (self.phi, self.psi, self.beta)
+        bias = torch.cat([c.bias for c in convs]) if self.phi.bias is not None else None
         return torch.cat([c.weight for c in convs]), bias, [c.out_channels for c in convs]
 
     def _transforms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        stacked = self.stacked_transform()
-        if stacked is not None:
-            # One convolution with the three weight matrices stacked: x is read once forward and once backward,
-            # and grad x comes out of one GEMM instead of three GEMMs and two additions.
-            weight, bias, splits = stacked
+        """phi(x), psi(x), beta(x)."""
+        if self.stacks_transforms(x):
+            # x is read once forward and once backward, and grad x comes out of one GEMM instead of three.
+            weight, bias, splits = self.stacked_transform()
             q, k, v = F.conv2d(x, weight, bias).split(splits, dim=1)
             return q, k, v
         q = self.phi(x)
@@ -135,8 +131,8 @@ class _SelfAttention(nn.Module):
             )
 
     @contextlib.contextmanager
-    def _recompute_context(self, backend: str) -> Iterator[None]:
-        with ops.use_backend(backend), _frozen_batchnorm_stats(self.gamma):
+    def _recompute_context(self, backend: str, fused: bool) -> Iterator[None]:
+        with ops.use_backend(backend), ops.fusion(fused), _frozen_batchnorm_stats(self.gamma):
             yield
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -159,10 +155,10 @@ class _SelfAttention(nn.Module):
         if self.memory_efficient and torch.is_grad_enabled():
             # Keep only q, k and the weights for backward; recompute the relation and gamma's activations over the
             # (K, L) grid (the largest activation memory of a SAN) during the backward pass, with the same
-            # ops backend as this forward and without updating BN statistics a second time.
-            backend = ops.get_backend()
+            # ops backend and fusion setting as this forward and without updating BN statistics a second time.
+            backend, fused = ops.get_backend(), ops.fusion_enabled()
             w = checkpoint(self._weights, q, k, use_reentrant=False,
-                           context_fn=lambda: (contextlib.nullcontext(), self._recompute_context(backend)))
+                           context_fn=lambda: (contextlib.nullcontext(), self._recompute_context(backend, fused)))
         else:
             w = self._weights(q, k)
         return self._aggregate(v, w)
@@ -211,13 +207,13 @@ class PairwiseSelfAttention(_SelfAttention):
             raise ValueError(f"relation must be one of {PAIRWISE_RELATIONS}, got {relation!r}")
         self.relation, self.position_encoding = relation, position_encoding
         if relation == "subtraction":
-            self.subtraction2 = Subtraction2(**self.footprint)
+            self.subtraction2 = Subtraction2(**self.footprint_kwargs)
         else:
-            self.centre, self.unfold = Centre(**self.footprint), Unfold(**self.footprint)
+            self.centre, self.unfold = Centre(**self.footprint_kwargs), Unfold(**self.footprint_kwargs)
         rel_out = {"concatenation": 2 * rel_channels, "dot": 1}.get(relation, rel_channels)
         if position_encoding:
             self.pos_proj = nn.Conv2d(2, 2, kernel_size=1)
-            self.subtraction = Subtraction(**self.footprint)
+            self.subtraction = Subtraction(**self.footprint_kwargs)
         self.gamma = build_mapping(mapping, rel_out + 2 * position_encoding, rel_channels,
                                    self.weight_channels)
         self.softmax = nn.Softmax(dim=2)
@@ -235,43 +231,23 @@ class PairwiseSelfAttention(_SelfAttention):
             return (qi * kj).sum(dim=1, keepdim=True)
         return torch.cat([qi.expand_as(kj), kj], dim=1)  # concatenation
 
-    def _fuses_relation(self, q: torch.Tensor) -> bool:
-        """Whether z = [phi(x_i) - psi(x_j), p_i - p_j] and gamma's first BN-ReLU-conv run as one op that never
-        writes z (ops.subtraction2_batchnorm_relu_conv): fused cpu backend, BN with batch statistics, a large map."""
-        if self.relation != "subtraction" or len(self.gamma) < 3 or not fusable_triple(*self.gamma[:3]):
-            return False
-        bn = self.gamma[0]
-        pixels = math.prod(ops.output_size(tuple(q.shape[2:]), *self.aggregation._args[:4]))
-        return (ops.backend_for(q) == "cpu" and pixels >= MIN_RELATION_FUSED_PIXELS and not has_hooks(self.subtraction2)
-                and (bn.training or bn.running_mean is None))
+    def _position_difference(self, like: torch.Tensor) -> torch.Tensor:
+        """p_i - p_j over the footprint, p the linearly mapped normalised coordinates: (1, 2, K, L)."""
+        return self.subtraction(self.pos_proj(position_grid(like.shape[2], like.shape[3], like)))
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """gamma(z): the logits of the attention weights, (N, out / share_planes, K, L)."""
-        p = None
-        if self.position_encoding:
-            p = self.subtraction(self.pos_proj(position_grid(q.shape[2], q.shape[3], q)))  # (1, 2, K, L)
-        if self._fuses_relation(q):
-            bn, conv = self.gamma[0], self.gamma[2]
-            y, mean, var = ops.subtraction2_batchnorm_relu_conv(
-                q, k, bn.weight, bn.bias, bn.eps, conv.weight.flatten(1), conv.bias, *self.aggregation._args, append=p)
-            update_running_stats(bn, mean, var, y.shape[0] * y.shape[2] * y.shape[3])
-            return run_mapping(self.gamma[3:], y)
-        if p is None:
-            return run_mapping(self.gamma, self._relation(q, k))
-        if self.relation == "subtraction" and not has_hooks(self.subtraction2):
-            # z = [phi(x_i) - psi(x_j), p_i - p_j] written in one pass, without a torch.cat copy of the difference.
-            # (With hooks, e.g. the MAC counter, subtraction2 runs on its own and the result is the same.)
-            z = self.subtraction2(q, k, append=p)
-        else:
-            z = torch.cat([self._relation(q, k), p.expand(q.shape[0], -1, -1, -1)], dim=1)
+        """gamma(delta(x_i, x_j)) for every j in R(i), eq. (2), with p_i - p_j appended to delta when position
+        encoding is on: the attention logits, (N, out / share_planes, K, L)."""
+        p = self._position_difference(q) if self.position_encoding else None
+        if self.relation == "subtraction":  # z gathered straight into gamma where fused (never written)
+            return subtraction2_mapping(self.subtraction2, self.gamma, q, k, p)
+        delta = self._relation(q, k)
+        z = delta if p is None else torch.cat([delta, p.expand(q.shape[0], -1, -1, -1)], dim=1)
         return run_mapping(self.gamma, z)
 
     def _aggregate(self, v: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over the K taps, then the aggregation: one op (ops.softmax_aggregation) unless hooked."""
-        if not has_hooks(self.softmax, self.aggregation):
-            return ops.softmax_aggregation(v, logits, *self.aggregation._args)
-        w = self.softmax(logits) if has_hooks(self.softmax) else ops.tap_softmax(logits)
-        return self.aggregation(v, w)
+        """y_i = sum_j softmax_j(logits) ⊙ beta(x_j), eq. (1), the softmax over the K footprint taps."""
+        return softmax_aggregation(self.softmax, self.aggregation, v, logits)
 
 
 class PatchwiseSelfAttention(_SelfAttention):
@@ -310,7 +286,7 @@ class PatchwiseSelfAttention(_SelfAttention):
         if relation not in PATCHWISE_RELATIONS:
             raise ValueError(f"relation must be one of {PATCHWISE_RELATIONS}, got {relation!r}")
         self.relation = relation
-        self.centre, self.unfold = Centre(**self.footprint), Unfold(**self.footprint)
+        self.centre, self.unfold = Centre(**self.footprint_kwargs), Unfold(**self.footprint_kwargs)
         area = self.aggregation.kernel_size**2
         rel_out = {"star": area, "clique": area * area}.get(relation, rel_channels * (area + 1))
         self.gamma = build_mapping(mapping, rel_out, self.weight_channels, area * self.weight_channels)
@@ -329,5 +305,6 @@ class PatchwiseSelfAttention(_SelfAttention):
         return clique.reshape(n, -1, 1, kj.shape[-1])
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """gamma(delta(x_R(i))), eq. (4): (N, K * out / share_planes, 1, L) read as (N, out / share_planes, K, L)."""
         z = self._relation(q, k)
         return run_mapping(self.gamma, z).view(q.shape[0], self.weight_channels, self.kernel_size**2, -1)

@@ -7,15 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import ops
 from .attention import PairwiseSelfAttention, PatchwiseSelfAttention
-from .mapping import MAX_FUSED_OUT_CHANNELS, bn_relu_conv1x1, fusable_triple, has_hooks
-
-# The block's BN-ReLU-conv1x1 pairs run as one fused op (torchsan.ops.batchnorm_relu_conv) on maps of at least this
-# many pixels. There the fused op saves the BN and ReLU passes over the activations; on smaller maps (SAN stages 3-4:
-# 14x14 and 7x7, with 256-2048 channels) oneDNN's convolution is 2-5x faster than the fused kernel.
-# (Measured at batch 8 on 2 cores: fused/unfused 0.65-0.79 at 112 and 56 px, 0.93-1.01 at 28 px, 1.8-5 at 14-7 px.)
-MIN_FUSED_PIXELS = 1024
+from .fused import fuses_norm_act_conv1x1, norm_act_conv, norm_act_conv1x1
 
 ATTENTION_TYPES = {"pairwise": PairwiseSelfAttention, "patchwise": PatchwiseSelfAttention}
 
@@ -67,19 +60,16 @@ class SelfAttentionBlock(nn.Module):
         self.proj = nn.Conv2d(mid, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fuse = ops.backend_for(x) == "cpu" and x.dim() == 4 and x.shape[2] * x.shape[3] >= MIN_FUSED_PIXELS
-        stacked = self.attn.stacked_transform() if fuse and not has_hooks(self.attn) else None
-        if (stacked is not None and fusable_triple(self.norm1, self.act1, self.attn.phi)
-                and sum(stacked[2]) <= MAX_FUSED_OUT_CHANNELS):
-            # norm1, act1 and the attention's stacked phi/psi/beta convolution as one op (same function).
-            self.attn._check_input(x)
-            weight, bias, splits = stacked
-            q, k, v = bn_relu_conv1x1(self.norm1, x, weight, bias).split(splits, dim=1)
-            out = self.attn.attend(q, k, v)
-        else:
-            out = self.attn(self.act1(self.norm1(x)))
-        if fuse and fusable_triple(self.norm2, self.act2, self.proj):
-            out = bn_relu_conv1x1(self.norm2, out, self.proj.weight, self.proj.bias)
-        else:
-            out = self.proj(self.act2(self.norm2(out)))
-        return out + x
+        return x + norm_act_conv(self.norm2, self.act2, self.proj, self._attention(x))
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        """attn(act1(norm1(x))). With phi, psi and beta stacked into one convolution, norm1, act1 and that
+        convolution run as one fused op where allowed."""
+        attn = self.attn
+        if attn.stacks_transforms(x) and fuses_norm_act_conv1x1(
+                self.norm1, self.act1, x, attn.phi.out_channels + attn.psi.out_channels + attn.beta.out_channels,
+                attn, attn.phi, attn.psi, attn.beta):
+            attn._check_input(x)
+            weight, bias, splits = attn.stacked_transform()
+            return attn.attend(*norm_act_conv1x1(self.norm1, x, weight, bias).split(splits, dim=1))
+        return attn(self.act1(self.norm1(x)))

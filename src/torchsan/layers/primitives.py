@@ -27,8 +27,13 @@ class _FootprintOp(nn.Module):
         self.dilation, self.pad_mode = fp.dilation, fp.pad_mode
 
     @property
-    def _args(self) -> tuple[int, int, int, int, str]:
+    def args(self) -> tuple[int, int, int, int, str]:
+        """(kernel_size, stride, padding, dilation, pad_mode): the footprint arguments of every op."""
         return self.kernel_size, self.stride, self.padding, self.dilation, self.pad_mode
+
+    @property
+    def footprint(self) -> ops.Footprint:
+        return ops.Footprint(*self.args)
 
     def extra_repr(self) -> str:
         return (
@@ -45,7 +50,7 @@ class Aggregation(_FootprintOp):
     """(N, C, H, W) values, (N, Cw, K, L) weights -> (N, C, H_out, W_out); see ops.aggregation."""
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return ops.aggregation(x, weight, *self._args)
+        return ops.aggregation(x, weight, *self.args)
 
     def macs(self, output: torch.Tensor) -> int:
         """The authors' rule: output size x K."""
@@ -56,7 +61,7 @@ class Subtraction(_FootprintOp):
     """(N, C, H, W) -> (N, C, K, L): centre minus neighbour; see ops.subtraction."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.subtraction(x, *self._args)
+        return ops.subtraction(x, *self.args)
 
 
 class Subtraction2(_FootprintOp):
@@ -67,14 +72,14 @@ class Subtraction2(_FootprintOp):
     """
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, append: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.subtraction2(x1, x2, *self._args, append=append)
+        return ops.subtraction2(x1, x2, *self.args, append=append)
 
 
 class Unfold(_FootprintOp):
     """(N, C, H, W) -> (N, C, K, L): the neighbours themselves (a gather, not counted)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.unfold(x, *self._args)
+        return ops.unfold(x, *self.args)
 
     def macs(self, output: torch.Tensor) -> int:
         return 0
@@ -84,7 +89,7 @@ class Centre(_FootprintOp):
     """(N, C, H, W) -> (N, C, 1, L): each output position's centre pixel (not counted)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.centre(x, *self._args)
+        return ops.centre(x, *self.args)
 
     def macs(self, output: torch.Tensor) -> int:
         return 0

@@ -3,7 +3,9 @@
 Architecture (the authors' ``model/san.py``): a stem conv1x1(in_chans -> 64)-BN-ReLU at full
 resolution, then five stages, each MaxPool 2x2 -> transition conv1x1 (no bias) -> blocks -> BN
 -> ReLU, then global average pooling and a linear classifier. Footprint 3x3 in stage 0 and 7x7
-after. At 224 px the stages run at 112, 56, 28, 14 and 7 px.
+after. At 224 px the stages run at 112, 56, 28, 14 and 7 px. In the modules here each max-pool ends
+the module before the stage it downsamples for (see :class:`SANStage`); parameter names follow the
+stages as the paper draws them.
 
 Small images (16-64 px, e.g. CIFAR or Fashion-MNIST): pass ``small_input=True``. A 7x7 reflect-
 padded footprint needs a map of at least 4 px, which five poolings break below 128 px, so the
@@ -25,23 +27,42 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from .. import ops
 from ..layers import SelfAttentionBlock
-from ..layers.mapping import batchnorm_then, has_hooks
+from ..layers.fused import norm_act_pool
 from ..ops import default_padding
 
-__all__ = ["SAN", "SANStage", "checkpoint_filter_fn", "SMALL_INPUT_POOLS"]
+__all__ = ["SAN", "SANStage", "SANStem", "checkpoint_filter_fn", "SMALL_INPUT_POOLS"]
 
 SMALL_INPUT_POOLS = (False, True, True, False, False)
 IMAGENET_POOLS = (True, True, True, True, True)
 SAN_LAYERS = {10: (2, 1, 2, 4, 1), 15: (3, 2, 3, 5, 2), 19: (3, 3, 4, 6, 3)}
 
 
+class SANStem(nn.Module):
+    """conv1x1 (no bias) -> BN -> ReLU at full resolution, then the first stage's 2x2 max-pool (if it pools)."""
+
+    def __init__(self, in_chans: int, width: int, pool: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, width, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2) if pool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return norm_act_pool(self.bn, self.act, self.pool, self.conv(x))
+
+
 class SANStage(nn.Module):
-    """MaxPool 2x2 (optional) -> conv1x1 transition -> ``depth`` blocks -> BN -> ReLU."""
+    """conv1x1 transition -> ``depth`` blocks -> BN -> ReLU, then the next stage's 2x2 max-pool (if it pools).
+
+    The paper starts each stage with its pooling; here the pooling ends the stage before, so that BN, ReLU and the
+    pool run as one fused op (``torchsan.layers.fused.norm_act_pool``) that never writes the full-resolution BN and
+    ReLU outputs. The stage's own output, before that pool, is what ``SAN.forward_intermediates`` returns.
+    """
 
     def __init__(
         self,
@@ -50,11 +71,10 @@ class SANStage(nn.Module):
         depth: int,
         sa_type: str,
         kernel_size: int,
-        pool: bool = True,
+        pool: bool = False,
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.pool = nn.MaxPool2d(kernel_size=2, stride=2) if pool else nn.Identity()
         self.transition = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
         self.blocks = nn.Sequential(*[
             SelfAttentionBlock(out_channels, sa_type, kernel_size=kernel_size, **block_kwargs)
@@ -62,34 +82,22 @@ class SANStage(nn.Module):
         ])
         self.norm = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2) if pool else nn.Identity()
         self.grad_checkpointing = False
 
     def forward_body(self, x: torch.Tensor) -> torch.Tensor:
-        """Transition and blocks, on the pooled input."""
+        """Transition and blocks."""
         x = self.transition(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
+    def forward_unpooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's output at its own resolution, before the next stage's pool."""
+        return self.act(self.norm(self.forward_body(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.forward_body(self.pool(x))))
-
-
-def _norm_act_pool(norm: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """pool(act(norm(x))): a stage's closing BN-ReLU (or the stem's) and the next stage's 2x2 max-pool.
-
-    On the fused ``cpu`` backend this is one op (:func:`torchsan.ops.bn_relu_maxpool`) that never writes
-    the full-resolution BN and ReLU outputs (at the stem: 8 x 64 x 224 x 224 floats, 103 MB, per tensor);
-    the result, the gradients and the BN running statistics are those of the modules, which every other
-    case runs one by one (and which hooks see).
-    """
-    fusable = (type(norm) is nn.BatchNorm2d and type(act) is nn.ReLU and type(pool) is nn.MaxPool2d
-               and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0))
-               and pool.dilation in (1, (1, 1)) and not pool.ceil_mode and not pool.return_indices
-               and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2)
-    if fusable and ops.backend_for(x) == "cpu" and not has_hooks(norm, act, pool):
-        return batchnorm_then(norm, x, ops.batchnorm_relu_maxpool, ops.bn_relu_maxpool)
-    return pool(act(norm(x)))
+        return norm_act_pool(self.norm, self.act, self.pool, self.forward_body(x))
 
 
 class SAN(nn.Module):
@@ -160,16 +168,14 @@ class SAN(nn.Module):
         self.sa_type, self.kernels, self.pad_mode = sa_type, tuple(kernels), pad_mode
         self.dilation, self.stage_pools = dilation, tuple(bool(p) for p in stage_pools)
 
-        self.stem = nn.Sequential()
-        self.stem.add_module("conv", nn.Conv2d(in_chans, stem_width, kernel_size=1, bias=False))
-        self.stem.add_module("bn", nn.BatchNorm2d(stem_width))
-        self.stem.add_module("act", nn.ReLU(inplace=True))
-
+        # Each 2x2 max-pool ends the module before the stage it downsamples for (see SANStage).
+        self.stem = SANStem(in_chans, stem_width, pool=self.stage_pools[0])
         stages, self.feature_info = [], []
         channels, reduction = stem_width, 1
+        next_pools = (*self.stage_pools[1:], False)
         for t, (depth, kernel, width, pool) in enumerate(zip(layers, kernels, widths, self.stage_pools)):
             stages.append(SANStage(
-                channels, width, depth, sa_type, kernel, pool=pool, share_planes=share_planes,
+                channels, width, depth, sa_type, kernel, pool=next_pools[t], share_planes=share_planes,
                 rel_reduction=rel_reduction, mid_reduction=mid_reduction, dilation=dilation,
                 pad_mode=pad_mode, **attn_kwargs,
             ))
@@ -223,20 +229,61 @@ class SAN(nn.Module):
                     f"reflect-padded footprint needs at least {pad + 1} px; use {hint} or pad_mode='zeros'"
                 )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_chans, H, W) -> (N, num_features, H', W')."""
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected input (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
         self.check_input_size(x.shape[2], x.shape[3])
-        if has_hooks(self.stem, self.stages, *self.stages):
-            return self.stages(self.stem(x))  # module by module, so that hooks see each module's input and output
-        # The same function, with each closing BN-ReLU fused into the next stage's max-pool where possible.
-        x = self.stem.conv(x)
-        norm, act = self.stem.bn, self.stem.act
-        for stage in self.stages:
-            x = stage.forward_body(_norm_act_pool(norm, act, stage.pool, x))
-            norm, act = stage.norm, stage.act
-        return act(norm(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_chans, H, W) -> (N, num_features, H', W')."""
+        self._check_input(x)
+        return self.stages(self.stem(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage outputs at their own resolutions (timm's feature API; ``features_only=True`` uses it).
+
+        Args:
+            x: (N, in_chans, H, W).
+            indices: the stages to return (the last n if an int; all if None).
+            norm: timm's argument; SAN has no final norm to apply.
+            stop_early: run no stage after the last one asked for.
+            output_fmt: only "NCHW".
+            intermediates_only: return only the intermediates, not the final features too.
+        Returns:
+            The intermediates (N, widths[t], H_t, W_t), or (final features, intermediates).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.stages), indices)
+        self._check_input(x)
+        x, intermediates = self.stem(x), []
+        stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
+        for t, stage in enumerate(stages):
+            if t in take:
+                y = stage.forward_unpooled(x)
+                intermediates.append(y)
+                x = stage.pool(y)
+            else:
+                x = stage(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the head); returns the kept indices."""
+        take, last = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:last + 1]
+        self.stages[-1].pool = nn.Identity()  # it pooled for a stage that is gone
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(N, num_features, H', W') -> logits (N, num_classes), or pooled features."""
@@ -307,7 +354,7 @@ def _create_san(variant: str, pretrained: bool, **kwargs: Any) -> SAN:
     return build_model_with_cfg(
         SAN, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )
 

@@ -11,7 +11,9 @@ bad input identically.
 
 from __future__ import annotations
 
-import math
+import functools
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,28 +21,34 @@ import torch
 from . import _checks
 from ._checks import PAD_MODES, Footprint, default_padding, resolve_footprint
 from ._dispatch import available_backends, backend_for, get_backend, implementation, set_backend, use_backend
+from ._fusion import FUSED_OPS, fusion, fusion_enabled, set_fusion, should_fuse
 
 __all__ = [
+    "FUSED_OPS",
     "PAD_MODES",
     "Footprint",
+    "affine_relu_conv1x1",
+    "affine_relu_maxpool2x2",
     "aggregation",
     "available_backends",
-    "batchnorm_relu_conv",
-    "batchnorm_relu_maxpool",
     "backend_for",
-    "bn_relu_conv",
-    "bn_relu_maxpool",
+    "batchnorm_relu_conv1x1",
+    "batchnorm_relu_maxpool2x2",
     "centre",
     "channel_var_mean",
     "default_padding",
+    "fusion",
+    "fusion_enabled",
     "get_backend",
     "output_size",
     "resolve_footprint",
     "set_backend",
+    "set_fusion",
+    "should_fuse",
     "softmax_aggregation",
     "subtraction",
     "subtraction2",
-    "subtraction2_batchnorm_relu_conv",
+    "subtraction2_batchnorm_relu_conv1x1",
     "tap_softmax",
     "unfold",
     "use_backend",
@@ -55,8 +63,7 @@ def output_size(
     dilation: int = 1,
 ) -> tuple[int, int]:
     """(H_out, W_out) of any op here for an input of spatial ``size`` = (H, W)."""
-    fp = resolve_footprint(kernel_size, stride, padding, dilation, "zeros")
-    return fp.out_size(size[0]), fp.out_size(size[1])
+    return resolve_footprint(kernel_size, stride, padding, dilation, "zeros").out_hw(*size)
 
 
 def _autocast(*tensors: Any) -> tuple[Any, ...]:
@@ -66,8 +73,11 @@ def _autocast(*tensors: Any) -> tuple[Any, ...]:
     from a softmax) that the dtype checks rightly refuse. Outside autocast: the inputs as they are.
     """
     first = tensors[0]
-    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+    if not isinstance(first, torch.Tensor):
         return tensors  # (bad arguments are reported by the checks that follow)
+    device = first.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
@@ -108,8 +118,8 @@ def softmax_aggregation(
 ) -> torch.Tensor:
     """``aggregation(x, softmax(logits, dim=2))``: the pairwise attention's normalisation and aggregation in one
     op. The ``cpu`` backend normalises each (K, L) plane of logits and aggregates with it while it is in cache
-    (planes over 256 KB, which do not fit, get a separate softmax pass first), and fuses the softmax's backward
-    into the aggregation's per plane.
+    (planes too large for the L2 cache get a separate softmax pass first), and fuses the softmax's backward into
+    the aggregation's per plane.
 
     Args:
         x: (N, C, H, W) values; logits: (N, Cw, K, L), C % Cw == 0, K = kernel_size**2.
@@ -165,7 +175,7 @@ def subtraction2(
         x1, x2, append = _autocast(x1, x2, append)
     h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
     if append is not None:
-        _checks.check_append(append, x1, fp.kernel_size**2, h_out * w_out)
+        _checks.check_append(append, x1, fp.area, h_out * w_out)
     return implementation(x1).subtraction2(x1, x2, fp, h_out, w_out, append=append)
 
 
@@ -202,36 +212,6 @@ def centre(
     return implementation(x).centre(x, fp, h_out, w_out)
 
 
-def bn_relu_conv(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``weight @ relu(scale * x + shift) + bias`` at every position: BN (as its per-channel affine map),
-    ReLU and a 1x1 convolution in one op, the building block of the mapping gamma.
-
-    Args:
-        x: (N, Cin, *spatial); scale, shift: (Cin,); weight: (Cout, Cin); bias: (Cout,) or None.
-    Returns:
-        (N, Cout, *spatial).
-    """
-    _checks.check_tensor("x", x, min_dim=2)
-    x, scale, shift, weight, bias = _autocast(x, scale, shift, weight, bias)
-    c_in = x.shape[1]
-    for name, t, shape in (("scale", scale, (c_in,)), ("shift", shift, (c_in,)),
-                           ("weight", weight, (weight.shape[0] if weight.dim() == 2 else -1, c_in))):
-        _checks.check_same_kind("x", x, name, t)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} for x with {c_in} channels, got {tuple(t.shape)}")
-    if bias is not None:
-        _checks.check_same_kind("x", x, "bias", bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    return implementation(x).bn_relu_conv(x, scale, shift, weight, bias)
-
-
 def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel biased variance and mean, as ``torch.var_mean(x, dim=[0, 2, ...], correction=0)``:
     the batch statistics of a training-mode BatchNorm (the mapping gamma's).
@@ -254,63 +234,36 @@ def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def tap_softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the K footprint taps: ``torch.softmax(x, dim=2)`` for x (N, C, K, L), the pairwise
     attention's normalisation of gamma's output. The ``cpu`` kernel makes one pass over x per block of
-    positions (float32 exp by polynomial, relative error about 3e-7; results below 1e-38 flush to 0).
+    positions; in float32 its exp is a polynomial (error bound in ``csrc/cpu``) and results below 1e-38 flush to 0.
     """
     _checks.check_feature_map("x", x)
     return implementation(x).tap_softmax(x)
 
 
-def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``max_pool2d(relu(scale * x + shift), 2, 2)``: BN (as its per-channel affine map), ReLU and a 2x2
-    stride-2 max-pool (floor mode) in one op, as at every SAN stage boundary. The fused ``cpu`` kernel
-    writes only the pooled output; ties and NaN follow ``torch.nn.functional.max_pool2d``.
+def affine_relu_conv1x1(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``weight @ relu(scale * x + shift) + bias`` at every position: a BatchNorm given as its per-channel affine
+    map (an eval-mode BN: scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale), ReLU and a
+    1x1 convolution in one op. The ``cpu`` kernel never writes the BN and ReLU outputs.
 
     Args:
-        x: (N, C, H, W), H, W >= 2; scale, shift: (C,).
+        x: (N, Cin, *spatial); scale, shift: (Cin,); weight: (Cout, Cin); bias: (Cout,) or None.
     Returns:
-        (N, C, H // 2, W // 2).
+        (N, Cout, *spatial).
     """
-    _checks.check_feature_map("x", x)
-    x, scale, shift = _autocast(x, scale, shift)
-    c = x.shape[1]
-    for name, t in (("scale", scale), ("shift", shift)):
-        _checks.check_same_kind("x", x, name, t)
-        if tuple(t.shape) != (c,):
-            raise ValueError(f"{name} must have shape ({c},) for x with {c} channels, got {tuple(t.shape)}")
-    if x.shape[2] < 2 or x.shape[3] < 2:
-        raise ValueError(f"a 2x2 max-pool needs at least 2x2 pixels, got x of shape {tuple(x.shape)}")
-    return implementation(x).bn_relu_maxpool(x, scale, shift)
+    _checks.check_tensor("x", x, min_dim=2)
+    x, scale, shift, weight, bias = _autocast(x, scale, shift, weight, bias)
+    _checks.check_channel_vectors(x, x.shape[1], scale=scale, shift=shift)
+    _checks.check_conv1x1("x", x, x.shape[1], weight, bias, "weight", "bias")
+    return implementation(x).affine_relu_conv1x1(x, scale, shift, weight, bias)
 
 
-def _check_batchnorm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                     shape: tuple[int, ...] | None = None) -> None:
-    """A training BN's parameters for input x (or, with ``shape``, an input of that shape and x's kind)."""
-    shape = tuple(x.shape) if shape is None else shape
-    c = shape[1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            _checks.check_same_kind("x", x, name, t)
-            if tuple(t.shape) != (c,):
-                raise ValueError(f"{name} must have shape ({c},) for x with {c} channels, got {tuple(t.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}")
-    if math.prod(shape) // max(1, c) < 2:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
-
-
-def _check_conv1x1(name: str, x: torch.Tensor, c_in: int, conv_weight: torch.Tensor,
-                   conv_bias: torch.Tensor | None) -> None:
-    """A 1x1 convolution's (Cout, c_in) weight and (Cout,) bias, of x's dtype and device."""
-    _checks.check_same_kind(name, x, "conv_weight", conv_weight)
-    if conv_weight.dim() != 2 or conv_weight.shape[1] != c_in:
-        raise ValueError(f"conv_weight must have shape (Cout, {c_in}), got {tuple(conv_weight.shape)}")
-    if conv_bias is not None:
-        _checks.check_same_kind(name, x, "conv_bias", conv_bias)
-        if tuple(conv_bias.shape) != (conv_weight.shape[0],):
-            raise ValueError(f"conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
-
-
-def batchnorm_relu_conv(
+def batchnorm_relu_conv1x1(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -318,13 +271,12 @@ def batchnorm_relu_conv(
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A training-mode BatchNorm (batch statistics), ReLU and 1x1 convolution in one op.
+    """A training-mode BatchNorm (normalised with the batch's own statistics), ReLU and a 1x1 convolution in one op.
 
-    ``y = conv_weight @ relu((x - mean) / sqrt(var + eps) * weight + bias) + conv_bias`` at every position,
-    with mean and biased var over every dimension but 1. Gradients flow through the statistics, as in
-    ``nn.BatchNorm2d`` in training mode; the running statistics are the caller's to update (from the
-    returned mean and var). On the ``cpu`` backend the backward is one fused pass plus one pass that adds the
-    statistics' share of grad x.
+    ``y = conv_weight @ relu((x - mean) / sqrt(var + eps) * weight + bias) + conv_bias`` at every position, with
+    mean and biased var over every dimension but 1. Gradients flow through the statistics, as in
+    ``nn.BatchNorm2d`` in training mode; the running statistics are the caller's to update (from the returned mean
+    and var).
 
     Args:
         x: (N, Cin, *spatial); weight, bias: (Cin,) or None; conv_weight: (Cout, Cin); conv_bias: (Cout,) or None.
@@ -333,13 +285,12 @@ def batchnorm_relu_conv(
     """
     _checks.check_tensor("x", x, min_dim=2)
     x, weight, bias, conv_weight, conv_bias = _autocast(x, weight, bias, conv_weight, conv_bias)
-    _check_batchnorm(x, weight, bias, eps)
-    c_in = x.shape[1]
-    _check_conv1x1("x", x, c_in, conv_weight, conv_bias)
-    return implementation(x).batchnorm_relu_conv(x, weight, bias, float(eps), conv_weight, conv_bias)
+    _checks.check_batchnorm(x, weight, bias, eps)
+    _checks.check_conv1x1("x", x, x.shape[1], conv_weight, conv_bias)
+    return implementation(x).batchnorm_relu_conv1x1(x, weight, bias, float(eps), conv_weight, conv_bias)
 
 
-def subtraction2_batchnorm_relu_conv(
+def subtraction2_batchnorm_relu_conv1x1(
     x1: torch.Tensor,
     x2: torch.Tensor,
     weight: torch.Tensor | None,
@@ -355,12 +306,11 @@ def subtraction2_batchnorm_relu_conv(
     *,
     append: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`batchnorm_relu_conv` of ``z = subtraction2(x1, x2, ..., append=append)`` in one op.
+    """:func:`batchnorm_relu_conv1x1` of ``z = subtraction2(x1, x2, ..., append=append)`` in one op.
 
-    The first BN-ReLU-conv1x1 of the pairwise mapping gamma, with z = [phi(x_i) - psi(x_j), p_i - p_j]. The ``cpu``
-    backend never writes z (K times the size of x1): its statistics, the fused triple and their backward gather z's
-    values from x1, x2 and append as they go, and z is not kept for backward. Same function and gradients as the two
-    ops one after the other (which is what the reference backend runs).
+    The pairwise mapping gamma's first BN-ReLU-conv1x1 on z = [phi(x_i) - psi(x_j), p_i - p_j]. The ``cpu`` backend
+    never writes z (K times the size of x1): its statistics, the fused triple and their backward gather z's values
+    from x1, x2 and append as they go, and z is not kept for backward.
 
     Args:
         x1, x2: (N, C, H, W); append: (1 or N, E, K, L) or None; weight, bias: (C + E,) or None (the BN's affine
@@ -375,16 +325,33 @@ def subtraction2_batchnorm_relu_conv(
     h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
     c = x1.shape[1]
     if append is not None:
-        _checks.check_append(append, x1, fp.kernel_size**2, h_out * w_out)
+        _checks.check_append(append, x1, fp.area, h_out * w_out)
         c += append.shape[1]
-    # The checks of batchnorm_relu_conv, on z's shape (without building z).
-    _check_batchnorm(x1, weight, bias, eps, shape=(x1.shape[0], c, fp.kernel_size**2, h_out * w_out))
-    _check_conv1x1("x1", x1, c, conv_weight, conv_bias)
-    return implementation(x1).subtraction2_batchnorm_relu_conv(x1, x2, append, weight, bias, float(eps), conv_weight,
-                                                               conv_bias, fp)
+    # The checks of batchnorm_relu_conv1x1, on z's shape (without building z).
+    _checks.check_batchnorm(x1, weight, bias, eps, shape=(x1.shape[0], c, fp.area, h_out * w_out))
+    _checks.check_conv1x1("x1", x1, c, conv_weight, conv_bias)
+    return implementation(x1).subtraction2_batchnorm_relu_conv1x1(x1, x2, append, weight, bias, float(eps),
+                                                                  conv_weight, conv_bias, fp)
 
 
-def batchnorm_relu_maxpool(
+def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(relu(scale * x + shift), 2, 2)``: a BatchNorm given as its per-channel affine map (eval mode),
+    ReLU and a 2x2 stride-2 max-pool (floor mode) in one op, as at every SAN stage boundary. The ``cpu`` kernel
+    writes only the pooled output; ties and NaN follow ``torch.nn.functional.max_pool2d``.
+
+    Args:
+        x: (N, C, H, W), H, W >= 2; scale, shift: (C,).
+    Returns:
+        (N, C, H // 2, W // 2).
+    """
+    _checks.check_feature_map("x", x)
+    x, scale, shift = _autocast(x, scale, shift)
+    _checks.check_channel_vectors(x, x.shape[1], scale=scale, shift=shift)
+    _checks.check_pool2x2(x)
+    return implementation(x).affine_relu_maxpool2x2(x, scale, shift)
+
+
+def batchnorm_relu_maxpool2x2(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -392,12 +359,31 @@ def batchnorm_relu_maxpool(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A training-mode BatchNorm (batch statistics), ReLU and 2x2 stride-2 max-pool in one op.
 
-    The same as :func:`bn_relu_maxpool` with the BN's scale and shift computed from the batch statistics of x,
-    and gradients through them. Returns y (N, C, H // 2, W // 2), mean (C,), var (C,) (biased).
+    :func:`affine_relu_maxpool2x2` with the BN's scale and shift computed from the batch statistics of x, and
+    gradients through them. Returns y (N, C, H // 2, W // 2), mean (C,), var (C,) (biased).
     """
     _checks.check_feature_map("x", x)
     x, weight, bias = _autocast(x, weight, bias)
-    _check_batchnorm(x, weight, bias, eps)
-    if x.shape[2] < 2 or x.shape[3] < 2:
-        raise ValueError(f"a 2x2 max-pool needs at least 2x2 pixels, got x of shape {tuple(x.shape)}")
-    return implementation(x).batchnorm_relu_maxpool(x, weight, bias, float(eps))
+    _checks.check_batchnorm(x, weight, bias, eps)
+    _checks.check_pool2x2(x)
+    return implementation(x).batchnorm_relu_maxpool2x2(x, weight, bias, float(eps))
+
+
+# --- deprecated names (one release) -----------------------------------------------------------------------------------
+def _deprecated(old: str, new: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(new)
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(f"torchsan.ops.{old} is deprecated; use torchsan.ops.{new.__name__}", DeprecationWarning,
+                      stacklevel=2)
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    return alias
+
+
+bn_relu_conv = _deprecated("bn_relu_conv", affine_relu_conv1x1)
+batchnorm_relu_conv = _deprecated("batchnorm_relu_conv", batchnorm_relu_conv1x1)
+bn_relu_maxpool = _deprecated("bn_relu_maxpool", affine_relu_maxpool2x2)
+batchnorm_relu_maxpool = _deprecated("batchnorm_relu_maxpool", batchnorm_relu_maxpool2x2)
+subtraction2_batchnorm_relu_conv = _deprecated("subtraction2_batchnorm_relu_conv",
+                                               subtraction2_batchnorm_relu_conv1x1)

@@ -6,6 +6,7 @@ way and with the same message.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,26 @@ class Footprint:
         """K = kernel_size ** 2, the number of neighbours."""
         return self.kernel_size * self.kernel_size
 
+    @property
+    def reflect(self) -> bool:
+        return self.pad_mode == "reflect"
+
     def out_size(self, size: int) -> int:
-        """Output length along one spatial axis of length ``size``."""
+        """Output length along one spatial axis of length ``size``: the one place this formula lives."""
         span = self.dilation * (self.kernel_size - 1) + 1
         return (size + 2 * self.padding - span) // self.stride + 1
+
+    def out_hw(self, height: int, width: int) -> tuple[int, int]:
+        """(H_out, W_out) for an (H, W) input."""
+        return self.out_size(height), self.out_size(width)
+
+    def kernel_args(self) -> tuple[int, int, int, int, bool]:
+        """(kernel_size, stride, padding, dilation, reflect): how the kernels and custom ops take a footprint."""
+        return self.kernel_size, self.stride, self.padding, self.dilation, self.reflect
+
+    @classmethod
+    def from_kernel_args(cls, kernel_size: int, stride: int, padding: int, dilation: int, reflect: bool) -> Footprint:
+        return cls(kernel_size, stride, padding, dilation, "reflect" if reflect else "zeros")
 
 
 def default_padding(kernel_size: int, dilation: int) -> int:
@@ -168,3 +185,43 @@ def check_subtraction2(x1: torch.Tensor, x2: torch.Tensor, fp: Footprint) -> tup
             f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}"
         )
     return check_fits(fp, x1.shape[2], x1.shape[3], "x1")
+
+
+def check_channel_vectors(x: torch.Tensor, channels: int, **vectors: torch.Tensor | None) -> None:
+    """Per-channel vectors (a BN's scale and shift, or weight and bias) must be (channels,), of x's dtype and device."""
+    for name, t in vectors.items():
+        if t is None:
+            continue
+        check_same_kind("x", x, name, t)
+        if tuple(t.shape) != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},) for x with {channels} channels, "
+                             f"got {tuple(t.shape)}")
+
+
+def check_batchnorm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                    shape: tuple[int, ...] | None = None) -> None:
+    """A training BN's parameters for input x (or, with ``shape``, an input of that shape and x's kind)."""
+    shape = tuple(x.shape) if shape is None else shape
+    check_channel_vectors(x, shape[1], weight=weight, bias=bias)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    if math.prod(shape) // max(1, shape[1]) < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+
+
+def check_conv1x1(name: str, x: torch.Tensor, c_in: int, weight: torch.Tensor, bias: torch.Tensor | None,
+                  weight_name: str = "conv_weight", bias_name: str = "conv_bias") -> None:
+    """A 1x1 convolution's (Cout, c_in) weight and (Cout,) bias, of x's dtype and device."""
+    check_same_kind(name, x, weight_name, weight)
+    if weight.dim() != 2 or weight.shape[1] != c_in:
+        raise ValueError(f"{weight_name} must have shape (Cout, {c_in}), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_same_kind(name, x, bias_name, bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def check_pool2x2(x: torch.Tensor) -> None:
+    """A 2x2 max-pool needs at least 2x2 pixels."""
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"a 2x2 max-pool needs at least 2x2 pixels, got x of shape {tuple(x.shape)}")

@@ -2,7 +2,8 @@
 
 This is the ground truth the fast kernels are tested against; it is itself tested against a
 per-pixel loop in ``tests/test_ops_reference.py``. It materialises the (N, C, K, L) unfolded
-tensor, so it is memory-hungry by design: clarity over speed.
+tensor, so it is memory-hungry by design: clarity over speed. The fused ops are the compositions
+of their parts, so the layers gain nothing by calling them here: :func:`fuses` says so.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def subtraction2(x1: torch.Tensor, x2: torch.Tensor, fp: Footprint, h_out: int, 
     return torch.cat([out, append.expand(out.shape[0], -1, -1, -1)], dim=1)
 
 
-def bn_relu_conv(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+def affine_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     shape = (1, -1) + (1,) * (x.dim() - 2)
     r = torch.relu(x * scale.view(shape) + shift.view(shape))
@@ -73,11 +74,16 @@ def tap_softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=2)
 
 
+def tap_softmax_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The softmax's gradient w.r.t. its input, from its output ``out``: out * (grad - sum_k out * grad)."""
+    return out * (grad - (out * grad).sum(dim=2, keepdim=True))
+
+
 def softmax_aggregation(x: torch.Tensor, logits: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch.Tensor:
     return aggregation(x, tap_softmax(logits), fp, h_out, w_out)
 
 
-def bn_relu_maxpool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     shape = (1, -1, 1, 1)
     return F.max_pool2d(torch.relu(x * scale.view(shape) + shift.view(shape)), 2, 2)
 
@@ -91,18 +97,28 @@ def batchnorm_scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None
     return scale, (-mean * scale if bias is None else bias - mean * scale)
 
 
-def batchnorm_relu_conv(x, weight, bias, eps, conv_weight, conv_bias):
+def batchnorm_relu_conv1x1(x, weight, bias, eps, conv_weight, conv_bias):
     var, mean = channel_var_mean(x)
     scale, shift = batchnorm_scale_shift(weight, bias, mean, var, eps)
-    return bn_relu_conv(x, scale, shift, conv_weight, conv_bias), mean, var
+    return affine_relu_conv1x1(x, scale, shift, conv_weight, conv_bias), mean, var
 
 
-def batchnorm_relu_maxpool(x, weight, bias, eps):
+def batchnorm_relu_maxpool2x2(x, weight, bias, eps):
     var, mean = channel_var_mean(x)
     scale, shift = batchnorm_scale_shift(weight, bias, mean, var, eps)
-    return bn_relu_maxpool(x, scale, shift), mean, var
+    return affine_relu_maxpool2x2(x, scale, shift), mean, var
 
 
-def subtraction2_batchnorm_relu_conv(x1, x2, append, weight, bias, eps, conv_weight, conv_bias, fp: Footprint):
-    z = subtraction2(x1, x2, fp, fp.out_size(x1.shape[2]), fp.out_size(x1.shape[3]), append=append)
-    return batchnorm_relu_conv(z, weight, bias, eps, conv_weight, conv_bias)
+def subtraction2_batchnorm_relu_conv1x1(x1, x2, append, weight, bias, eps, conv_weight, conv_bias, fp: Footprint):
+    z = subtraction2(x1, x2, fp, *fp.out_hw(x1.shape[2], x1.shape[3]), append=append)
+    return batchnorm_relu_conv1x1(z, weight, bias, eps, conv_weight, conv_bias)
+
+
+# The ops the layers run in place of their modules (torchsan.ops._fusion): stacking phi, psi and beta into one
+# convolution is plain PyTorch and pays on any backend; every other fused op is, here, just its parts.
+_FUSES = frozenset({"stacked_conv1x1"})
+
+
+def fuses(op: str, x: torch.Tensor, **shape: int) -> bool:
+    """Whether the layers should run fused ``op`` instead of its modules (see torchsan.ops._fusion)."""
+    return op in _FUSES

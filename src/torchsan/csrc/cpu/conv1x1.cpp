@@ -1,0 +1,56 @@
+// The affine-ReLU-1x1-conv on dense input (N, Cin, *): see conv1x1.h for the kernels.
+#include "conv1x1.h"
+
+#include "ops.h"
+
+namespace torchsan {
+namespace __attribute__((visibility("hidden"))) cpu {
+
+at::Tensor affine_relu_conv1x1_forward(at::Tensor x, at::Tensor scale, at::Tensor shift, at::Tensor weight,
+                                       c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "x must be a CPU tensor (N, Cin, ...)");
+  x = x.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  weight = weight.contiguous();
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0), P = x.numel() / std::max<int64_t>(1, N * Cin);
+  TORCH_CHECK(weight.size(1) == Cin && scale.numel() == Cin && shift.numel() == Cin,
+              "affine_relu_conv1x1: shape mismatch");
+  auto sizes = x.sizes().vec();
+  sizes[1] = Cout;
+  auto y = at::empty(sizes, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_relu_conv1x1_forward", [&] {
+    using Rows = DenseRows<scalar_t>;
+    auto kernel = affine_relu_conv1x1_forward_for<scalar_t, Rows>(Cout);
+    kernel(Rows{x.data_ptr<scalar_t>(), Cin, P}, scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+           weight.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, Cin,
+           Cout, P);
+  });
+  return y;
+}
+
+std::vector<at::Tensor> affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x, at::Tensor scale, at::Tensor shift,
+                                                     at::Tensor weight) {
+  gy = gy.contiguous();
+  x = x.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  weight = weight.contiguous();
+  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0), P = x.numel() / std::max<int64_t>(1, N * Cin);
+  auto gx = at::empty_like(x);
+  auto gscale = at::zeros_like(scale), gshift = at::zeros_like(shift), gw = at::zeros_like(weight);
+  auto gbias = at::zeros({Cout}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_relu_conv1x1_backward", [&] {
+    using Rows = DenseRows<scalar_t>;
+    auto kernel = affine_relu_conv1x1_backward_for<scalar_t, Rows>(Cin, Cout);
+    kernel(gy.data_ptr<scalar_t>(), Rows{x.data_ptr<scalar_t>(), Cin, P}, scale.data_ptr<scalar_t>(),
+           shift.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+           gscale.data_ptr<scalar_t>(), gshift.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(),
+           gbias.data_ptr<scalar_t>(), N, Cin, Cout, P);
+  });
+  return {gx, gscale, gshift, gw, gbias};
+}
+
+}  // namespace cpu
+}  // namespace torchsan

@@ -1,0 +1,222 @@
+// y = W relu(scale * x + shift) + bias over (N, Cin, P) -> (N, Cout, P): a training-mode BatchNorm (given as its
+// per-channel affine map), ReLU and 1x1 convolution in one pass. This is the mapping gamma's building block; it runs
+// over the (K, L) grid, where the unfused version writes and re-reads two Cin x K x L intermediates.
+// The kernels are templated on a row source (see DenseRows), so that the fused subtraction2 op can feed them rows it
+// gathers on the fly.
+#pragma once
+
+#include "common.h"
+
+namespace torchsan {
+namespace __attribute__((visibility("hidden"))) cpu {
+
+constexpr int64_t kColumnVectors = 2;  // column vectors per register block of the small GEMMs below
+constexpr int64_t kSubBlock = 256;     // pixels per sub-block: its staged rows stay in L1/L2 (a multiple of
+                                       // kColumnVectors * VW)
+constexpr int64_t kInputTile = 2;      // input channels per register block of the weight-gradient reduction
+
+// Rows per register block (R) of the small GEMMs: 6 x kColumnVectors = 12 accumulators (of AVX2's 16 registers)
+// hide the FMA latency better than 4 x kColumnVectors = 8, but pad 8 rows to 12. Pick the one with less padded
+// work, counting a 6-row block as 1.2 times as fast.
+inline int pick_block_rows(int64_t rows) { return round_up(rows, 6) * 10 < round_up(rows, 4) * 12 ? 6 : 4; }
+
+// A (rows x cols) packed in blocks of R rows, column-major within a block, zero-padded:
+// out[(b * cols + c) * R + j] = A[b * R + j][c]. `transpose` reads A as the transpose of a (cols x rows) src.
+template <typename T, int R>
+std::vector<T> pack_row_blocks(const T* src, int64_t rows, int64_t cols, bool transpose) {
+  std::vector<T> out(round_up(rows, R) * cols, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out[((r / R) * cols + c) * R + r % R] = transpose ? src[c * rows + r] : src[r * cols + c];
+  return out;
+}
+
+// For one packed block of R rows of A: acc = A_block (R x inner) @ B (inner x kSubBlock staged rows), for the
+// columns [0, m) in steps of kColumnVectors * VW; epilogue(j, q, acc) receives row j, columns
+// q .. q + kColumnVectors * VW (kColumnVectors vectors). R x kColumnVectors accumulators stay in registers; each step
+// loads kColumnVectors B vectors and broadcasts R weights.
+template <typename T, int R, typename Epilogue>
+inline void gemm_block(const T* ap, int64_t inner, const T* B, int64_t m, Epilogue&& epilogue) {
+  for (int64_t q = 0; q < m; q += kColumnVectors * VW<T>) {
+    V<T> acc[R][kColumnVectors] = {};
+    for (int64_t i = 0; i < inner; ++i) {
+      V<T> b[kColumnVectors];
+      for (int64_t c = 0; c < kColumnVectors; ++c) std::memcpy(&b[c], B + i * kSubBlock + q + c * VW<T>, sizeof(V<T>));
+      const T* a = ap + i * R;
+      for (int64_t j = 0; j < R; ++j)
+        for (int64_t c = 0; c < kColumnVectors; ++c) acc[j][c] += a[j] * b[c];
+    }
+    for (int64_t j = 0; j < R; ++j) epilogue(j, q, acc[j]);
+  }
+}
+
+// Store the columns [q, q + kColumnVectors * VW) of a row, clipped to m.
+template <typename T>
+inline void store_columns(T* row, int64_t q, int64_t m, const V<T>* v) {
+  for (int64_t c = 0; c < kColumnVectors; ++c) {
+    const int64_t lanes = std::min(VW<T>, m - q - c * VW<T>);
+    if (lanes <= 0) return;
+    store_partial(row + q + c * VW<T>, v[c], lanes);
+  }
+}
+
+// staged[0 .. kSubBlock) <- relu(a * x + b) for the m values of x, zero tail.
+template <typename T>
+inline void stage_affine_relu_row(const T* x_row, T a, T b, T* staged, int64_t m) {
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) {
+    const T pre = x_row[i] * a + b;
+    staged[i] = pre <= 0 ? T(0) : pre;  // NaN passes through, like torch.relu
+  }
+  std::fill(staged + m, staged + kSubBlock, T(0));
+}
+
+template <typename T, int R, typename Rows>
+void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T* shift, const T* w, const T* bias,
+                                        T* y, int64_t N, int64_t Cin, int64_t Cout, int64_t P) {
+  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, blocks = round_up(Cout, R) / R;
+  const std::vector<T> w_packed = pack_row_blocks<T, R>(w, Cout, Cin, false);
+  parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> relu_rows(Cin * kSubBlock), scratch(kSubBlock);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
+      for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
+        const int64_t m = std::min(kSubBlock, p1 - q0);
+        for (int64_t ci = 0; ci < Cin; ++ci)
+          stage_affine_relu_row(src.row(n, ci, q0, m, scratch.data()), scale[ci], shift[ci],
+                                relu_rows.data() + ci * kSubBlock, m);
+        for (int64_t b = 0; b < blocks; ++b) {
+          gemm_block<T, R>(w_packed.data() + b * Cin * R, Cin, relu_rows.data(), m,
+                           [&](int64_t j, int64_t q, const V<T>* acc) {
+                             const int64_t co = b * R + j;
+                             if (co >= Cout) return;
+                             const T bv = bias ? bias[co] : T(0);
+                             V<T> out[kColumnVectors];
+                             for (int64_t c = 0; c < kColumnVectors; ++c) out[c] = acc[c] + bv;
+                             store_columns<T>(y + (n * Cout + co) * P + q0, q, m, out);
+                           });
+        }
+      }
+    }
+  });
+}
+
+// Gradients: gx (N, Cin, P); and per-task partial sums of gscale, gshift (Cin), gw (Cout x Cin), gbias (Cout),
+// reduced in task order at the end. Per sub-block: stage relu(pre) and grad rows, then
+//   gw += G R^T (register blocks of R x kInputTile channel pairs), gR = W^T G (gemm_block), gpre = gR * (pre > 0).
+// R, RI: rows per register block over the output and the input channels (see pick_block_rows).
+template <typename T, int R, int RI, typename Rows>
+void affine_relu_conv1x1_backward_kernel(const T* gy, const Rows& src, const T* scale, const T* shift, const T* w,
+                                         T* gx, T* gscale, T* gshift, T* gw, T* gbias, int64_t N, int64_t Cin,
+                                         int64_t Cout, int64_t P) {
+  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, tasks = N * chunks;
+  const int64_t cin_pad = round_up(Cin, kInputTile), cout_pad = round_up(Cout, R), in_blocks = round_up(Cin, RI) / RI;
+  const int64_t width = 2 * Cin + Cout * Cin + Cout;  // partial sums of one task
+  const std::vector<T> w_transposed_packed = pack_row_blocks<T, RI>(w, Cin, Cout, true);
+  std::vector<T> partial(tasks * width, T(0));
+  parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    // padding rows stay zero
+    std::vector<T> relu_rows(cin_pad * kSubBlock, T(0)), grad_rows(cout_pad * kSubBlock, T(0));
+    std::vector<V<T>> acc_w(cout_pad * cin_pad), acc_gscale(Cin), acc_gshift(Cin), acc_bias(Cout);
+    std::vector<T> scratch(Cin * kSubBlock);  // raw input rows that src computes (not read in place)
+    std::vector<const T*> xrows(Cin);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
+      std::fill(acc_w.begin(), acc_w.end(), V<T>{});
+      std::fill(acc_gscale.begin(), acc_gscale.end(), V<T>{});
+      std::fill(acc_gshift.begin(), acc_gshift.end(), V<T>{});
+      std::fill(acc_bias.begin(), acc_bias.end(), V<T>{});
+      for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
+        const int64_t m = std::min(kSubBlock, p1 - q0), m_padded = round_up(m, VW<T>);
+        for (int64_t ci = 0; ci < Cin; ++ci) {
+          xrows[ci] = src.row(n, ci, q0, m, scratch.data() + ci * kSubBlock);
+          stage_affine_relu_row(xrows[ci], scale[ci], shift[ci], relu_rows.data() + ci * kSubBlock, m);
+        }
+        for (int64_t co = 0; co < Cout; ++co) {
+          const T* gy_row = gy + (n * Cout + co) * P + q0;
+          T* gr = grad_rows.data() + co * kSubBlock;
+          std::copy(gy_row, gy_row + m, gr);
+          std::fill(gr + m, gr + kSubBlock, T(0));
+          V<T> s = {};
+          for (int64_t q = 0; q < m_padded; q += VW<T>) s += load_partial(gr + q, VW<T>);
+          acc_bias[co] += s;
+        }
+        // gw[co][ci] += sum_q grad_rows[co][q] * relu_rows[ci][q]
+        for (int64_t cb = 0; cb < cout_pad; cb += R) {
+          for (int64_t ib = 0; ib < cin_pad; ib += kInputTile) {
+            V<T> acc[R][kInputTile] = {};
+            for (int64_t q = 0; q < m_padded; q += VW<T>) {
+              V<T> rv[kInputTile];
+              for (int64_t i = 0; i < kInputTile; ++i)
+                rv[i] = load_partial(relu_rows.data() + (ib + i) * kSubBlock + q, VW<T>);
+              for (int64_t j = 0; j < R; ++j) {
+                const V<T> gv = load_partial(grad_rows.data() + (cb + j) * kSubBlock + q, VW<T>);
+                for (int64_t i = 0; i < kInputTile; ++i) acc[j][i] += gv * rv[i];
+              }
+            }
+            for (int64_t j = 0; j < R; ++j)
+              for (int64_t i = 0; i < kInputTile; ++i) acc_w[(cb + j) * cin_pad + ib + i] += acc[j][i];
+          }
+        }
+        // gR = W^T G, then the ReLU mask, the affine map's gradients and gx.
+        for (int64_t b = 0; b < in_blocks; ++b) {
+          gemm_block<T, RI>(w_transposed_packed.data() + b * Cout * RI, Cout, grad_rows.data(), m,
+                            [&](int64_t j, int64_t q, const V<T>* acc) {
+                              const int64_t ci = b * RI + j;
+                              if (ci >= Cin) return;
+                              const T* relu_row = relu_rows.data() + ci * kSubBlock + q;
+                              const T* x_row = xrows[ci] + q;
+                              V<T> grad_pre[kColumnVectors];
+                              for (int64_t c = 0; c < kColumnVectors; ++c) {
+                                const int64_t lanes = std::max<int64_t>(0, std::min(VW<T>, m - q - c * VW<T>));
+                                const V<T> rv = load_partial(relu_row + c * VW<T>, VW<T>);
+                                const V<T> xv = lanes > 0 ? load_partial(x_row + c * VW<T>, lanes) : V<T>{};
+                                grad_pre[c] = rv <= 0 ? V<T>{} : acc[c];  // zero past m: grad rows are zero there
+                                acc_gscale[ci] += grad_pre[c] * xv;
+                                acc_gshift[ci] += grad_pre[c];
+                                grad_pre[c] *= scale[ci];
+                              }
+                              store_columns<T>(gx + (n * Cin + ci) * P + q0, q, m, grad_pre);
+                            });
+        }
+      }
+      T* out = partial.data() + t * width;
+      for (int64_t ci = 0; ci < Cin; ++ci) {
+        out[ci] = hsum<T>(acc_gscale[ci]);
+        out[Cin + ci] = hsum<T>(acc_gshift[ci]);
+      }
+      for (int64_t co = 0; co < Cout; ++co)
+        for (int64_t ci = 0; ci < Cin; ++ci) out[2 * Cin + co * Cin + ci] = hsum<T>(acc_w[co * cin_pad + ci]);
+      for (int64_t co = 0; co < Cout; ++co) out[2 * Cin + Cout * Cin + co] = hsum<T>(acc_bias[co]);
+    }
+  });
+  for (int64_t t = 0; t < tasks; ++t) {
+    const T* in = partial.data() + t * width;
+    for (int64_t ci = 0; ci < Cin; ++ci) {
+      gscale[ci] += in[ci];
+      gshift[ci] += in[Cin + ci];
+    }
+    for (int64_t i = 0; i < Cout * Cin; ++i) gw[i] += in[2 * Cin + i];
+    for (int64_t co = 0; co < Cout; ++co) gbias[co] += in[2 * Cin + Cout * Cin + co];
+  }
+}
+
+// The forward kernel with the register-block size for Cout output channels.
+template <typename T, typename Rows>
+auto affine_relu_conv1x1_forward_for(int64_t Cout) {
+  return pick_block_rows(Cout) == 6 ? affine_relu_conv1x1_forward_kernel<T, 6, Rows>
+                                    : affine_relu_conv1x1_forward_kernel<T, 4, Rows>;
+}
+
+// The backward kernel with the register-block sizes for these channel counts.
+template <typename T, typename Rows>
+auto affine_relu_conv1x1_backward_for(int64_t Cin, int64_t Cout) {
+  const bool out6 = pick_block_rows(Cout) == 6, in6 = pick_block_rows(Cin) == 6;
+  return out6 ? (in6 ? affine_relu_conv1x1_backward_kernel<T, 6, 6, Rows>
+                     : affine_relu_conv1x1_backward_kernel<T, 6, 4, Rows>)
+              : (in6 ? affine_relu_conv1x1_backward_kernel<T, 4, 6, Rows>
+                     : affine_relu_conv1x1_backward_kernel<T, 4, 4, Rows>);
+}
+
+}  // namespace cpu
+}  // namespace torchsan

@@ -1,0 +1,147 @@
+// y = maxpool2x2(relu(scale * x + shift)), stride 2, floor mode: a BatchNorm (as its per-channel affine map), ReLU
+// and the max-pool that follow each other at every SAN stage boundary, in one pass; the BN and ReLU outputs (4x the
+// pooled size) are never written. Ties and NaN follow PyTorch's max-pool: the window is scanned row by row, a value
+// replaces the best so far if it is larger or NaN.
+#include "common.h"
+#include "ops.h"
+
+namespace torchsan {
+namespace __attribute__((visibility("hidden"))) cpu {
+namespace {
+
+template <typename T>
+inline T affine_relu(T v, T a, T b) {
+  const T pre = v * a + b;
+  return pre <= 0 ? T(0) : pre;
+}
+
+// The window's maximum of relu(a * x + b) over (r0[0], r0[1], r1[0], r1[1]), its index (0..3) and its raw x.
+// Branch-free selects, so that loops over windows vectorise.
+template <typename T>
+inline T window_max(const T* r0, const T* r1, T a, T b, T& arg, T& xarg) {  // arg: 0..3 as T, for uniform vectors
+  const T x[4] = {r0[0], r0[1], r1[0], r1[1]};
+  T best = affine_relu(x[0], a, b);
+  arg = 0;
+  xarg = x[0];
+  for (int i = 1; i < 4; ++i) {
+    const T v = affine_relu(x[i], a, b);
+    const bool take = v > best || v != v;  // v != v: NaN
+    best = take ? v : best;
+    arg = take ? T(i) : arg;
+    xarg = take ? x[i] : xarg;
+  }
+  return best;
+}
+
+template <typename T>
+void affine_relu_maxpool2x2_forward_kernel(const T* x, const T* scale, const T* shift, T* y, int64_t N, int64_t C,
+                                           int64_t H, int64_t W) {
+  const int64_t Ho = H / 2, Wo = W / 2;
+  parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T a = scale[t % C], b = shift[t % C];
+      for (int64_t i = 0; i < Ho; ++i) {
+        const T* r0 = x + t * H * W + 2 * i * W;
+        T* yr = y + t * Ho * Wo + i * Wo;
+#pragma omp simd
+        for (int64_t j = 0; j < Wo; ++j) {
+          T arg, xarg;
+          yr[j] = window_max(r0 + 2 * j, r0 + W + 2 * j, a, b, arg, xarg);
+        }
+      }
+    }
+  });
+}
+
+// gx (zero but at each window's argmax), and gscale, gshift (C): per-plane sums, reduced in plane order.
+template <typename T>
+void affine_relu_maxpool2x2_backward_kernel(const T* gy, const T* x, const T* scale, const T* shift, T* gx, T* gscale,
+                                            T* gshift, int64_t N, int64_t C, int64_t H, int64_t W) {
+  const int64_t Ho = H / 2, Wo = W / 2;
+  std::vector<T> partial(2 * N * C);
+  parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> window_grads(4 * Wo);  // one output row's gradient for each of the 4 window positions
+    for (int64_t t = begin; t < end; ++t) {
+      const T a = scale[t % C], b = shift[t % C];
+      const T* x_plane = x + t * H * W;
+      T* gx_plane = gx + t * H * W;
+      if (H % 2) std::fill(gx_plane + (H - 1) * W, gx_plane + H * W, T(0));  // the rows and columns no window covers
+      T sum_gscale = 0, sum_gshift = 0;
+      for (int64_t i = 0; i < Ho; ++i) {
+        const T* r0 = x_plane + 2 * i * W;
+        const T* gy_row = gy + t * Ho * Wo + i * Wo;
+        T* gx_row0 = gx_plane + 2 * i * W;
+        T* gx_row1 = gx_row0 + W;
+        T *grad0 = window_grads.data(), *grad1 = grad0 + Wo, *grad2 = grad1 + Wo, *grad3 = grad2 + Wo;
+#pragma omp simd reduction(+ : sum_gscale, sum_gshift)
+        for (int64_t j = 0; j < Wo; ++j) {
+          T arg, xarg;
+          const T best = window_max(r0 + 2 * j, r0 + W + 2 * j, a, b, arg, xarg);
+          const T grad_pre = best <= 0 ? T(0) : gy_row[j];  // ReLU's backward: zero where its output is <= 0
+          const T v = grad_pre * a;
+          grad0[j] = arg == T(0) ? v : T(0);
+          grad1[j] = arg == T(1) ? v : T(0);
+          grad2[j] = arg == T(2) ? v : T(0);
+          grad3[j] = arg == T(3) ? v : T(0);
+          sum_gscale += grad_pre * xarg;
+          sum_gshift += grad_pre;
+        }
+        for (int64_t j = 0; j < Wo; ++j) {
+          gx_row0[2 * j] = grad0[j];
+          gx_row0[2 * j + 1] = grad1[j];
+        }
+        for (int64_t j = 0; j < Wo; ++j) {
+          gx_row1[2 * j] = grad2[j];
+          gx_row1[2 * j + 1] = grad3[j];
+        }
+        if (W % 2) gx_row0[W - 1] = gx_row1[W - 1] = T(0);
+      }
+      partial[2 * t] = sum_gscale;
+      partial[2 * t + 1] = sum_gshift;
+    }
+  });
+  for (int64_t t = 0; t < N * C; ++t) {
+    gscale[t % C] += partial[2 * t];
+    gshift[t % C] += partial[2 * t + 1];
+  }
+}
+
+}  // namespace
+
+at::Tensor affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor scale, at::Tensor shift) {
+  check_cpu(x, "x");
+  x = x.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(scale.numel() == C && shift.numel() == C, "affine_relu_maxpool2x2: scale and shift need C values");
+  TORCH_CHECK(H >= 2 && W >= 2, "affine_relu_maxpool2x2: a 2x2 max-pool needs at least 2x2 pixels, got ", H, "x", W);
+  auto y = at::empty({N, C, H / 2, W / 2}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_relu_maxpool2x2_forward", [&] {
+    affine_relu_maxpool2x2_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                                                    shift.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), N, C, H, W);
+  });
+  return y;
+}
+
+std::vector<at::Tensor> affine_relu_maxpool2x2_backward(at::Tensor gy, at::Tensor x, at::Tensor scale,
+                                                        at::Tensor shift) {
+  gy = gy.contiguous();
+  x = x.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(gy.size(0) == N && gy.size(1) == C && gy.size(2) == H / 2 && gy.size(3) == W / 2,
+              "affine_relu_maxpool2x2_backward: grad shape mismatch");
+  auto gx = at::empty_like(x);
+  auto gscale = at::zeros_like(scale), gshift = at::zeros_like(shift);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_relu_maxpool2x2_backward", [&] {
+    affine_relu_maxpool2x2_backward_kernel<scalar_t>(
+        gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+        gx.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(), gshift.data_ptr<scalar_t>(), N, C, H, W);
+  });
+  return {gx, gscale, gshift};
+}
+
+}  // namespace cpu
+}  // namespace torchsan

@@ -1,0 +1,447 @@
+// The softmax over the K taps of (N, C, K, L), the pairwise attention's normalisation, and the aggregation
+// y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)], forward and backward, optionally fused with the softmax.
+// The unfolded (N, C, K, L) value tensor is never allocated.
+#include "common.h"
+#include "ops.h"
+
+namespace torchsan {
+namespace __attribute__((visibility("hidden"))) cpu {
+namespace {
+
+// Per (K, L) plane and per vector of VW positions: the max over the K taps, exp and sum in one sweep, then the
+// scaling, with the K vectors in L1.
+// exp: float32 uses a Cephes-style polynomial, flushing arguments below -87.3 (where expf underflows to subnormals)
+// to 0. Its relative error is at most 8.6e-8 (every float argument in [-87.3, 88.3] against a double exp, with or
+// without FMA contraction); float64 calls std::exp.
+inline V<float> vector_exp(V<float> x) {
+  typedef int32_t VI __attribute__((vector_size(kVectorBytes)));
+  const V<float> lo = x < -87.3f ? V<float>{} - 1.0f : V<float>{};  // all-ones where the result underflows
+  x = x < -87.3f ? V<float>{} : x;
+  x = x > 88.3f ? V<float>{} + 88.3f : x;
+  V<float> fx = x * 1.44269504088896341f + 0.5f;
+  V<float> fl;
+#if defined(__AVX2__)
+  __m256 f;
+  std::memcpy(&f, &fx, sizeof(f));
+  f = _mm256_floor_ps(f);
+  std::memcpy(&fl, &f, sizeof(fl));
+#else
+  for (int i = 0; i < 8; ++i) fl[i] = std::floor(fx[i]);
+#endif
+  x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
+  V<float> y = V<float>{} + 1.9875691500E-4f;
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * x * x + x + 1.0f;
+  VI n = __builtin_convertvector(fl, VI);
+  n = (n + 127) << 23;
+  V<float> pow2;
+  std::memcpy(&pow2, &n, sizeof(pow2));
+  y = y * pow2;
+  VI bits;
+  std::memcpy(&bits, &y, sizeof(bits));
+  VI keep;
+  std::memcpy(&keep, &lo, sizeof(keep));
+  bits = bits & ~keep;  // underflow -> +0
+  std::memcpy(&y, &bits, sizeof(y));
+  return y;
+}
+inline V<double> vector_exp(V<double> x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// Each plane in blocks of kSoftmaxBlockVectors vectors of positions: every tap row is visited for 2 cache lines at
+// a time, which keeps the K strided streams prefetchable; the block's K rows stay in L1 between the sweeps.
+constexpr int64_t kSoftmaxBlockVectors = 4;
+
+// The lanes of each of the B vectors of a block starting at q0 that lie inside the row of L positions.
+template <typename T, int64_t B, bool FULL>
+inline void block_lanes(int64_t (&lanes)[B], int64_t L, int64_t q0) {
+  for (int64_t b = 0; b < B; ++b) lanes[b] = FULL ? VW<T> : std::max<int64_t>(0, std::min(VW<T>, L - q0 - b * VW<T>));
+}
+
+// One block of B vectors of positions starting at q0 (FULL: all B * VW positions are inside the row).
+template <typename T, int64_t B, bool FULL>
+inline void tap_softmax_forward_block(const T* x, T* y, int64_t K, int64_t L, int64_t q0) {
+  int64_t lanes[B];
+  block_lanes<T, B, FULL>(lanes, L, q0);
+  auto load = [&](const T* p, int64_t b) { return FULL ? load_partial(p, VW<T>) : load_partial(p, lanes[b]); };
+  auto store = [&](T* p, V<T> v, int64_t b) { FULL ? store_partial(p, v, VW<T>) : store_partial(p, v, lanes[b]); };
+  V<T> m[B], sum[B] = {};
+  for (int64_t b = 0; b < B; ++b) m[b] = load(x + q0 + b * VW<T>, b);
+  for (int64_t k = 1; k < K; ++k) {
+    if (FULL) {  // the K rows are K strided streams: fetch the next block's lines ahead
+      __builtin_prefetch(x + k * L + q0 + B * VW<T>);
+      __builtin_prefetch(x + k * L + q0 + B * VW<T> + 64 / sizeof(T));
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const V<T> v = load(x + k * L + q0 + b * VW<T>, b);
+      m[b] = v > m[b] ? v : m[b];
+    }
+  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const V<T> e = vector_exp(load(x + k * L + q0 + b * VW<T>, b) - m[b]);
+      sum[b] += e;
+      store(y + k * L + q0 + b * VW<T>, e, b);
+    }
+  for (int64_t b = 0; b < B; ++b) sum[b] = T(1) / sum[b];
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      T* o = y + k * L + q0 + b * VW<T>;
+      store(o, load(o, b) * sum[b], b);
+    }
+}
+
+// One (K, L) plane: y = softmax over K of x.
+template <typename T>
+void tap_softmax_forward_plane(const T* x, T* y, int64_t K, int64_t L) {
+  constexpr int64_t B = kSoftmaxBlockVectors;
+  int64_t q0 = 0;
+  for (; q0 + B * VW<T> <= L; q0 += B * VW<T>) tap_softmax_forward_block<T, B, true>(x, y, K, L, q0);
+  for (; q0 < L; q0 += VW<T>) tap_softmax_forward_block<T, 1, false>(x, y, K, L, q0);
+}
+
+template <typename T>
+void tap_softmax_forward_kernel(const T* x, T* y, int64_t planes, int64_t K, int64_t L) {
+  parallel_range(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) tap_softmax_forward_plane(x + t * K * L, y + t * K * L, K, L);
+  });
+}
+
+// gx = y * (g - sum_k y * g), per position; blocks as in the forward.
+template <typename T, int64_t B, bool FULL>
+inline void tap_softmax_backward_block(const T* g, const T* y, T* gx, int64_t K, int64_t L, int64_t q0) {
+  int64_t lanes[B];
+  block_lanes<T, B, FULL>(lanes, L, q0);
+  auto load = [&](const T* p, int64_t b) { return FULL ? load_partial(p, VW<T>) : load_partial(p, lanes[b]); };
+  V<T> s[B] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    if (FULL) {  // 2K strided streams: fetch the next block's lines ahead
+      const int64_t next = k * L + q0 + B * VW<T>;
+      __builtin_prefetch(y + next);
+      __builtin_prefetch(g + next);
+      __builtin_prefetch(y + next + 64 / sizeof(T));
+      __builtin_prefetch(g + next + 64 / sizeof(T));
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t i = k * L + q0 + b * VW<T>;
+      s[b] += load(y + i, b) * load(g + i, b);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t i = k * L + q0 + b * VW<T>;
+      const V<T> v = load(y + i, b) * (load(g + i, b) - s[b]);
+      FULL ? store_partial(gx + i, v, VW<T>) : store_partial(gx + i, v, lanes[b]);
+    }
+}
+
+// One (K, L) plane; gx may be g (in place: each value is read before it is written).
+template <typename T>
+void tap_softmax_backward_plane(const T* g, const T* y, T* gx, int64_t K, int64_t L) {
+  constexpr int64_t B = kSoftmaxBlockVectors;
+  int64_t q0 = 0;
+  for (; q0 + B * VW<T> <= L; q0 += B * VW<T>) tap_softmax_backward_block<T, B, true>(g, y, gx, K, L, q0);
+  for (; q0 < L; q0 += VW<T>) tap_softmax_backward_block<T, 1, false>(g, y, gx, K, L, q0);
+}
+
+template <typename T>
+void tap_softmax_backward_kernel(const T* g, const T* y, T* gx, int64_t planes, int64_t K, int64_t L) {
+  parallel_range(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      tap_softmax_backward_plane(g + t * K * L, y + t * K * L, gx + t * K * L, K, L);
+  });
+}
+
+// A quarter of the L2 (the rest holds the x planes): larger softmax planes get a separate pass first (same values).
+inline int64_t softmax_plane_bytes() { return cache_sizes().l2_bytes / 4; }
+
+// Output rows per block of the strided aggregation: each tap's weights for a block are one contiguous run of
+// kRowBlock * W_out values, which streams far better than one short row per tap, while the block's outputs stay in L1.
+constexpr int64_t kRowBlock = 8;
+
+// Stride-1 aggregation, register-blocked: for one output row and VW output pixels, the G feature channels that
+// share a weight channel accumulate all K taps in G registers; each tap loads its weight vector once for all G.
+// xp: the G padded planes of this block (with VW values of slack after the last), plane = Hp * Wp.
+template <typename T, int G>
+inline void aggregation_forward_block(const T* xp, int64_t plane, const T* w_plane, T* y0, int64_t ystride, int64_t ho,
+                                      int64_t q, int64_t lanes, const Geometry& g) {
+  const int64_t L = g.L();
+  V<T> acc[G] = {};
+  for (int64_t kh = 0; kh < g.k; ++kh) {
+    const T* xrow = xp + (ho + kh * g.d) * g.Wp + q;
+    for (int64_t kw = 0; kw < g.k; ++kw) {
+      const T* wp = w_plane + (kh * g.k + kw) * L + ho * g.Wo + q;
+      __builtin_prefetch(wp + 4 * VW<T>);  // the K weight rows are K strided streams: fetch ahead explicitly
+      const V<T> wv = load_partial(wp, lanes);
+      const T* xb = xrow + kw * g.d;
+      for (int j = 0; j < G; ++j) acc[j] += wv * load_partial(xb + j * plane, VW<T>);
+    }
+  }
+  for (int j = 0; j < G; ++j) store_partial(y0 + j * ystride + ho * g.Wo + q, acc[j], lanes);
+}
+
+// Backward of the block above: gw[tap] = sum_j gy_j * x_j(tap) (G loads and FMAs, one store per tap), and
+// gxp_j(tap) += w[tap] * gy_j into the padded gradient planes. Lanes past `lanes` add exact zeros (gy and w are
+// zero-filled there), so full-width read-modify-writes of gxp are safe.
+template <typename T, int G>
+inline void aggregation_backward_block(const T* gy0, int64_t gystride, const T* xp, T* gxp, int64_t plane,
+                                       const T* w_plane, T* gw_plane, bool first, int64_t ho, int64_t q, int64_t lanes,
+                                       const Geometry& g) {
+  const int64_t L = g.L();
+  V<T> gv[G];
+  for (int j = 0; j < G; ++j) gv[j] = load_partial(gy0 + j * gystride + ho * g.Wo + q, lanes);
+  // With wide rows and footprints, taps go column by column: consecutive read-modify-writes of gxp then hit
+  // different rows, whereas along a row each overlaps the previous tap's store by all but one lane and the load
+  // waits on store forwarding. Each gxp value sums its taps in the same order either way (by kw within its row).
+  const bool by_column = g.k >= 5 && g.Wo >= 2 * VW<T>;
+  auto tap = [&](int64_t kh, int64_t kw) {
+    const int64_t x_offset = (ho + kh * g.d) * g.Wp + q + kw * g.d, w_offset = (kh * g.k + kw) * L + ho * g.Wo + q;
+    __builtin_prefetch(w_plane + w_offset + 4 * VW<T>);  // K strided streams each of w and gw: fetch ahead explicitly
+    __builtin_prefetch(gw_plane + w_offset + 4 * VW<T>, 1);
+    const V<T> wv = load_partial(w_plane + w_offset, lanes);
+    V<T> acc = first ? V<T>{} : load_partial(gw_plane + w_offset, lanes);
+    for (int j = 0; j < G; ++j) {
+      acc += gv[j] * load_partial(xp + j * plane + x_offset, VW<T>);
+      T* gq = gxp + j * plane + x_offset;
+      store_partial(gq, load_partial(gq, VW<T>) + wv * gv[j], VW<T>);
+    }
+    store_partial(gw_plane + w_offset, acc, lanes);
+  };
+  if (by_column) {
+    for (int64_t kw = 0; kw < g.k; ++kw)
+      for (int64_t kh = 0; kh < g.k; ++kh) tap(kh, kw);
+  } else {
+    for (int64_t kh = 0; kh < g.k; ++kh)
+      for (int64_t kw = 0; kw < g.k; ++kw) tap(kh, kw);
+  }
+}
+
+// y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)]
+// softmax_out: if given, w holds logits; each task first writes the softmax over K of its (K, L) plane into
+// softmax_out and then aggregates with it while it is in cache.
+template <typename T>
+void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t C, int64_t Cw, const Geometry& g,
+                                T* softmax_out = nullptr) {
+  const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
+  parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xp(S * g.plane() + VW<T>, T(0));  // slack: full-width loads at the end of the last row
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / Cw, cw = t % Cw;
+      const T* w_plane = w + (n * Cw + cw) * K * L;
+      if (softmax_out) {
+        tap_softmax_forward_plane(w_plane, softmax_out + (n * Cw + cw) * K * L, K, L);
+        w_plane = softmax_out + (n * Cw + cw) * K * L;
+      }
+      for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
+      if (g.s == 1) {
+        for (int64_t ho = 0; ho < g.Ho; ++ho) {
+          for (int64_t q = 0; q < g.Wo; q += VW<T>) {
+            const int64_t lanes = std::min(VW<T>, g.Wo - q);
+            int64_t j = 0;
+            for (; j + 8 <= S; j += 8)
+              aggregation_forward_block<T, 8>(xp.data() + j * g.plane(), g.plane(), w_plane,
+                                              y + (n * C + j * Cw + cw) * L, Cw * L, ho, q, lanes, g);
+            for (; j < S; ++j)
+              aggregation_forward_block<T, 1>(xp.data() + j * g.plane(), g.plane(), w_plane,
+                                              y + (n * C + j * Cw + cw) * L, Cw * L, ho, q, lanes, g);
+          }
+        }
+        continue;
+      }
+      for (int64_t j = 0; j < S; ++j) std::fill(y + (n * C + j * Cw + cw) * L, y + (n * C + j * Cw + cw + 1) * L, T(0));
+      for (int64_t hb = 0; hb < g.Ho; hb += kRowBlock) {
+        const int64_t he = std::min(g.Ho, hb + kRowBlock);
+        for (int64_t kh = 0; kh < g.k; ++kh) {
+          for (int64_t kw = 0; kw < g.k; ++kw) {
+            for (int64_t ho = hb; ho < he; ++ho) {
+              const T* wrow = w_plane + (kh * g.k + kw) * L + ho * g.Wo;
+              const int64_t x_offset = (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
+              for (int64_t j = 0; j < S; ++j) {
+                const T* xrow = xp.data() + j * g.plane() + x_offset;
+                T* yrow = y + (n * C + j * Cw + cw) * L + ho * g.Wo;
+                if (g.s == 1) {
+#pragma omp simd
+                  for (int64_t wo = 0; wo < g.Wo; ++wo) yrow[wo] += wrow[wo] * xrow[wo];
+                } else {
+                  for (int64_t wo = 0; wo < g.Wo; ++wo) yrow[wo] += wrow[wo] * xrow[wo * g.s];
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// softmax: w is the output of a softmax over K (see the forward's softmax_out); each task turns its finished (K, L)
+// plane of gw into the gradient w.r.t. the logits, in place, while it is in cache.
+template <typename T>
+void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* gw, int64_t N, int64_t C, int64_t Cw,
+                                 const Geometry& g, bool softmax = false) {
+  const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
+  parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
+    // (slack after the last plane: full-width vector loads and read-modify-writes at the end of its last row)
+    std::vector<T> xp(gw ? S * g.plane() + VW<T> : 0, T(0)), gxp(gx ? S * g.plane() + VW<T> : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / Cw, cw = t % Cw;
+      if (g.s == 1 && gx && gw) {
+        for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
+        std::fill(gxp.begin(), gxp.end(), T(0));
+        const T* w_plane = w + (n * Cw + cw) * K * L;
+        T* gw_plane = gw + (n * Cw + cw) * K * L;
+        for (int64_t ho = 0; ho < g.Ho; ++ho) {
+          for (int64_t q = 0; q < g.Wo; q += VW<T>) {
+            const int64_t lanes = std::min(VW<T>, g.Wo - q);
+            int64_t j = 0;
+            for (; j + 8 <= S; j += 8)
+              aggregation_backward_block<T, 8>(gy + (n * C + j * Cw + cw) * L, Cw * L, xp.data() + j * g.plane(),
+                                               gxp.data() + j * g.plane(), g.plane(), w_plane, gw_plane, j == 0, ho, q,
+                                               lanes, g);
+            for (; j < S; ++j)
+              aggregation_backward_block<T, 1>(gy + (n * C + j * Cw + cw) * L, Cw * L, xp.data() + j * g.plane(),
+                                               gxp.data() + j * g.plane(), g.plane(), w_plane, gw_plane, j == 0, ho, q,
+                                               lanes, g);
+          }
+        }
+        for (int64_t j = 0; j < S; ++j) {
+          T* dst = gx + (n * C + j * Cw + cw) * HW;
+          std::fill(dst, dst + HW, T(0));
+          fold_plane(gxp.data() + j * g.plane(), dst, g);
+        }
+        if (softmax) tap_softmax_backward_plane(gw_plane, w_plane, gw_plane, K, L);
+        continue;
+      }
+      if (gw) {
+        for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
+        std::fill(gw + (n * Cw + cw) * K * L, gw + (n * Cw + cw + 1) * K * L, T(0));
+      }
+      if (gx) std::fill(gxp.begin(), gxp.end(), T(0));
+      const T* w_plane = w + (n * Cw + cw) * K * L;
+      T* gw_plane = gw ? gw + (n * Cw + cw) * K * L : nullptr;
+      for (int64_t hb = 0; hb < g.Ho; hb += kRowBlock) {
+        const int64_t he = std::min(g.Ho, hb + kRowBlock);
+        for (int64_t kh = 0; kh < g.k; ++kh) {
+          for (int64_t kw = 0; kw < g.k; ++kw) {
+            for (int64_t ho = hb; ho < he; ++ho) {
+              const int64_t tap_offset = (kh * g.k + kw) * L + ho * g.Wo;
+              const int64_t x_offset = (ho * g.s + kh * g.d) * g.Wp + kw * g.d;
+              for (int64_t j = 0; j < S; ++j) {
+                const T* gyrow = gy + (n * C + j * Cw + cw) * L + ho * g.Wo;
+                if (gw) {
+                  const T* xrow = xp.data() + j * g.plane() + x_offset;
+                  T* gwrow = gw_plane + tap_offset;
+                  if (g.s == 1) {
+#pragma omp simd
+                    for (int64_t wo = 0; wo < g.Wo; ++wo) gwrow[wo] += gyrow[wo] * xrow[wo];
+                  } else {
+                    for (int64_t wo = 0; wo < g.Wo; ++wo) gwrow[wo] += gyrow[wo] * xrow[wo * g.s];
+                  }
+                }
+                if (gx) {
+                  const T* wrow = w_plane + tap_offset;
+                  T* gxrow = gxp.data() + j * g.plane() + x_offset;
+                  if (g.s == 1) {
+#pragma omp simd
+                    for (int64_t wo = 0; wo < g.Wo; ++wo) gxrow[wo] += wrow[wo] * gyrow[wo];
+                  } else {
+                    for (int64_t wo = 0; wo < g.Wo; ++wo) gxrow[wo * g.s] += wrow[wo] * gyrow[wo];
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+      if (gx) {
+        for (int64_t j = 0; j < S; ++j) {
+          T* dst = gx + (n * C + j * Cw + cw) * HW;
+          std::fill(dst, dst + HW, T(0));
+          fold_plane(gxp.data() + j * g.plane(), dst, g);
+        }
+      }
+      if (softmax && gw_plane) tap_softmax_backward_plane(gw_plane, w_plane, gw_plane, K, L);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor tap_softmax_forward(at::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "tap_softmax_forward: x must be a 4-D CPU tensor (N, C, K, L)");
+  x = x.contiguous();
+  auto y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tap_softmax_forward", [&] {
+    tap_softmax_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.size(0) * x.size(1),
+                                         x.size(2), x.size(3));
+  });
+  return y;
+}
+
+at::Tensor tap_softmax_backward(at::Tensor g, at::Tensor y) {
+  TORCH_CHECK(g.device().is_cpu() && g.dim() == 4 && g.sizes() == y.sizes() && g.scalar_type() == y.scalar_type(),
+              "tap_softmax_backward: grad and output must be 4-D CPU tensors of the same shape and dtype");
+  g = g.contiguous();
+  y = y.contiguous();
+  auto gx = at::empty_like(y);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tap_softmax_backward", [&] {
+    tap_softmax_backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+                                          y.size(0) * y.size(1), y.size(2), y.size(3));
+  });
+  return gx;
+}
+
+std::vector<at::Tensor> aggregation_forward(at::Tensor x, at::Tensor w, int64_t k, int64_t s, int64_t p, int64_t d,
+                                            bool reflect, bool softmax) {
+  check_cpu(x, "x");
+  check_cpu(w, "weight");
+  x = x.contiguous();
+  w = w.contiguous();
+  const Geometry g(x.size(2), x.size(3), k, s, p, d, reflect);
+  check_geometry(g);
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "weight dtype must match x");
+  const int64_t N = x.size(0), C = x.size(1), Cw = w.size(1);
+  TORCH_CHECK(w.size(0) == N && C % Cw == 0 && w.size(2) == g.K() && w.size(3) == g.L(), "weight shape mismatch");
+  auto y = at::empty({N, C, g.Ho, g.Wo}, x.options());
+  auto softmax_out = softmax ? at::empty_like(w) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_forward", [&] {
+    const bool per_task = softmax && g.K() * g.L() * int64_t(sizeof(scalar_t)) <= softmax_plane_bytes();
+    if (softmax && !per_task)
+      tap_softmax_forward_kernel<scalar_t>(w.data_ptr<scalar_t>(), softmax_out.data_ptr<scalar_t>(), N * Cw, g.K(),
+                                           g.L());
+    aggregation_forward_kernel<scalar_t>(
+        x.data_ptr<scalar_t>(), softmax && !per_task ? softmax_out.data_ptr<scalar_t>() : w.data_ptr<scalar_t>(),
+        y.data_ptr<scalar_t>(), N, C, Cw, g, per_task ? softmax_out.data_ptr<scalar_t>() : nullptr);
+  });
+  if (softmax) return {y, softmax_out};
+  return {y};
+}
+
+std::vector<at::Tensor> aggregation_backward(at::Tensor gy, at::Tensor x, at::Tensor w, int64_t k, int64_t s, int64_t p,
+                                             int64_t d, bool reflect, bool need_x, bool need_w, bool softmax) {
+  check_cpu(gy, "grad");
+  gy = gy.contiguous();
+  x = x.contiguous();
+  w = w.contiguous();
+  const Geometry g(x.size(2), x.size(3), k, s, p, d, reflect);
+  const int64_t N = x.size(0), C = x.size(1), Cw = w.size(1);
+  auto gx = need_x ? at::empty_like(x) : at::Tensor();
+  auto gw = need_w ? at::empty_like(w) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_backward", [&] {
+    aggregation_backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                          need_x ? gx.data_ptr<scalar_t>() : nullptr,
+                                          need_w ? gw.data_ptr<scalar_t>() : nullptr, N, C, Cw, g, softmax);
+  });
+  return {gx, gw};
+}
+
+void add_aggregation_constants(KernelConstants& constants) { constants["softmax_plane_bytes"] = softmax_plane_bytes(); }
+
+}  // namespace cpu
+}  // namespace torchsan

@@ -1,0 +1,245 @@
+// The pairwise mapping's first stage on z = cat([subtraction2(x1, x2), append]) (N, C + E, K, L) without writing z
+// (K times larger than x1): its channel statistics, the affine-ReLU-1x1-conv forward and backward, and the
+// statistics' backward. Each reads z's rows through Subtraction2Rows, gathered on the fly; the results are those of
+// the dense ops on the written z, bit for bit.
+#include "conv1x1.h"
+#include "gathers.h"
+#include "ops.h"
+#include "statistics.h"
+
+namespace torchsan {
+namespace __attribute__((visibility("hidden"))) cpu {
+namespace {
+
+// The rows of z = [x1_i - x2_j, append] (P = K * L values per channel), as a row source (see DenseRows). With
+// stride 1 on narrow maps it reads x1's centre planes and x2's column-shifted copies (one run per tap, as the
+// stride-1 gather); otherwise padded copies of x1 and x2 (N, C, Hp, Wp), one output row at a time. The values are
+// those gather_forward writes, bit for bit.
+template <typename T>
+struct Subtraction2Rows {
+  const T* x1_planes;
+  const T* x2_planes;
+  const T* append;  // (B, E, K, L) with B = 1 (broadcast over N) or N; null if E = 0
+  int64_t append_batch, C, E;
+  Geometry g;
+  bool shifted;  // the planes are centre planes and column-shifted copies (stride 1, narrow maps), not padded planes
+  const T* row(int64_t n, int64_t ci, int64_t q0, int64_t m, T* scratch) const {
+    const int64_t L = g.L(), P = g.K() * L, c0 = (g.k / 2) * g.d;
+    if (ci >= C) return append + ((append_batch == 1 ? 0 : n) * E + ci - C) * P + q0;
+    if (shifted) {  // x1_planes: the centre planes (L each); x2_planes: the column-shifted copies (see shift_columns)
+      const T* centre = x1_planes + (n * C + ci) * L;
+      const T* S = x2_planes + (n * C + ci) * g.k * g.Hp * g.Wo;
+      int64_t tap = q0 / L, o = q0 % L;
+      for (int64_t left = m, at = 0; left > 0; ++tap, o = 0) {
+        const int64_t len = std::min(L - o, left);
+        const T* src = S + ((tap % g.k) * g.Hp + (tap / g.k) * g.d) * g.Wo + o;
+        const T* cr = centre + o;
+        T* out = scratch + at;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) out[i] = cr[i] - src[i];
+        at += len;
+        left -= len;
+      }
+      return scratch;
+    }
+    const T* p1 = x1_planes + (n * C + ci) * g.plane();
+    const T* p2 = x2_planes + (n * C + ci) * g.plane();
+    // Runs along one output row of one tap; (tap, ho, wo) advance without divisions (short rows on small maps).
+    const int64_t tap = q0 / L;
+    int64_t ho = (q0 % L) / g.Wo, wo = (q0 % L) % g.Wo, kh = tap / g.k, kw = tap % g.k;
+    T* out = scratch;
+    for (int64_t left = m; left > 0;) {
+      const int64_t len = std::min(g.Wo - wo, left);
+      const T* crow = p1 + (ho * g.s + c0) * g.Wp + c0 + wo * g.s;
+      const T* xrow = p2 + (ho * g.s + kh * g.d) * g.Wp + kw * g.d + wo * g.s;
+      if (g.s == 1) {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) out[i] = crow[i] - xrow[i];
+      } else {
+        for (int64_t i = 0; i < len; ++i) out[i] = crow[i * g.s] - xrow[i * g.s];
+      }
+      out += len;
+      left -= len;
+      wo = 0;
+      if (++ho == g.Ho) {
+        ho = 0;
+        if (++kw == g.k) kw = 0, ++kh;
+      }
+    }
+    return scratch;
+  }
+};
+
+// Output rows up to this wide are read from shifted copies (one run per tap): building them pays only on short rows.
+constexpr int64_t kShiftedMaxWidth = 16;
+
+// x (N, C, H, W) -> its padded planes (N, C, Hp, Wp).
+at::Tensor pad_planes(const at::Tensor& x, const Geometry& g) {
+  auto out = at::empty({x.size(0), x.size(1), g.Hp, g.Wp}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pad_planes", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    parallel_range(0, x.size(0) * x.size(1), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) pad_plane(src + t * g.H * g.W, dst + t * g.plane(), g);
+    });
+  });
+  return out;
+}
+
+// Stride 1: x (N, C, H, W) -> the column-shifted copies of its padded planes (N, C, k * Hp * Wo), or its centre
+// planes (N, C, Ho * Wo) (see shift_columns, centre_plane).
+at::Tensor shifted_planes(const at::Tensor& x, const Geometry& g, bool centres) {
+  const int64_t size = centres ? g.L() : g.k * g.Hp * g.Wo;
+  auto out = at::empty({x.size(0), x.size(1), size}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shifted_planes", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    parallel_range(0, x.size(0) * x.size(1), 1, [&](int64_t begin, int64_t end) {
+      // Built in a private buffer (shift_columns may spill past a plane's copies), then copied out.
+      std::vector<scalar_t> xp(g.plane() + kBufferSlack<scalar_t>), S(size + kBufferSlack<scalar_t>);
+      for (int64_t t = begin; t < end; ++t) {
+        if (centres) {
+          pad_plane(src + t * g.H * g.W, xp.data(), g);
+          centre_plane(xp.data(), dst + t * size, g);
+        } else {
+          shifted_copies(src + t * g.H * g.W, xp.data(), S.data(), g);
+          std::memcpy(dst + t * size, S.data(), sizeof(scalar_t) * size);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// The inputs of subtraction2 with append, checked, with the planes Subtraction2Rows reads.
+struct Subtraction2Inputs {
+  at::Tensor x1, x2, x1_planes, x2_planes, append;
+  Geometry g;
+  int64_t N, C, E, Ct, P;
+  bool shifted;
+  Subtraction2Inputs(at::Tensor a, at::Tensor b, c10::optional<at::Tensor> appended, int64_t k, int64_t s, int64_t p,
+                     int64_t d, bool reflect)
+      : x1(a.contiguous()), x2(b.contiguous()), g(a.size(2), a.size(3), k, s, p, d, reflect) {
+    check_cpu(x1, "x1");
+    check_cpu(x2, "x2");
+    check_geometry(g);
+    TORCH_CHECK(x1.sizes() == x2.sizes() && x1.scalar_type() == x2.scalar_type(), "x1 and x2 must match");
+    N = x1.size(0);
+    C = x1.size(1);
+    P = g.K() * g.L();
+    E = 0;
+    if (appended.has_value() && appended->defined()) {
+      append = appended->contiguous();
+      TORCH_CHECK(append.dim() == 4 && (append.size(0) == 1 || append.size(0) == N) && append.size(2) == g.K() &&
+                      append.size(3) == g.L() && append.scalar_type() == x1.scalar_type(),
+                  "append must be (1 or N, E, K, L) of x1's dtype");
+      E = append.size(1);
+    }
+    Ct = C + E;
+    shifted = g.s == 1 && g.Wo <= kShiftedMaxWidth;
+    if (shifted) {
+      x1_planes = centres_are_input(g) ? x1 : shifted_planes(x1, g, true);
+      x2_planes = shifted_planes(x2, g, false);
+    } else {
+      x1_planes = pad_planes(x1, g);
+      x2_planes = pad_planes(x2, g);
+    }
+  }
+  template <typename T>
+  Subtraction2Rows<T> rows() const {
+    return Subtraction2Rows<T>{x1_planes.data_ptr<T>(), x2_planes.data_ptr<T>(), E ? append.data_ptr<T>() : nullptr,
+                               E ? append.size(0) : 1, C, E, g, shifted};
+  }
+};
+
+}  // namespace
+
+std::vector<at::Tensor> subtraction2_var_mean(at::Tensor x1, at::Tensor x2, c10::optional<at::Tensor> append, int64_t k,
+                                              int64_t s, int64_t p, int64_t d, bool reflect) {
+  const Subtraction2Inputs in(x1, x2, append, k, s, p, d, reflect);
+  auto var = at::empty({in.Ct}, in.x1.options()), mean = at::empty({in.Ct}, in.x1.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x1.scalar_type(), "subtraction2_var_mean", [&] {
+    channel_var_mean_kernel<scalar_t>(in.rows<scalar_t>(), var.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), in.N,
+                                      in.Ct, in.P);
+  });
+  return {var, mean};
+}
+
+at::Tensor subtraction2_affine_relu_conv1x1_forward(at::Tensor x1, at::Tensor x2, c10::optional<at::Tensor> append,
+                                                    at::Tensor scale, at::Tensor shift, at::Tensor weight,
+                                                    c10::optional<at::Tensor> bias, int64_t k, int64_t s, int64_t p,
+                                                    int64_t d, bool reflect) {
+  const Subtraction2Inputs in(x1, x2, append, k, s, p, d, reflect);
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  weight = weight.contiguous();
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t Cout = weight.size(0);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in.Ct && scale.numel() == in.Ct && shift.numel() == in.Ct,
+              "subtraction2_affine_relu_conv1x1: shape mismatch");
+  auto y = at::empty({in.N, Cout, in.g.K(), in.g.L()}, in.x1.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x1.scalar_type(), "subtraction2_affine_relu_conv1x1_forward", [&] {
+    auto kernel = affine_relu_conv1x1_forward_for<scalar_t, Subtraction2Rows<scalar_t>>(Cout);
+    kernel(in.rows<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+           b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), in.N, in.Ct, Cout, in.P);
+  });
+  return y;
+}
+
+std::vector<at::Tensor> subtraction2_affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x1, at::Tensor x2,
+                                                                  c10::optional<at::Tensor> append, at::Tensor scale,
+                                                                  at::Tensor shift, at::Tensor weight, int64_t k,
+                                                                  int64_t s, int64_t p, int64_t d, bool reflect) {
+  const Subtraction2Inputs in(x1, x2, append, k, s, p, d, reflect);
+  gy = gy.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  weight = weight.contiguous();
+  const int64_t Cin = in.Ct, Cout = weight.size(0);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Cin && scale.numel() == Cin && shift.numel() == Cin &&
+                  gy.dim() == 4 && gy.size(0) == in.N && gy.size(1) == Cout && gy.size(2) * gy.size(3) == in.P,
+              "subtraction2_affine_relu_conv1x1_backward: shape mismatch");
+  auto gz = at::empty({in.N, Cin, in.g.K(), in.g.L()}, in.x1.options());
+  auto gscale = at::zeros_like(scale), gshift = at::zeros_like(shift), gw = at::zeros_like(weight);
+  auto gbias = at::zeros({Cout}, in.x1.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x1.scalar_type(), "subtraction2_affine_relu_conv1x1_backward", [&] {
+    auto kernel = affine_relu_conv1x1_backward_for<scalar_t, Subtraction2Rows<scalar_t>>(Cin, Cout);
+    kernel(gy.data_ptr<scalar_t>(), in.rows<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+           weight.data_ptr<scalar_t>(), gz.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(),
+           gshift.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(), in.N, Cin, Cout, in.P);
+  });
+  return {gz, gscale, gshift, gw, gbias};
+}
+
+std::vector<at::Tensor> subtraction2_var_mean_backward(at::Tensor gz0, at::Tensor x1, at::Tensor x2, at::Tensor a,
+                                                       at::Tensor b, at::Tensor mean, int64_t k, int64_t s, int64_t p,
+                                                       int64_t d, bool reflect) {
+  check_cpu(gz0, "grad");
+  check_cpu(x1, "x1");
+  gz0 = gz0.contiguous();
+  x1 = x1.contiguous();
+  x2 = x2.contiguous();
+  a = a.contiguous();
+  b = b.contiguous();
+  mean = mean.contiguous();
+  const Geometry g(x1.size(2), x1.size(3), k, s, p, d, reflect);
+  check_geometry(g);
+  const int64_t N = x1.size(0), C = x1.size(1), Ct = gz0.size(1);
+  TORCH_CHECK(x1.sizes() == x2.sizes() && gz0.size(0) == N && Ct >= C && gz0.size(2) == g.K() && gz0.size(3) == g.L() &&
+                  a.numel() >= C && b.numel() >= C && mean.numel() >= C,
+              "subtraction2_var_mean_backward: shape mismatch");
+  auto gx1 = at::empty_like(x1), gx2 = at::empty_like(x1);
+  AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "subtraction2_var_mean_backward", [&] {
+    const StatisticsCorrection<scalar_t> correction{x1.data_ptr<scalar_t>(), x2.data_ptr<scalar_t>(),
+                                                    a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                                                    mean.data_ptr<scalar_t>()};
+    gather_backward_kernel<scalar_t>(gz0.data_ptr<scalar_t>(), gx1.data_ptr<scalar_t>(), gx2.data_ptr<scalar_t>(),
+                                     scalar_t(1), N, C, Ct, g, &correction);
+  });
+  return {gx1, gx2};
+}
+
+void add_subtraction2_constants(KernelConstants& constants) { constants["shifted_max_width"] = kShiftedMaxWidth; }
+
+}  // namespace cpu
+}  // namespace torchsan

@@ -1,0 +1,167 @@
+"""Runs of modules as one fused op: where ``torchsan.ops.should_fuse`` allows it, else module by module.
+
+Each function here takes the modules a layer holds and its input, and returns what running the modules one by one
+returns: the same outputs, gradients and BatchNorm running statistics (up to float rounding). Which route runs is
+decided by ``torchsan.ops.should_fuse`` alone (the switch ``torchsan.ops.fusion``, the modules' hooks and the
+backend's kernels); this module only checks that the modules are the plain ones a fused op stands for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..ops.reference import batchnorm_scale_shift
+
+__all__ = [
+    "batchnorm_affine",
+    "fuses_norm_act_conv1x1",
+    "is_conv1x1",
+    "norm_act_conv",
+    "norm_act_conv1x1",
+    "norm_act_pool",
+    "softmax_aggregation",
+    "subtraction2_mapping",
+    "run_mapping",
+    "update_running_stats",
+]
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What ``nn.BatchNorm2d.forward`` does to the running statistics in training mode (var: biased)."""
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_(var.detach() * (count / (count - 1)), alpha=momentum)
+
+
+def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BN (running statistics) as the per-channel affine map it applies: (scale, shift)."""
+    return batchnorm_scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _batchnorm_then(
+    bn: nn.BatchNorm2d,
+    x: torch.Tensor,
+    with_batch_stats: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    with_affine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``bn`` and the op after it as one fused op, running statistics updated as ``nn.BatchNorm2d`` does:
+    ``with_batch_stats(x, weight, bias, eps)`` with batch statistics, else ``with_affine(x, scale, shift)``."""
+    if _uses_batch_stats(bn):
+        y, mean, var = with_batch_stats(x, bn.weight, bn.bias, bn.eps)
+        update_running_stats(bn, mean, var, x.numel() // x.shape[1])
+        return y
+    return with_affine(x, *batchnorm_affine(bn))
+
+
+def _is_bn_relu(bn: nn.Module, act: nn.Module) -> bool:
+    return type(bn) is nn.BatchNorm2d and type(act) is nn.ReLU
+
+
+def is_conv1x1(conv: nn.Module) -> bool:
+    """A plain 1x1 ``nn.Conv2d`` (stride 1, no padding, one group): a matrix product per position."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.groups == 1 and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.dilation == (1, 1))
+
+
+def _is_maxpool2x2(pool: nn.Module) -> bool:
+    def both(value: int | tuple[int, int], n: int) -> bool:
+        return value in (n, (n, n))
+
+    return (type(pool) is nn.MaxPool2d and both(pool.kernel_size, 2) and both(pool.stride, 2)
+            and both(pool.padding, 0) and both(pool.dilation, 1) and not pool.ceil_mode and not pool.return_indices)
+
+
+def fuses_norm_act_conv1x1(bn: nn.Module, act: nn.Module, x: torch.Tensor, out_channels: int,
+                           *convs: nn.Module) -> bool:
+    """Whether a 1x1 convolution to ``out_channels`` of ``act(bn(x))``, x (N, Cin, H, W), runs as one fused op
+    (:func:`norm_act_conv1x1`). ``convs``: the modules the convolution stands for, whose hooks must see them run."""
+    if not (_is_bn_relu(bn, act) and x.dim() == 4):
+        return False
+    op = "batchnorm_relu_conv1x1" if _uses_batch_stats(bn) else "affine_relu_conv1x1"
+    return ops.should_fuse(op, x, bn, act, *convs, out_channels=out_channels)
+
+
+def norm_act_conv1x1(bn: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1 convolution ``weight`` (Cout, Cin[, 1, 1]), ``bias`` of ``relu(bn(x))`` as one fused op."""
+    w = weight.flatten(1)
+    return _batchnorm_then(bn, x, lambda t, *norm: ops.batchnorm_relu_conv1x1(t, *norm, w, bias),
+                           lambda t, scale, shift: ops.affine_relu_conv1x1(t, scale, shift, w, bias))
+
+
+def norm_act_conv(bn: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(act(bn(x)))``: BN, ReLU and a 1x1 conv as one op where allowed."""
+    if is_conv1x1(conv) and fuses_norm_act_conv1x1(bn, act, x, conv.out_channels, conv):
+        return norm_act_conv1x1(bn, x, conv.weight, conv.bias)
+    return conv(act(bn(x)))
+
+
+def norm_act_pool(bn: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``pool(act(bn(x)))``: BN, ReLU and a 2x2 max-pool as one op where allowed, which never writes the
+    full-resolution BN and ReLU outputs."""
+    if _is_bn_relu(bn, act) and _is_maxpool2x2(pool) and x.dim() == 4 and min(x.shape[2:]) >= 2:
+        op = "batchnorm_relu_maxpool2x2" if _uses_batch_stats(bn) else "affine_relu_maxpool2x2"
+        if ops.should_fuse(op, x, bn, act, pool):
+            return _batchnorm_then(bn, x, ops.batchnorm_relu_maxpool2x2, ops.affine_relu_maxpool2x2)
+    return pool(act(bn(x)))
+
+
+def run_mapping(gamma: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
+    """``gamma(z)`` for a mapping built by :func:`torchsan.layers.build_mapping`, z (N, C, K, L), with each
+    BN-ReLU-conv1x1 triple as one op where allowed."""
+    i = 0
+    while i < len(gamma):
+        if i + 2 < len(gamma) and isinstance(gamma[i], nn.BatchNorm2d):
+            z = norm_act_conv(gamma[i], gamma[i + 1], gamma[i + 2], z)
+            i += 3
+        else:
+            z = gamma[i](z)
+            i += 1
+    return z
+
+
+def subtraction2_mapping(subtraction2: nn.Module, gamma: nn.Sequential, q: torch.Tensor, k: torch.Tensor,
+                         p: torch.Tensor | None) -> torch.Tensor:
+    """``gamma(z)`` with z = [q_i - k_j, p_i - p_j] (N, C + 2, K, L): the pairwise subtraction relation, its position
+    encoding p (1, 2, K, L) appended (or None). Where allowed, z is gathered straight into gamma's first
+    training-mode BN-ReLU-conv1x1 and never written; else written in one pass; else subtraction2, then torch.cat."""
+    bn, act, conv = (list(gamma[:3]) + [None] * 3)[:3]
+    if (conv is not None and _is_bn_relu(bn, act) and is_conv1x1(conv) and _uses_batch_stats(bn)
+            and ops.should_fuse("subtraction2_batchnorm_relu_conv1x1", q, subtraction2, bn, act, conv,
+                                positions=math.prod(subtraction2.footprint.out_hw(q.shape[2], q.shape[3])),
+                                in_channels=conv.in_channels, out_channels=conv.out_channels)):
+        y, mean, var = ops.subtraction2_batchnorm_relu_conv1x1(q, k, bn.weight, bn.bias, bn.eps, conv.weight.flatten(1),
+                                                               conv.bias, *subtraction2.args, append=p)
+        update_running_stats(bn, mean, var, y.shape[0] * y.shape[2] * y.shape[3])
+        return run_mapping(gamma[3:], y)
+    if p is None:
+        z = subtraction2(q, k)
+    elif ops.should_fuse("subtraction2_append", q, subtraction2):
+        z = subtraction2(q, k, append=p)
+    else:
+        z = torch.cat([subtraction2(q, k), p.expand(q.shape[0], -1, -1, -1)], dim=1)
+    return run_mapping(gamma, z)
+
+
+def softmax_aggregation(softmax: nn.Module, aggregation: nn.Module, v: torch.Tensor,
+                        logits: torch.Tensor) -> torch.Tensor:
+    """``aggregation(v, softmax(logits))``, the softmax over the footprint's K taps (dim 2): one op where allowed."""
+    if type(softmax) is nn.Softmax and softmax.dim == 2:
+        if ops.should_fuse("softmax_aggregation", v, softmax, aggregation):
+            return ops.softmax_aggregation(v, logits, *aggregation.args)
+        if ops.should_fuse("tap_softmax", logits, softmax):
+            return aggregation(v, ops.tap_softmax(logits))
+    return aggregation(v, softmax(logits))

@@ -1,0 +1,82 @@
+"""The ``cpu`` backend: fused C++/OpenMP kernels (``torchsan/csrc/cpu/``), registered as torch custom ops.
+
+One module per op family, mirroring the C++ sources:
+
+| module | ops | C++ |
+|---|---|---|
+| ``softmax_aggregation`` | aggregation, softmax_aggregation, tap_softmax | ``softmax_aggregation.cpp`` |
+| ``gathers`` | subtraction2 (with append), subtraction, unfold | ``gathers.cpp`` |
+| ``conv1x1`` | affine_relu_conv1x1, batchnorm_relu_conv1x1 | ``conv1x1.cpp`` |
+| ``pooling`` | affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2 | ``pooling.cpp`` |
+| ``statistics`` | channel_var_mean; gradients through a training BN's statistics | ``statistics.cpp`` |
+| ``subtraction2_conv1x1`` | subtraction2_batchnorm_relu_conv1x1 | ``subtraction2_conv1x1.cpp`` |
+
+The ops live in the ``torchsan`` namespace (``torch.ops.torchsan.aggregation`` ...), with fake implementations for
+shape inference and ``torch.compile``, and autograd formulas whose backward passes are fused kernels too; under
+``create_graph=True`` they differentiate the reference composition instead (``_register.differentiable_backward``),
+so double backward works. ``_build`` compiles the extension on first use; :func:`fuses` says where a fused op
+beats running its parts one by one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._build import available, extension, kernel_constants, unavailable_reason
+from .conv1x1 import affine_relu_conv1x1, batchnorm_relu_conv1x1
+from .gathers import centre, subtraction, subtraction2, unfold
+from .pooling import affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2
+from .softmax_aggregation import aggregation, softmax_aggregation, tap_softmax
+from .statistics import channel_var_mean
+from .subtraction2_conv1x1 import subtraction2_batchnorm_relu_conv1x1
+
+__all__ = [
+    "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
+    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "extension", "fuses", "kernel_constants",
+    "softmax_aggregation", "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax",
+    "unavailable_reason", "unfold",
+]
+
+DTYPES = (torch.float32, torch.float64)
+
+# --- where the fused ops beat their parts run one by one (benchmarks/fusion.py measures every rule) -----------------
+# BN-ReLU-conv1x1: the kernel stages relu(BN(x)) for a block of positions and multiplies it by the (Cout, Cin)
+# weight with a register-blocked product. It saves the BN and ReLU passes over the input, but its product is slower
+# than oneDNN's convolution, so it pays while each image has at least CONV1X1_POSITIONS_PER_OUTPUT positions per
+# output channel; with at most CONV1X1_NARROW_INPUT input channels the product is bound by writing the output either
+# way, and any map of CONV1X1_NARROW_MIN_POSITIONS positions pays.
+CONV1X1_MAX_IN_CHANNELS = 4096  # wider inputs: a block's staged rows leave L2
+CONV1X1_MAX_OUT_CHANNELS = 1024
+CONV1X1_POSITIONS_PER_OUTPUT = 3
+CONV1X1_NARROW_INPUT = 32
+CONV1X1_NARROW_MIN_POSITIONS = 64
+# subtraction2 + BN-ReLU-conv1x1 without writing z: gathering z's rows beats writing z from this many output
+# positions per image (SAN's smallest map at 224 px is 7 x 7).
+SUBTRACTION2_CONV1X1_MIN_POSITIONS = 49
+_ALWAYS = frozenset({"affine_relu_maxpool2x2", "batchnorm_relu_maxpool2x2", "subtraction2_append",
+                     "softmax_aggregation", "tap_softmax", "stacked_conv1x1"})
+
+
+def _conv1x1_pays(c_in: int, c_out: int, positions: int) -> bool:
+    if c_in > CONV1X1_MAX_IN_CHANNELS or c_out > CONV1X1_MAX_OUT_CHANNELS:
+        return False
+    if c_in <= CONV1X1_NARROW_INPUT and positions >= CONV1X1_NARROW_MIN_POSITIONS:
+        return True
+    return positions >= CONV1X1_POSITIONS_PER_OUTPUT * c_out
+
+
+def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int = 0, positions: int = 0) -> bool:
+    """Whether this backend's fused ``op`` beats running its parts one by one for input ``x`` (see
+    ``torchsan.ops._fusion.should_fuse``). ``out_channels``: the conv1x1's output width; for
+    ``subtraction2_batchnorm_relu_conv1x1`` also ``in_channels`` (z's channels, the conv's input) and ``positions``
+    (output pixels per image)."""
+    if op in _ALWAYS:
+        return True
+    if op in ("affine_relu_conv1x1", "batchnorm_relu_conv1x1"):
+        return _conv1x1_pays(x.shape[1], out_channels, math.prod(x.shape[2:]))
+    if op == "subtraction2_batchnorm_relu_conv1x1":
+        return (positions >= SUBTRACTION2_CONV1X1_MIN_POSITIONS and in_channels <= CONV1X1_MAX_IN_CHANNELS
+                and out_channels <= CONV1X1_MAX_OUT_CHANNELS)
+    return False

@@ -1,0 +1,114 @@
+"""Building and loading the ``cpu`` backend's C++ extension (``torchsan/csrc/cpu/``).
+
+The sources compile on first use with ``torch.utils.cpp_extension.load`` (the machine's g++, OpenMP and ninja) and
+are cached in torch's extensions folder, once per machine, torch version and source text. If that fails (no
+compiler, no ninja), :func:`available` is False and the dispatcher falls back to the reference ops with a warning.
+``TORCHSAN_DISABLE_CPU_KERNELS=1`` skips the build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
+_lock = threading.Lock()
+_ext: ModuleType | None = None
+_error: str | None = None
+
+
+def _sources() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.cpp"))
+
+
+def _build_tag() -> str:
+    """Distinguishes builds for different CPUs (we compile with -march=native), torch versions and sources."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                flags += line
+    except OSError:
+        flags = platform.processor()
+    # The folder's path too: two checkouts on one machine must not rebuild each other's extension.
+    text = "".join(p.name + p.read_text() for p in sorted(SOURCE_DIR.glob("*.[ch]*")))
+    return hashlib.sha1((flags + torch.__version__ + str(SOURCE_DIR) + text).encode()).hexdigest()[:12]
+
+
+def _load() -> ModuleType:
+    # torch logs a warning about CUDA_HOME on machines without CUDA (at import): irrelevant for a CPU build.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        name = f"torchsan_cpu_{_build_tag()}"
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not any(build_dir.glob(f"{name}*.so")):
+            print("torchsan: compiling the fused CPU kernels (first use only, about a minute)...", file=sys.stderr)
+        return cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in _sources()],
+            extra_include_paths=[str(SOURCE_DIR)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    finally:
+        log.setLevel(level)
+
+
+def extension() -> ModuleType | None:
+    """The compiled extension, building it on first call; None if it cannot be built."""
+    global _ext, _error
+    if _ext is not None or _error is not None:
+        return _ext
+    with _lock:
+        if _ext is None and _error is None:
+            if os.environ.get("TORCHSAN_DISABLE_CPU_KERNELS", "") not in ("", "0"):
+                _error = "disabled by TORCHSAN_DISABLE_CPU_KERNELS"
+            else:
+                try:
+                    _ext = _load()
+                except Exception as err:  # no compiler, no ninja, a build error: fall back, never crash
+                    _error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                    warnings.warn(
+                        f"torchsan: the fused CPU kernels could not be built ({_error}); "
+                        "falling back to the reference ops (correct but slow and memory-hungry)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+    return _ext
+
+
+def kernels() -> ModuleType:
+    """The extension, or a clear error if it could not be built (for direct torch.ops.torchsan calls)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"torchsan's fused CPU kernels are unavailable: {_error}")
+    return ext
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it eagerly and folds the answer into the graph
+def available() -> bool:
+    """Whether the fused CPU kernels are usable (builds them on first call)."""
+    return extension() is not None
+
+
+def unavailable_reason() -> str | None:
+    return _error
+
+
+def kernel_constants() -> dict[str, int]:
+    """The kernels' size thresholds and the cache sizes they were derived from (e.g. ``stream_bytes``)."""
+    return dict(kernels().kernel_constants())

@@ -1,0 +1,122 @@
+"""The pairwise relation z = [subtraction2(x1, x2), append] and gamma's first training-mode BatchNorm-ReLU-conv1x1
+as one op that never writes z (C++: ``csrc/cpu/subtraction2_conv1x1.cpp``).
+
+z (N, C + E, K, L) is K times the size of x1 and x2. Its batch statistics, the fused BN-ReLU-conv and their
+backward gather z's values from x1, x2 and append as they go, and z is not kept for backward; the statistics'
+share of grad z is added inside the scatter back onto x1 and x2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._checks import Footprint
+from ..reference import batchnorm_scale_shift
+from ._register import custom_op, differentiable_backward, kernels
+from .statistics import batchnorm_statistics_grads
+
+
+def _subtraction2_affine_relu_conv1x1_backward(
+        grad: Tensor, x1: Tensor, x2: Tensor, append: Tensor | None, scale: Tensor, shift: Tensor,
+        conv_weight: Tensor, kernel_size: int, stride: int, padding: int, dilation: int,
+        reflect: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The affine-ReLU-conv1x1 backward on the gathered z, holding scale and shift fixed:
+    (grad z (N, C + E, K, L), grad scale, grad shift, grad conv_weight, grad conv_bias)."""
+    return tuple(kernels().subtraction2_affine_relu_conv1x1_backward(
+        grad, x1, x2, append, scale, shift, conv_weight, kernel_size, stride, padding, dilation, reflect))
+
+
+subtraction2_affine_relu_conv1x1_backward_op = custom_op(
+    "subtraction2_affine_relu_conv1x1_backward", _subtraction2_affine_relu_conv1x1_backward,
+    lambda grad, x1, x2, append, scale, shift, conv_weight, *a: (
+        grad.new_empty((grad.shape[0], scale.shape[0], *grad.shape[2:])), torch.empty_like(scale),
+        torch.empty_like(shift), torch.empty_like(conv_weight), grad.new_empty(grad.shape[1])))
+
+
+def _subtraction2_var_mean_backward(grad: Tensor, x1: Tensor, x2: Tensor, append: Tensor | None, grad_mean: Tensor,
+                                    grad_var: Tensor, mean: Tensor, kernel_size: int, stride: int, padding: int,
+                                    dilation: int, reflect: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of z = [subtraction2(x1, x2), append] from grad z plus the share of z's batch mean and
+    variance: grad z + grad_mean / n + 2 grad_var / n * (z - mean), n = N K L, z recomputed.
+    Returns (grad x1, grad x2, grad append (empty if append is None))."""
+    inv = 1.0 / (grad.numel() // grad.shape[1])
+    a, b = grad_mean * inv, grad_var * (2 * inv)
+    g1, g2 = kernels().subtraction2_var_mean_backward(grad, x1, x2, a, b, mean, kernel_size, stride, padding,
+                                                      dilation, reflect)
+    if append is None:
+        return g1, g2, grad.new_empty(0)
+    c, view = x1.shape[1], (1, -1, 1, 1)
+    g_append = grad[:, c:] + a[c:].view(view) + b[c:].view(view) * (append - mean[c:].view(view))
+    if append.shape[0] == 1 and x1.shape[0] != 1:
+        g_append = g_append.sum(0, keepdim=True)
+    return g1, g2, g_append
+
+
+subtraction2_var_mean_backward_op = custom_op(
+    "subtraction2_var_mean_backward", _subtraction2_var_mean_backward,
+    lambda grad, x1, x2, append, *a: (torch.empty_like(x1), torch.empty_like(x1),
+                                      grad.new_empty(0) if append is None else torch.empty_like(append)))
+
+
+def _subtraction2_batchnorm_relu_conv1x1(x1: Tensor, x2: Tensor, append: Tensor | None, weight: Tensor | None,
+                                         bias: Tensor | None, eps: float, conv_weight: Tensor,
+                                         conv_bias: Tensor | None, kernel_size: int, stride: int, padding: int,
+                                         dilation: int, reflect: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """batchnorm_relu_conv1x1(subtraction2(x1, x2, append=append), ...) -> (y (N, Cout, K, L), mean, var (C + E))."""
+    geometry = (kernel_size, stride, padding, dilation, reflect)
+    var, mean = kernels().subtraction2_var_mean(x1, x2, append, *geometry)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, eps)
+    y = kernels().subtraction2_affine_relu_conv1x1_forward(x1, x2, append, scale, shift, conv_weight, conv_bias,
+                                                           *geometry)
+    return y, mean, var
+
+
+def _fake(x1, x2, append, weight, bias, eps, conv_weight, conv_bias, kernel_size, stride, padding, dilation, reflect):
+    fp = Footprint.from_kernel_args(kernel_size, stride, padding, dilation, reflect)
+    ho, wo = fp.out_hw(x1.shape[2], x1.shape[3])
+    c = x1.shape[1] + (0 if append is None else append.shape[1])
+    y = x1.new_empty((x1.shape[0], conv_weight.shape[0], fp.area, ho * wo))
+    return y, x1.new_empty(c), x1.new_empty(c)
+
+
+def _setup(ctx, inputs, output):
+    x1, x2, append, weight, bias, eps, conv_weight, conv_bias, *geometry = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x1, x2, append, weight, bias, conv_weight, conv_bias, mean, var)
+    ctx.eps, ctx.geometry = eps, tuple(geometry)
+
+
+def _reference(x1, x2, append, weight, bias, conv_weight, conv_bias, eps, geometry):
+    return reference.subtraction2_batchnorm_relu_conv1x1(x1, x2, append, weight, bias, eps, conv_weight, conv_bias,
+                                                         Footprint.from_kernel_args(*geometry))
+
+
+def _grad(ctx, grad, grad_mean_out, grad_var_out):
+    x1, x2, append, weight, bias, conv_weight, conv_bias, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        g = differentiable_backward(lambda *t: _reference(*t, ctx.eps, ctx.geometry),
+                                    (x1, x2, append, weight, bias, conv_weight, conv_bias),
+                                    (grad, grad_mean_out, grad_var_out))
+        return (*g[:5], None, *g[5:], None, None, None, None, None)
+    scale, shift = batchnorm_scale_shift(weight, bias, mean, var, ctx.eps)
+    gz, grad_scale, grad_shift, gcw, gcb = subtraction2_affine_relu_conv1x1_backward_op(
+        grad, x1, x2, append, scale, shift, conv_weight, *ctx.geometry)
+    grad_weight, grad_mean, grad_var = batchnorm_statistics_grads(weight, mean, var, ctx.eps, grad_scale, grad_shift,
+                                                                  grad_mean_out, grad_var_out)
+    g1, g2, g_append = subtraction2_var_mean_backward_op(gz, x1, x2, append, grad_mean, grad_var, mean, *ctx.geometry)
+    return (g1, g2, None if append is None else g_append, grad_weight, grad_shift if bias is not None else None, None,
+            gcw, gcb if conv_bias is not None else None, None, None, None, None, None)
+
+
+subtraction2_batchnorm_relu_conv1x1_op = custom_op(
+    "subtraction2_batchnorm_relu_conv1x1", _subtraction2_batchnorm_relu_conv1x1, _fake, backward=_grad, setup=_setup)
+
+
+# --- backend interface ----------------------------------------------------------------------------------------------
+def subtraction2_batchnorm_relu_conv1x1(x1: Tensor, x2: Tensor, append: Tensor | None, weight: Tensor | None,
+                                        bias: Tensor | None, eps: float, conv_weight: Tensor,
+                                        conv_bias: Tensor | None, fp: Footprint) -> tuple[Tensor, Tensor, Tensor]:
+    return subtraction2_batchnorm_relu_conv1x1_op(x1, x2, append, weight, bias, eps, conv_weight, conv_bias,
+                                                  *fp.kernel_args())

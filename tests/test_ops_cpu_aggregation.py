@@ -1,0 +1,119 @@
+"""The cpu backend's aggregation, softmax_aggregation and tap_softmax (``ops/_cpu/softmax_aggregation.py``) against
+the reference backend. Their opchecks, thread-count checks and meta shapes: test_ops_cpu_backend.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _helpers import CASES, DTYPES, MODES, assert_close, assert_matches_reference, case_id, needs_cpu_kernels
+from torchsan import ops
+from torchsan.ops import _cpu
+
+pytestmark = needs_cpu_kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_aggregation_and_softmax_aggregation_match_reference(case, mode, dtype):
+    k, s, d, p, h, w = case
+    args = (k, s, p, d, mode)
+    ho, wo = ops.output_size((h, w), k, s, p, d)
+    x = torch.randn(2, 12, h, w, dtype=dtype)
+    for cw in (1, 3, 12):  # weight channels shared by 12, 4 and 1 value channels
+        weight = torch.randn(2, cw, k * k, ho * wo, dtype=dtype)
+        for fn in (ops.aggregation, ops.softmax_aggregation):  # (softmax_aggregation: weight as logits)
+            assert_matches_reference(lambda a, b, fn=fn: fn(a, b, *args), x, 3 * weight)
+
+
+def test_noncontiguous_channels_last_and_batch1():
+    x = torch.randn(1, 16, 12, 10).to(memory_format=torch.channels_last)
+    xt = torch.randn(1, 16, 10, 12).transpose(2, 3)  # (1, 16, 12, 10), non-contiguous
+    weight = torch.randn(1, 49, 4, 120).transpose(1, 2)  # (1, 4, 49, 120), non-contiguous
+    assert not weight.is_contiguous() and not xt.is_contiguous() and not x.is_contiguous()
+    for inp in (x, xt):
+        assert_matches_reference(lambda a, b: ops.aggregation(a, b, 7), inp, weight)
+        assert_matches_reference(lambda a, b: ops.softmax_aggregation(a, b, 7, pad_mode="zeros"), inp, weight)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_and_gradgradcheck(mode):
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, 1, 9, 20, dtype=torch.float64, requires_grad=True)
+    strided = weight[..., :6].detach().clone().requires_grad_(True)  # stride 2, dilation 2: 3 x 2 outputs
+    agg = lambda a, b: ops.aggregation(a, b, 3, pad_mode=mode)  # noqa: E731
+    sagg = lambda a, b: ops.softmax_aggregation(a, b, 3, pad_mode=mode)  # noqa: E731
+    sagg2 = lambda a, b: ops.softmax_aggregation(a, b, 3, stride=2, dilation=2, pad_mode=mode)  # noqa: E731
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(agg, (x, weight))
+        assert torch.autograd.gradgradcheck(agg, (x, weight))
+        assert torch.autograd.gradcheck(sagg, (x, weight))
+        assert torch.autograd.gradgradcheck(sagg, (x, weight))
+        assert torch.autograd.gradcheck(sagg2, (x, strided))
+        assert torch.autograd.gradgradcheck(sagg2, (x, strided))
+
+
+def test_softmax_aggregation_op_gradients_through_both_outputs():
+    # The custom op returns the softmax too: its gradient (alone, or added to the aggregation's) reaches the logits.
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(1, 1, 9, 20, dtype=torch.float64, requires_grad=True)
+    op = lambda a, b: torch.ops.torchsan.softmax_aggregation(a, b, 3, 1, 1, 1, True)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (x, logits))
+    assert torch.autograd.gradgradcheck(op, (x, logits))
+    y, w = op(x, logits)
+    torch.testing.assert_close(w, torch.softmax(logits, 2))
+    (g_softmax_only,) = torch.autograd.grad(w.square().sum(), logits)
+    torch.testing.assert_close(g_softmax_only, torch.autograd.grad(torch.softmax(logits, 2).square().sum(), logits)[0])
+
+
+@pytest.mark.parametrize("side", ["per_task", "separate_pass"])
+def test_softmax_aggregation_on_both_sides_of_the_plane_threshold(side):
+    """A (K, L) plane of logits up to ``softmax_plane_bytes`` is normalised in the task that aggregates with it (while
+    in cache); a larger one (SAN stage 1: 49 x 3136 floats) in a separate pass first. Same function either way."""
+    limit, k, width, size = _cpu.kernel_constants()["softmax_plane_bytes"], 7, 40, 8
+    height = limit // (k * k * width * size) + (side == "separate_pass")
+    plane = k * k * height * width * size
+    assert (plane <= limit) == (side == "per_task")
+    x = torch.randn(2, 4, height, width, dtype=torch.float64)
+    logits = 3 * torch.randn(2, 2, k * k, height * width, dtype=torch.float64)
+    assert_matches_reference(lambda a, b: ops.softmax_aggregation(a, b, k), x, logits)
+
+
+# --- tap_softmax -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 49, 37), (1, 2, 9, 5), (3, 1, 1, 70), (2, 4, 49, 196)])
+def test_tap_softmax_matches_reference(dtype, shape):
+    x = torch.randn(shape, dtype=dtype) * 8  # spreads of +-30: large exponents, some tiny probabilities
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    assert_matches_reference(ops.tap_softmax, x, **tol)
+
+
+def test_tap_softmax_edges_like_torch_softmax():
+    # +-inf, NaN and huge values behave like torch.softmax (a NaN or all -inf column gives NaN)
+    x = torch.randn(1, 2, 5, 11)
+    x[0, 0, :, 0] = float("-inf")
+    x[0, 0, 2, 1] = float("nan")
+    x[0, 0, 1, 2] = float("inf")
+    x[0, 1, :, 3] = torch.tensor([1e30, -1e30, 0.0, 88.0, -88.0])
+    x[0, 1, 0, 4] = -200.0
+    with ops.use_backend("cpu"):
+        y = ops.tap_softmax(x)
+    expected = torch.softmax(x, 2)
+    assert expected[0, 0, :, :3].isnan().all() and not expected[0, 1].isnan().any()  # the cases are what they say
+    torch.testing.assert_close(y, expected, equal_nan=True)
+
+
+def test_tap_softmax_gradcheck_and_gradgradcheck():
+    x = torch.randn(2, 3, 4, 9, dtype=torch.float64, requires_grad=True)
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.tap_softmax, (x,))
+        assert torch.autograd.gradgradcheck(ops.tap_softmax, (x,))
+
+
+def test_tap_softmax_backward_op_is_the_softmax_gradient():
+    x = torch.randn(2, 3, 9, 13, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 9, 13, dtype=torch.float64)
+    out = torch.softmax(x, 2)
+    (expected,) = torch.autograd.grad(out, x, grad)
+    assert_close(torch.ops.torchsan.tap_softmax_backward(grad, out.detach()), expected)

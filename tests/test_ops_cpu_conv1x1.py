@@ -1,0 +1,193 @@
+"""The cpu backend's BatchNorm-ReLU-conv1x1 ops against the reference backend: ``affine_relu_conv1x1`` (an eval-mode
+BN as scale and shift), ``batchnorm_relu_conv1x1`` (a training-mode BN, gradients through the batch statistics)
+(``ops/_cpu/conv1x1.py``), and ``subtraction2_batchnorm_relu_conv1x1``, which gathers z = subtraction2(x1, x2) with
+its append into the fused triple without writing z (``ops/_cpu/subtraction2_conv1x1.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _helpers import DTYPES, MODES, assert_matches_reference, case_id, needs_cpu_kernels
+from torchsan import ops
+from torchsan.ops import _cpu
+
+pytestmark = needs_cpu_kernels
+F64 = dict(dtype=torch.float64)
+
+
+# --- affine_relu_conv1x1 ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,cin,cout,spatial,bias", [(2, 18, 16, (9, 23), False), (3, 16, 8, (49, 97), True),
+                                                     (1, 5, 3, (1, 7), True), (2, 40, 3, (1, 4099), True),
+                                                     (2, 7, 13, (3, 300), True), (1, 1, 1, (1, 1), False),
+                                                     (2, 130, 9, (17, 17), True), (2, 6, 5, (4099,), True)])
+def test_affine_relu_conv1x1_matches_reference(dtype, n, cin, cout, spatial, bias):
+    x = torch.randn(n, cin, *spatial, dtype=dtype)
+    params = [torch.randn(cin, dtype=dtype), torch.randn(cin, dtype=dtype), torch.randn(cout, cin, dtype=dtype)]
+    if bias:
+        params.append(torch.randn(cout, dtype=dtype))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    assert_matches_reference(lambda *t: ops.affine_relu_conv1x1(*t), x, *params, **tol)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_affine_relu_conv1x1_gradcheck_and_gradgradcheck(bias):
+    args = [torch.randn(2, 3, 4, 5, **F64), torch.randn(3, **F64), torch.randn(3, **F64), torch.randn(2, 3, **F64)]
+    if bias:
+        args.append(torch.randn(2, **F64))
+    args = [t.requires_grad_(True) for t in args]
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.affine_relu_conv1x1, args)
+        assert torch.autograd.gradgradcheck(ops.affine_relu_conv1x1, args)
+
+
+def test_affine_relu_conv1x1_propagates_nan_like_relu():
+    x = torch.randn(2, 3, 4, 5, **F64)
+    x[0, 0, 0, 0] = float("nan")
+    args = (x, torch.ones(3, **F64), torch.zeros(3, **F64), torch.randn(2, 3, **F64))
+    with ops.use_backend("cpu"):
+        fused = ops.affine_relu_conv1x1(*args)
+    with ops.use_backend("reference"):
+        ref = ops.affine_relu_conv1x1(*args)
+    assert torch.equal(fused.isnan(), ref.isnan()) and fused.isnan().any()
+
+
+# --- batchnorm_relu_conv1x1 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,c_out", [((2, 5, 9, 31), 3), ((3, 4, 4100), 6), ((2, 40, 7, 5), 33)], ids=str)
+def test_batchnorm_relu_conv1x1_matches_reference(shape, c_out, affine):
+    # Gradients through the batch statistics; the mean is large against the spread, so a statistic computed as
+    # E[x^2] - E[x]^2 would fail here.
+    c = shape[1]
+    x = torch.randn(shape, **F64) * 0.5 + 20.0
+    bn = [torch.rand(c, **F64) + 0.5, torch.randn(c, **F64)] if affine else []
+    conv = [torch.randn(c_out, c, **F64), torch.randn(c_out, **F64)]
+
+    def call(x, *rest):
+        weight, bias = (rest[0], rest[1]) if affine else (None, None)
+        y, mean, var = ops.batchnorm_relu_conv1x1(x, weight, bias, 1e-5, *rest[-2:])
+        return y + 0.1 * (mean.sum() + var.sum())  # gradients through the returned statistics too
+
+    assert_matches_reference(call, x, *bn, *conv, rtol=1e-9, atol=1e-9, grad_tol=dict(rtol=1e-8, atol=1e-9))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_relu_conv1x1_gradcheck_and_gradgradcheck(affine):
+    x = torch.randn(2, 3, 4, 6, **F64, requires_grad=True)
+    w, b = (torch.rand(3, **F64) + 0.5).requires_grad_(), torch.randn(3, **F64, requires_grad=True)
+    cw, cb = torch.randn(2, 3, **F64, requires_grad=True), torch.randn(2, **F64, requires_grad=True)
+    if affine:
+        fn, inputs = (lambda x, w, b, cw, cb: ops.batchnorm_relu_conv1x1(x, w, b, 1e-5, cw, cb)), (x, w, b, cw, cb)
+    else:
+        fn, inputs = (lambda x, cw: ops.batchnorm_relu_conv1x1(x, None, None, 1e-5, cw)), (x, cw)
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_batchnorm_relu_conv1x1_rejects_bad_input(backend):
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            ops.batchnorm_relu_conv1x1(torch.randn(1, 3, 1), None, None, 1e-5, torch.randn(2, 3))
+        with pytest.raises(ValueError, match="eps must be positive"):
+            ops.batchnorm_relu_conv1x1(torch.randn(2, 3, 4), None, None, 0.0, torch.randn(2, 3))
+        with pytest.raises(ValueError, match=r"conv_weight must have shape \(Cout, 3\)"):
+            ops.batchnorm_relu_conv1x1(torch.randn(2, 3, 4), None, None, 1e-5, torch.randn(2, 4))
+
+
+# --- subtraction2 + training BN + ReLU + conv1x1 without writing z ---------------------------------------------------
+# (kernel_size, stride, dilation, padding, H, W, append batch: None, 1 or N)
+RELATION_CASES = [
+    (3, 1, 1, None, 9, 11, 1),
+    (7, 1, 1, None, 13, 12, 2),
+    (7, 2, 1, None, 15, 9, None),
+    (5, 1, 2, None, 11, 12, 1),
+    (3, 2, 1, 2, 5, 7, 2),
+    (3, 3, 2, None, 10, 7, 1),
+    (3, 1, 1, 0, 7, 6, None),
+    (3, 1, 1, 2, 5, 6, 1),
+]
+
+
+def _relation_inputs(case, dtype, affine=True, n=2, c=3, e=2, c_out=5):
+    k, s, d, p, h, w, batch = case
+    fp = ops.resolve_footprint(k, s, p, d, "zeros")
+    positions = fp.out_size(h) * fp.out_size(w)
+    x1, x2 = torch.randn(n, c, h, w, dtype=dtype), torch.randn(n, c, h, w, dtype=dtype)
+    append = None if batch is None else torch.randn(batch, e, k * k, positions, dtype=dtype) * 0.5 + 3.0
+    ct = c + (0 if append is None else e)
+    bn = [torch.rand(ct, dtype=dtype) + 0.5, torch.randn(ct, dtype=dtype)] if affine else []
+    conv = [torch.randn(c_out, ct, dtype=dtype), torch.randn(c_out, dtype=dtype)]
+    return (x1, x2, *(() if append is None else (append,)), *bn, *conv), dict(kernel_size=k, stride=s, padding=p,
+                                                                                dilation=d)
+
+
+def _relation_call(has_append, affine, mode, stats=True, **fp):
+    def call(x1, x2, *rest):
+        rest = list(rest)
+        append = rest.pop(0) if has_append else None
+        weight, bias = (rest.pop(0), rest.pop(0)) if affine else (None, None)
+        y, mean, var = ops.subtraction2_batchnorm_relu_conv1x1(x1, x2, weight, bias, 1e-5, *rest, pad_mode=mode,
+                                                               **fp, append=append)
+        return y + 0.1 * (mean.sum() + var.sum()) if stats else y  # gradients through the returned statistics too
+    return call
+
+
+def _relation_tolerances(dtype):
+    out = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    grad = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-9)
+    return dict(out, grad_tol=grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", RELATION_CASES, ids=lambda c: case_id(c) + f"_append{c[6]}")
+def test_subtraction2_batchnorm_relu_conv1x1_matches_reference(case, mode, dtype):
+    # The reference backend writes z and runs the two ops; the fused one gathers z's rows where it needs them.
+    tensors, fp = _relation_inputs(case, dtype)
+    tensors = (tensors[0] * 0.5 + 4.0, *tensors[1:])  # a mean large against the spread
+    assert_matches_reference(_relation_call(case[6] is not None, True, mode, **fp), *tensors,
+                             **_relation_tolerances(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("side", ["shifted_copies", "padded_planes"])
+def test_subtraction2_batchnorm_relu_conv1x1_on_both_sides_of_shifted_max_width(side, dtype):
+    """Stride-1 outputs up to ``shifted_max_width`` wide read z's rows from column-shifted copies of the planes, wider
+    ones from the padded planes: same function either way."""
+    limit = _cpu.kernel_constants()["shifted_max_width"]
+    width = limit + (side == "padded_planes")
+    case = (3, 1, 1, None, 5, width, 1)
+    assert ops.output_size((5, width), 3)[1] == width
+    tensors, fp = _relation_inputs(case, dtype)
+    for mode in MODES:
+        assert_matches_reference(_relation_call(True, True, mode, **fp), *tensors, **_relation_tolerances(dtype))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_subtraction2_batchnorm_relu_conv1x1_gradcheck_and_gradgradcheck(mode):
+    small = [((3, 1, 1, None, 4, 5, 1), True), ((3, 2, 1, 2, 4, 4, 2), False), ((5, 2, 1, None, 6, 5, None), True)]
+    for case, affine in small:
+        tensors, fp = _relation_inputs(case, torch.float64, affine=affine, n=2, c=2, c_out=2)
+        leaves = [t.requires_grad_(True) for t in tensors]
+        call = _relation_call(case[6] is not None, affine, mode, **fp)
+        with ops.use_backend("cpu"):
+            assert torch.autograd.gradcheck(call, leaves)
+            # Double backward differentiates the reference composition (ops/_cpu/_register.py); the full
+            # second-order Jacobian costs seconds per case, random projections of it (fast_mode) milliseconds.
+            assert torch.autograd.gradgradcheck(call, leaves, fast_mode=True)
+
+
+def test_subtraction2_batchnorm_relu_conv1x1_rejects_bad_input():
+    x = torch.randn(2, 2, 5, 5)
+    with pytest.raises(ValueError, match=r"conv_weight must have shape \(Cout, 4\)"):
+        ops.subtraction2_batchnorm_relu_conv1x1(x, x, None, None, 1e-5, torch.randn(3, 3), kernel_size=3,
+                                                append=torch.randn(1, 2, 9, 25))
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+        ops.subtraction2_batchnorm_relu_conv1x1(x, x, torch.randn(2), None, 1e-5, torch.randn(3, 4), kernel_size=3,
+                                                append=torch.randn(1, 2, 9, 25))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # z (1, 2, 1, 1): one value per channel
+        ops.subtraction2_batchnorm_relu_conv1x1(x[:1, :, :1, :1], x[:1, :, :1, :1], None, None, 1e-5,
+                                                torch.randn(3, 2), kernel_size=1)
