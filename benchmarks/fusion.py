@@ -37,7 +37,7 @@ SHAPES = [
     ("patchwise gamma s1", (8, 800, 1, 3136), 8), ("patchwise gamma s1", (8, 8, 1, 3136), 392),
     ("patchwise gamma s2", (8, 1600, 1, 784), 16), ("patchwise gamma s2", (8, 16, 1, 784), 784),
     ("patchwise gamma s3", (8, 3200, 1, 196), 32), ("patchwise gamma s3", (8, 32, 1, 196), 1568),
-    ("patchwise gamma s4", (8, 64, 1, 49), 3136),
+    ("patchwise gamma s4", (8, 6400, 1, 49), 64), ("patchwise gamma s4", (8, 64, 1, 49), 3136),
     # the block's pairs at 224 px: norm1 -> (phi | psi | beta) and norm2 -> proj
     ("block s0", (8, 64, 112, 112), 24), ("block s0", (8, 16, 112, 112), 64),
     ("block s1", (8, 256, 56, 56), 96), ("block s1", (8, 64, 56, 56), 256),

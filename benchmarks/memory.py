@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import _common
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--json", default=str(_common.RESULTS / "memory.json"))
     args = p.parse_args(argv)
+    start = time.perf_counter()
     _common.use_checkout()
     configs = [(model, backend, lean) for model in ("san10_pairwise", "san10_patchwise")
                for backend, lean in (("cpu", False), ("cpu", True), ("reference", False))]
@@ -155,11 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[r["model"], r["backend"], str(r["memory_efficient"]),
              *[f"{r['saved_bytes_by_part'].get(part, 0) / 1e6:.0f}" for part in PARTS],
              f"{r['saved_bytes_total'] / 1e6:.0f}"] for r in records]
-    print(f"Activations saved for backward (MB), one training forward, batch {args.batch}, {args.image_size} px")
-    print(_common.table(headers, rows, left=3))
-    _common.write_json(Path(args.json), {"machine": _common.machine_info(), "command": _common.command_line(),
-                                         "records": records})
-    print(f"\nwrote {args.json}")
+    text = (f"Activations saved for backward (MB), one training forward, batch {args.batch}, {args.image_size} px\n"
+            + _common.table(headers, rows, left=3))
+    _common.finish("memory", args.json, _common.machine_info(), vars(args), records, text, start)
     return 0
 
 

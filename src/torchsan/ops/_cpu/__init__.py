@@ -47,7 +47,7 @@ DTYPES = (torch.float32, torch.float64)
 # than oneDNN's convolution, so it pays while each image has at least CONV1X1_POSITIONS_PER_OUTPUT positions per
 # output channel; with at most CONV1X1_NARROW_INPUT input channels the product is bound by writing the output either
 # way, and any map of CONV1X1_NARROW_MIN_POSITIONS positions pays.
-CONV1X1_MAX_IN_CHANNELS = 4096  # wider inputs: a block's staged rows leave L2
+CONV1X1_MAX_IN_CHANNELS = 4096  # up to patchwise stage 3's 3200; its stage 4 (6400) runs the modules
 CONV1X1_MAX_OUT_CHANNELS = 1024
 CONV1X1_POSITIONS_PER_OUTPUT = 3
 CONV1X1_NARROW_INPUT = 32
