@@ -250,6 +250,29 @@ def test_every_relation_and_footprint_in_float32():
         assert block(torch.randn(1, 16, 4, 5)).shape == (1, 16, 4, 5)
 
 
+EVERY_RELATION = ([(PairwiseSelfAttention, r) for r in PAIRWISE_RELATIONS]
+                  + [(PatchwiseSelfAttention, r) for r in PATCHWISE_RELATIONS])
+
+
+@pytest.mark.parametrize("stride,memory_efficient", [(1, False), (2, True)], ids=["plain", "stride2-memory_efficient"])
+@pytest.mark.parametrize("cls,relation", EVERY_RELATION, ids=lambda v: getattr(v, "__name__", v))
+def test_empty_batch_in_eval_mode(cls, relation, stride, memory_efficient):
+    """A batch of 0 in eval mode (running BN statistics) gives (0, out, H_out, W_out), forward and backward, on every
+    backend, fused or not."""
+    layer = _randomise(cls(8, 2, 4, share_planes=2, kernel_size=3, stride=stride, relation=relation,
+                           memory_efficient=memory_efficient))
+    ho, wo = ops.output_size((5, 6), 3, stride)
+    for backend, fused in itertools.product(("reference", "auto"), (True, False)):
+        with ops.use_backend(backend), ops.fusion(fused):
+            x = torch.randn(0, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+            y = layer(x)
+            assert y.shape == (0, 4, ho, wo), (backend, fused)
+            y.sum().backward()
+            assert x.grad.shape == x.shape
+            # the same layer still serves a real batch
+            assert layer(torch.randn(2, 8, 5, 6, dtype=torch.float64)).shape == (2, 4, ho, wo)
+
+
 @pytest.mark.parametrize("cls,relation", [(PairwiseSelfAttention, "subtraction"), (PairwiseSelfAttention, "dot"),
                                           (PatchwiseSelfAttention, "concatenation")])
 def test_layer_gradcheck(cls, relation):

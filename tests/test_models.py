@@ -9,6 +9,7 @@ on a 2-core CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -419,10 +420,60 @@ def test_zero_padding_accepts_small_input(sa_type):
     model.forward_head(features).sum().backward()
 
 
+def test_huge_zero_padded_footprint_is_refused_before_it_allocates():
+    """Zero padding admits any kernel_size; 4001 at 64 px gathers K = 16 million taps per pixel (the position grid's
+    alone is half a terabyte): a clear ValueError at the first forward instead of an allocation attempt."""
+    model = timm.create_model("san10_pairwise", small_input=True, pad_mode="zeros", num_classes=4,
+                              **dict(SMALL_SAN, kernels=(4001, 3, 3, 3, 3)))
+    with pytest.raises(ValueError, match=r"kernel_size=4001 .* gathers K = 16008001 taps .* more than the"):
+        model(torch.randn(2, 3, 64, 64))
+
+
 def test_zero_padding_too_small_raises_value_error():
     model = timm.create_model("san10_pairwise", pad_mode="zeros", **SMALL_SAN).eval()
     with pytest.raises(ValueError, match="too small"), torch.no_grad():
         model(torch.randn(2, 3, 16, 16))  # the fifth pool would make the 1x1 map 0x0
+
+
+def _empty_batch_models():
+    for relation in ("summation", "subtraction", "concatenation", "hadamard", "dot"):
+        yield pytest.param("san10_pairwise", dict(SMALL_SAN, relation=relation), id=f"pairwise-{relation}")
+    for relation in ("star", "clique", "concatenation"):
+        yield pytest.param("san10_patchwise", dict(SMALL_SAN, relation=relation), id=f"patchwise-{relation}")
+    yield pytest.param("san10_patchwise", {}, id="san10_patchwise-full-width")
+    yield pytest.param("san_resnet26", dict(SMALL_RESNET), id="resnet")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name,kwargs", list(_empty_batch_models()))
+def test_empty_batch(name, kwargs, training):
+    """A batch of 0 gives (0, num_classes) for every relation, forward and backward, in eval and training mode (where
+    the fused routes step aside for torch's modules, which define it)."""
+    model = timm.create_model(name, num_classes=10, in_chans=1, small_input=True, **kwargs).train(training)
+    x = torch.randn(0, 1, 16, 16, requires_grad=True)
+    y = model(x)
+    assert y.shape == (0, 10)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_on_meta_tensors(name):
+    """Shape checking without allocating: each model built on the meta device maps a meta batch to (N, num_classes)
+    meta logits, in training and eval mode, with backward, also inside a CPU autocast region."""
+    with torch.device("meta"):
+        model = timm.create_model(name, small_input=True, num_classes=10)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    for training, autocast in ((True, False), (False, False), (True, True)):
+        region = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with region:
+            y = model.train(training)(torch.empty(2, 3, 32, 32, device="meta"))
+        assert y.device.type == "meta" and y.shape == (2, 10) and y.dtype == torch.float32, (training, autocast)
+        if training:
+            y.sum().backward()
+            assert model.fc.weight.grad.device.type == "meta"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -187,6 +188,62 @@ def test_footprint_that_does_not_fit_zeros_mode():
     assert ops.unfold(torch.randn(1, 1, 2, 2), 7, pad_mode="zeros").shape == (1, 1, 49, 4)
 
 
+def _footprint_ops(x: torch.Tensor, k: int, d: int) -> dict:
+    """Every public op that takes a footprint, on x (N, C, H, W), as calls of no argument. The attention weights are
+    (N, 1, K, L) and the BN's (C,): the footprint is checked before they are (nothing K-sized is built here)."""
+    n, c, h, w = x.shape
+    fp = dict(kernel_size=k, dilation=d, pad_mode="zeros")
+    weight, vec, conv = torch.randn(n, 1, 9, h * w), torch.randn(c), torch.randn(3, c)
+    return {
+        "aggregation": lambda: ops.aggregation(x, weight, **fp),
+        "softmax_aggregation": lambda: ops.softmax_aggregation(x, weight, **fp),
+        "subtraction": lambda: ops.subtraction(x, **fp),
+        "subtraction2": lambda: ops.subtraction2(x, x, **fp),
+        "subtraction2 append": lambda: ops.subtraction2(x, x, **fp, append=weight),
+        "unfold": lambda: ops.unfold(x, **fp),
+        "centre": lambda: ops.centre(x, **fp),
+        "subtraction2_batchnorm_relu_conv1x1": lambda: ops.subtraction2_batchnorm_relu_conv1x1(
+            x, x, vec, vec, 1e-5, conv, **fp),
+    }
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_footprint_whose_gathered_tensor_exceeds_memory_is_refused(backend):
+    """Zero padding admits any kernel_size. One whose (N, C, K, L) tensor would exceed the device's memory (4001 on
+    this map: K = 16 million taps per pixel, about 1.2 TiB) is refused by every footprint op with one line naming the
+    footprint, the shape and the size, before anything K-sized is built."""
+    x = torch.randn(2, 4, 40, 60)
+    with ops.use_backend(backend):
+        for name, call in _footprint_ops(x, 4001, 1).items():
+            if name == "centre":  # gathers one tap: no K-sized tensor
+                assert call().shape == (2, 4, 1, 2400)
+                continue
+            with pytest.raises(ValueError) as info:
+                call()
+            message = str(info.value)
+            assert "\n" not in message, name
+            for part in ("kernel_size=4001", "(2, 4, 40, 60)", "K = 16008001", "TiB, more than the", "cpu memory"):
+                assert part in message, (name, part, message)
+
+
+@pytest.mark.parametrize("k,d", [(7, 1), (3, 3)])
+def test_zero_padded_footprint_of_extent_twice_the_map_runs(k, d):
+    """A window of extent 2 * size - 1 (7 on a 4 px side) reaches the far corner: the ops agree with the per-pixel
+    oracle on every backend; the outer taps of the corner pixels read zeros."""
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    x2 = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    weight = torch.randn(2, 3, k * k, 24, dtype=torch.float64)
+    args = (k, 1, None, d, "zeros")
+    for backend in ("reference", "auto"):
+        with ops.use_backend(backend):
+            torch.testing.assert_close(ops.unfold(x, *args), oracle.unfold(x, *args))
+            torch.testing.assert_close(ops.subtraction2(x, x2, *args), oracle.subtraction2(x, x2, *args))
+            torch.testing.assert_close(ops.aggregation(x, weight, *args), oracle.aggregation(x, weight, *args))
+    taps = ops.unfold(x, *args)
+    assert taps[:, :, 0, 0].abs().sum() == 0  # the top-left pixel's top-left tap: padding
+    assert taps[:, :, 0, -1].abs().sum() > 0  # the same tap at the bottom-right pixel: the map's top-left pixel
+
+
 @pytest.mark.parametrize("fn", ["subtraction", "unfold", "centre"])
 def test_single_input_ops_reject(fn):
     op = getattr(ops, fn)
@@ -290,3 +347,135 @@ def test_public_ops_serve_meta_tensors():
     }
     for name, (out, shape) in shapes.items():
         assert out.device.type == "meta" and out.shape == shape, name
+
+
+# Public names that are not ops on tensors (the rest of ops.__all__ must be in _meta_calls).
+NOT_OPS = {"FUSED_OPS", "PAD_MODES", "Footprint", "available_backends", "default_padding", "fusion", "fusion_enabled",
+           "get_backend", "output_size", "resolve_footprint", "set_backend", "set_fusion", "use_backend"}
+
+
+def _meta_calls(device: str, requires_grad: bool) -> dict:
+    """Every public op of torchsan.ops on random (or, on meta, unallocated) inputs of ``device``, as calls."""
+    def t(*size):
+        return torch.randn(*size, device=device).requires_grad_(requires_grad)
+
+    x, x2, logits, append = t(2, 8, 9, 7), t(2, 8, 9, 7), t(2, 4, 9, 63), t(1, 2, 9, 63)
+    v, v2, conv, conv2 = t(8), t(10), t(3, 8), t(3, 10)
+    return {
+        "aggregation": lambda: ops.aggregation(x, logits, 3),
+        "softmax_aggregation": lambda: ops.softmax_aggregation(x, logits, 3, pad_mode="zeros"),
+        "subtraction": lambda: ops.subtraction(x, 3, stride=2),
+        "subtraction2": lambda: ops.subtraction2(x, x2, 3, append=append),
+        "unfold": lambda: ops.unfold(x, 3),
+        "centre": lambda: ops.centre(x, 3),
+        "channel_var_mean": lambda: ops.channel_var_mean(x),
+        "tap_softmax": lambda: ops.tap_softmax(logits),
+        "affine_relu_conv1x1": lambda: ops.affine_relu_conv1x1(x, v, v, conv),
+        "batchnorm_relu_conv1x1": lambda: ops.batchnorm_relu_conv1x1(x, v, v, 1e-5, conv, t(3)),
+        "subtraction2_batchnorm_relu_conv1x1": lambda: ops.subtraction2_batchnorm_relu_conv1x1(
+            x, x2, v2, v2, 1e-5, conv2, kernel_size=3, append=append),
+        "affine_relu_maxpool2x2": lambda: ops.affine_relu_maxpool2x2(x, v, v),
+        "batchnorm_relu_maxpool2x2": lambda: ops.batchnorm_relu_maxpool2x2(x, v, v, 1e-5),
+        "backend_for": lambda: ops.backend_for(x),
+        "should_fuse": lambda: ops.should_fuse("softmax_aggregation", x),
+    }
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_every_public_op_serves_meta_tensors(requires_grad, autocast):
+    """Shape checking without allocating: every public op on meta tensors gives the shapes of its CPU run, with and
+    without gradients, and inside a CPU autocast region (which asks for an autocast state the meta device does not
+    have: torch.is_autocast_enabled("meta") raises). Autocast casts CPU tensors only, as for torch's own ops, so on
+    meta the dtype stays float32; outside autocast it is the CPU run's."""
+    meta, cpu = _meta_calls("meta", requires_grad), _meta_calls("cpu", requires_grad)
+    assert meta.keys() == set(ops.__all__) - NOT_OPS  # a new op gets a case here
+    region = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ops.use_backend("auto"), region:
+        for name, call in meta.items():
+            got, want = call(), cpu[name]()
+            if not isinstance(want, (torch.Tensor, tuple)):  # the reference backend serves meta, and fuses nothing
+                assert got == {"backend_for": "reference", "should_fuse": False}[name], name
+                continue
+            got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+            for g, w in zip(got, want, strict=True):
+                assert g.device.type == "meta" and g.shape == w.shape, name
+                assert g.dtype == (torch.float32 if autocast else w.dtype), name
+                assert g.requires_grad == requires_grad, name
+            if requires_grad:  # the backward passes run on meta too
+                torch.autograd.backward(got, [torch.ones_like(g) for g in got])
+
+
+# --- empty batches and channels ---------------------------------------------------------------------------------------
+# (N, C, H, W), kernel_size, stride, dilation, pad_mode: a batch of 0 (as a data loader's last, filtered batch can be),
+# 0 channels, both, on maps as small as the footprint allows.
+EMPTY_CASES = [
+    ((0, 4, 5, 6), 3, 1, 1, "reflect"),
+    ((0, 4, 5, 6), 5, 2, 1, "zeros"),
+    ((0, 4, 2, 3), 3, 1, 1, "zeros"),
+    ((0, 4, 1, 7), 1, 1, 1, "reflect"),
+    ((2, 0, 5, 6), 3, 1, 1, "reflect"),
+    ((2, 0, 4, 4), 3, 2, 2, "zeros"),
+    ((0, 0, 5, 6), 3, 1, 1, "reflect"),
+]
+
+
+def _empty_case_ops(shape: tuple[int, ...], k: int, s: int, d: int, mode: str) -> dict:
+    """name -> (inputs (random, requiring grad), op on them, its output shapes)."""
+    n, c, h, w = shape
+    ho, wo = ops.output_size((h, w), k, s, None, d)
+    kk, length = k * k, ho * wo
+    fp = (k, s, None, d, mode)
+
+    def t(*size):
+        return torch.randn(*size, dtype=torch.float64, requires_grad=True)
+
+    cases = {
+        "aggregation": ((t(*shape), t(n, 1, kk, length)), lambda x, w: ops.aggregation(x, w, *fp), [(n, c, ho, wo)]),
+        "softmax_aggregation": ((t(*shape), t(n, 1, kk, length)), lambda x, w: ops.softmax_aggregation(x, w, *fp),
+                                [(n, c, ho, wo)]),
+        "subtraction": ((t(*shape),), lambda x: ops.subtraction(x, *fp), [(n, c, kk, length)]),
+        "subtraction2": ((t(*shape), t(*shape)), lambda a, b: ops.subtraction2(a, b, *fp), [(n, c, kk, length)]),
+        "subtraction2 append": ((t(*shape), t(*shape), t(1, 2, kk, length)),
+                                lambda a, b, e: ops.subtraction2(a, b, *fp, append=e), [(n, c + 2, kk, length)]),
+        "unfold": ((t(*shape),), lambda x: ops.unfold(x, *fp), [(n, c, kk, length)]),
+        "centre": ((t(*shape),), lambda x: ops.centre(x, *fp), [(n, c, 1, length)]),
+        "tap_softmax": ((t(n, c, kk, length),), ops.tap_softmax, [(n, c, kk, length)]),
+        "affine_relu_conv1x1": ((t(*shape), t(c), t(c), t(3, c), t(3)), ops.affine_relu_conv1x1, [(n, 3, h, w)]),
+    }
+    if n > 0:  # a training BN needs values: with C = 0 the appended channels still have them
+        cases["subtraction2_batchnorm_relu_conv1x1 append"] = (
+            (t(*shape), t(*shape), t(1, 2, kk, length), t(c + 2), t(c + 2), t(3, c + 2), t(3)),
+            lambda a, b, e, *bn_conv: ops.subtraction2_batchnorm_relu_conv1x1(a, b, *bn_conv[:2], 1e-5, *bn_conv[2:],
+                                                                              *fp, append=e),
+            [(n, 3, kk, length), (c + 2,), (c + 2,)])
+    if min(h, w) >= 2:
+        cases["affine_relu_maxpool2x2"] = ((t(*shape), t(c), t(c)), ops.affine_relu_maxpool2x2,
+                                           [(n, c, h // 2, w // 2)])
+    return cases
+
+
+@pytest.mark.parametrize("case", EMPTY_CASES, ids=lambda c: f"{c[0]}-k{c[1]}s{c[2]}d{c[3]}-{c[4]}")
+def test_empty_batches_and_channels(case):
+    """Every op takes N = 0 and C = 0 on every backend, forward and backward: outputs of the right (empty) shape, and
+    gradients of the inputs' shapes, the same on every backend (zero where the output is empty)."""
+    results = {}
+    for backend in ("reference", "cpu") if _cpu.available() else ("reference",):
+        torch.manual_seed(0)
+        for name, (inputs, op, shapes) in _empty_case_ops(*case).items():
+            with ops.use_backend(backend):
+                out = op(*inputs)
+                outs = out if isinstance(out, tuple) else (out,)
+                assert [tuple(o.shape) for o in outs] == shapes, (backend, name)
+                # (torch.randn, not randn_like: that follows the output's strides, which differ between backends)
+                torch.autograd.backward(outs, [torch.randn(o.shape, dtype=o.dtype) for o in outs])
+            grads = [t.grad for t in inputs]
+            assert [g.shape for g in grads] == [t.shape for t in inputs], (backend, name)
+            if all(o.numel() == 0 for o in outs):
+                assert all(not g.any() for g in grads), (backend, name)
+            results.setdefault(name, []).append((outs, grads))
+    for name, ((out_a, grad_a), *others) in results.items():
+        for out_b, grad_b in others:
+            torch.testing.assert_close(out_b, out_a, msg=name)
+            torch.testing.assert_close(grad_b, grad_a, msg=name)
+

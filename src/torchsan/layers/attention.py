@@ -293,18 +293,20 @@ class PatchwiseSelfAttention(_SelfAttention):
 
     def _relation(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """delta(x_R(i)): (N, rel, H, W) x 2 -> (N, D, 1, L)."""
-        n = q.shape[0]
+        # Every reshape here spells out its sizes: with N = 0 a -1 is ambiguous and torch refuses it.
+        n, rel = q.shape[:2]
         kj = self.unfold(k)  # (N, rel, K, L)
+        area, positions = kj.shape[2], kj.shape[3]
         if self.relation == "concatenation":
             qi = self.centre(q)  # (N, rel, 1, L)
-            return torch.cat([qi, kj.reshape(n, -1, 1, kj.shape[-1])], dim=1)
+            return torch.cat([qi, kj.reshape(n, rel * area, 1, positions)], dim=1)
         if self.relation == "star":
             return (self.centre(q) * kj).sum(dim=1).unsqueeze(2)
         qj = self.unfold(q)
         clique = torch.einsum("ncjl,nckl->njkl", qj, kj)  # (N, K, K, L)
-        return clique.reshape(n, -1, 1, kj.shape[-1])
+        return clique.reshape(n, area * area, 1, positions)
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """gamma(delta(x_R(i))), eq. (4): (N, K * out / share_planes, 1, L) read as (N, out / share_planes, K, L)."""
-        z = self._relation(q, k)
-        return run_mapping(self.gamma, z).view(q.shape[0], self.weight_channels, self.kernel_size**2, -1)
+        w = run_mapping(self.gamma, self._relation(q, k))
+        return w.view(q.shape[0], self.weight_channels, self.kernel_size**2, w.shape[-1])  # no -1: N may be 0

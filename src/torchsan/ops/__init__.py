@@ -146,7 +146,7 @@ def subtraction(
     """
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     _checks.check_feature_map("x", x)
-    h_out, w_out = _checks.check_fits(fp, x.shape[2], x.shape[3])
+    h_out, w_out = _checks.check_fits(fp, x.shape[2], x.shape[3], x=x)
     return implementation(x).subtraction(x, fp, h_out, w_out)
 
 
@@ -193,7 +193,7 @@ def unfold(
     """
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     _checks.check_feature_map("x", x)
-    _checks.check_fits(fp, x.shape[2], x.shape[3])
+    _checks.check_fits(fp, x.shape[2], x.shape[3], x=x)
     return implementation(x).unfold(x, fp)
 
 

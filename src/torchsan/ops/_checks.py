@@ -6,7 +6,9 @@ way and with the same message.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +36,14 @@ class Footprint:
     def reflect(self) -> bool:
         return self.pad_mode == "reflect"
 
+    @property
+    def extent(self) -> int:
+        """dilation * (kernel_size - 1) + 1: the pixels the window spans along each axis."""
+        return self.dilation * (self.kernel_size - 1) + 1
+
     def out_size(self, size: int) -> int:
         """Output length along one spatial axis of length ``size``: the one place this formula lives."""
-        span = self.dilation * (self.kernel_size - 1) + 1
-        return (size + 2 * self.padding - span) // self.stride + 1
+        return (size + 2 * self.padding - self.extent) // self.stride + 1
 
     def out_hw(self, height: int, width: int) -> tuple[int, int]:
         """(H_out, W_out) for an (H, W) input."""
@@ -110,8 +116,14 @@ def check_feature_map(name: str, x: object) -> torch.Tensor:
     return x
 
 
-def check_fits(fp: Footprint, height: int, width: int, name: str = "x") -> tuple[int, int]:
-    """Check that the footprint fits the map; return (H_out, W_out)."""
+def check_fits(fp: Footprint, height: int, width: int, name: str = "x",
+               x: torch.Tensor | None = None) -> tuple[int, int]:
+    """Check that the footprint fits an (H, W) map; return (H_out, W_out). Every op that takes a footprint calls this.
+
+    With ``x`` (N, C, H, W), also check that an (N, C, K, L) tensor of its dtype fits in its device's memory: the
+    op gathers one (or returns one), and zero padding admits any kernel_size, so an absurd one would otherwise
+    attempt a terabyte allocation first.
+    """
     if fp.pad_mode == "reflect" and fp.padding >= min(height, width):
         raise ValueError(
             f"reflect padding {fp.padding} (kernel_size={fp.kernel_size}, "
@@ -124,7 +136,34 @@ def check_fits(fp: Footprint, height: int, width: int, name: str = "x") -> tuple
             f"footprint (kernel_size={fp.kernel_size}, dilation={fp.dilation}, "
             f"padding={fp.padding}) does not fit {name} of spatial size {height}x{width}"
         )
+    if x is not None and not torch.compiler.is_compiling():  # (eager only: the shapes of a trace are symbolic)
+        memory = device_memory(x.device)
+        n, c = x.shape[:2]
+        need = n * c * fp.area * h_out * w_out * x.element_size()
+        if memory is not None and need > memory:
+            raise ValueError(
+                f"kernel_size={fp.kernel_size} on {name} of shape {tuple(x.shape)} gathers K = {fp.area} taps at each "
+                f"of {h_out}x{w_out} positions: an (N, C, K, L) tensor of {_gib(need)}, more than the "
+                f"{_gib(memory)} of {x.device.type} memory; use a smaller footprint, batch or map"
+            )
     return h_out, w_out
+
+
+@functools.cache
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory of ``device`` (RAM for the CPU, the GPU's own); None where unknown (meta, other systems)."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**40:.1f} TiB" if nbytes >= 2**40 else f"{nbytes / 2**30:.1f} GiB"
 
 
 def check_same_kind(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -153,7 +192,7 @@ def check_aggregation(x: torch.Tensor, weight: torch.Tensor, fp: Footprint) -> t
     check_feature_map("weight", weight)
     check_same_kind("x", x, "weight", weight)
     n, c, h, w = x.shape
-    h_out, w_out = check_fits(fp, h, w)
+    h_out, w_out = check_fits(fp, h, w, x=x)
     nw, cw, k, length = weight.shape
     if nw != n:
         raise ValueError(f"weight batch size {nw} does not match x batch size {n}")
@@ -184,7 +223,7 @@ def check_subtraction2(x1: torch.Tensor, x2: torch.Tensor, fp: Footprint) -> tup
         raise ValueError(
             f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}"
         )
-    return check_fits(fp, x1.shape[2], x1.shape[3], "x1")
+    return check_fits(fp, x1.shape[2], x1.shape[3], "x1", x=x1)
 
 
 def check_channel_vectors(x: torch.Tensor, channels: int, **vectors: torch.Tensor | None) -> None:

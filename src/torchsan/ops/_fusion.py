@@ -5,7 +5,8 @@ A layer asks :func:`should_fuse` before it replaces a run of modules (say BN, Re
 
 * fusion is switched on (the default; :func:`fusion` switches it off for a block of code, ``TORCHSAN_FUSION=0``
   for every thread),
-* none of the modules has hooks: pruning, quantisation or a MAC counter must see each module run, and
+* none of the modules has hooks: pruning, quantisation or a MAC counter must see each module run,
+* the input is not empty (a batch of 0 takes the modules' route, which torch defines for it), and
 * the backend that serves the input fuses that op at that shape. The thresholds are facts about a backend's
   kernels, so each backend states them in its ``fuses(op, x, **shape)``.
 
@@ -88,6 +89,6 @@ def should_fuse(op: str, x: torch.Tensor, *modules: nn.Module, **shape: int) -> 
     """
     if op not in FUSED_OPS:
         raise ValueError(f"unknown fused op {op!r}; one of {tuple(FUSED_OPS)}")
-    if not fusion_enabled() or has_hooks(*modules):
+    if not fusion_enabled() or has_hooks(*modules) or x.numel() == 0:
         return False
     return implementation(x).fuses(op, x, **shape)

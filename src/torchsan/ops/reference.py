@@ -14,6 +14,12 @@ import torch.nn.functional as F
 from ._checks import Footprint
 
 
+def _planes(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W), or for C == 0 its (0, 1, H, W) view: F.pad, F.unfold and F.max_pool2d refuse a zero channel
+    count but take a zero batch (the cpu kernels take both)."""
+    return x if x.shape[1] else x.reshape(0, 1, *x.shape[2:])
+
+
 def _padded(x: torch.Tensor, fp: Footprint) -> torch.Tensor:
     p = fp.padding
     if p == 0:
@@ -25,14 +31,14 @@ def _padded(x: torch.Tensor, fp: Footprint) -> torch.Tensor:
 def unfold(x: torch.Tensor, fp: Footprint) -> torch.Tensor:
     """Neighbours of every output pixel: (N, C, H, W) -> (N, C, K, L), k = kh * ks + kw."""
     n, c = x.shape[:2]
-    cols = F.unfold(_padded(x, fp), fp.kernel_size, dilation=fp.dilation, stride=fp.stride)
+    cols = F.unfold(_padded(_planes(x), fp), fp.kernel_size, dilation=fp.dilation, stride=fp.stride)
     return cols.view(n, c, fp.area, cols.shape[-1])
 
 
 def centre(x: torch.Tensor, fp: Footprint, h_out: int, w_out: int) -> torch.Tensor:
     """The centre tap of every output pixel's window: (N, C, H, W) -> (N, C, 1, L)."""
     off = (fp.kernel_size // 2) * fp.dilation
-    xp = _padded(x, fp)
+    xp = _padded(_planes(x), fp)
     s = fp.stride
     mid = xp[:, :, off : off + (h_out - 1) * s + 1 : s, off : off + (w_out - 1) * s + 1 : s]
     return mid.reshape(x.shape[0], x.shape[1], 1, h_out * w_out)
@@ -85,7 +91,8 @@ def softmax_aggregation(x: torch.Tensor, logits: torch.Tensor, fp: Footprint, h_
 
 def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     shape = (1, -1, 1, 1)
-    return F.max_pool2d(torch.relu(x * scale.view(shape) + shift.view(shape)), 2, 2)
+    y = F.max_pool2d(_planes(torch.relu(x * scale.view(shape) + shift.view(shape))), 2, 2)
+    return y.view(*x.shape[:2], *y.shape[2:])
 
 
 def batchnorm_scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,

@@ -6,6 +6,14 @@
 namespace torchsan {
 namespace __attribute__((visibility("hidden"))) cpu {
 
+// Positions per image and channel: the product of x's spatial sizes (not numel / (N * Cin), which is 0 when N or Cin
+// is: with Cin = 0 the output, bias only, still has them).
+static int64_t positions(const at::Tensor& x) {
+  int64_t p = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) p *= x.size(d);
+  return p;
+}
+
 at::Tensor affine_relu_conv1x1_forward(at::Tensor x, at::Tensor scale, at::Tensor shift, at::Tensor weight,
                                        c10::optional<at::Tensor> bias) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "x must be a CPU tensor (N, Cin, ...)");
@@ -14,7 +22,7 @@ at::Tensor affine_relu_conv1x1_forward(at::Tensor x, at::Tensor scale, at::Tenso
   shift = shift.contiguous();
   weight = weight.contiguous();
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0), P = x.numel() / std::max<int64_t>(1, N * Cin);
+  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0), P = positions(x);
   TORCH_CHECK(weight.size(1) == Cin && scale.numel() == Cin && shift.numel() == Cin,
               "affine_relu_conv1x1: shape mismatch");
   auto sizes = x.sizes().vec();
@@ -37,7 +45,7 @@ std::vector<at::Tensor> affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x
   scale = scale.contiguous();
   shift = shift.contiguous();
   weight = weight.contiguous();
-  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0), P = x.numel() / std::max<int64_t>(1, N * Cin);
+  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0), P = positions(x);
   auto gx = at::empty_like(x);
   auto gscale = at::zeros_like(scale), gshift = at::zeros_like(shift), gw = at::zeros_like(weight);
   auto gbias = at::zeros({Cout}, x.options());
