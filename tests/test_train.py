@@ -2,40 +2,19 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from _cli import run_torchsan, subprocess_env, train_args
 from conftest import TINY_SAN
 from torchsan.cli import main
 from torchsan.train import TrainConfig, load_config, lr_factor, smooth_targets, soft_cross_entropy
 from torchsan.train.checkpoint import list_checkpoints, read_checkpoint
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-TINY_ARGS = [f"--model-kwargs={k}={json.dumps(v)}" for k, v in TINY_SAN.items()]
-
-
-def _cli_args(data, out, *extra):
-    return ["train", "san10_pairwise", "--data", str(data), "--image-size", "16", "--batch-size", "6",
-            "--epochs", "2", "--lr", "0.05", "--output", str(out), "--progress", "none", "--no-tensorboard",
-            *TINY_ARGS, *extra]
-
-
-def _env():
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return env
-
-
-def _run(args, **kw):
-    return subprocess.run([sys.executable, "-m", "torchsan", *args], env=_env(), capture_output=True, text=True,
-                          timeout=600, **kw)
-
 
 # --- config, loss, schedule ------------------------------------------------------------------------
 
@@ -99,7 +78,7 @@ def test_lr_schedule():
 @pytest.fixture(scope="module")
 def trained_run(image_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(_cli_args(image_folder, out, "--epochs", "8", "--lr", "0.1", "--keep-checkpoints", "2",
+    assert main(train_args(image_folder, out, "--epochs", "8", "--lr", "0.1", "--keep-checkpoints", "2",
                           "--tensorboard", "--json", str(out.parent / "s.json"))) == 0
     return out
 
@@ -163,7 +142,7 @@ def test_bad_inputs_give_one_line_errors(trained_run, image_folder, tmp_path, ca
     # changed schedule on resume
     assert main(["train", "--resume", str(good), "--epochs", "7"]) == 2
     # missing data folder, unknown config key, unknown model
-    assert main(_cli_args(tmp_path / "nowhere", tmp_path / "r")) == 2
+    assert main(train_args(tmp_path / "nowhere", tmp_path / "r")) == 2
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: san10_pairwise\nepoch: 3\n")
     assert main(["train", str(cfg)]) == 2
@@ -184,10 +163,10 @@ def test_corrupt_image_cli(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=6, val_per_class=2)
     victim = root / "train" / "class_0" / "img_001.png"
     victim.write_bytes(victim.read_bytes()[:80])
-    proc = _run(_cli_args(root, tmp_path / "r1", "--epochs", "1"))
+    proc = run_torchsan(train_args(root, tmp_path / "r1", "--epochs", "1"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("torchsan: error: corrupt or truncated image")
-    proc = _run(_cli_args(root, tmp_path / "r2", "--epochs", "1", "--skip-corrupt"))
+    proc = run_torchsan(train_args(root, tmp_path / "r2", "--epochs", "1", "--skip-corrupt"))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
     assert summary["final"]["train_skipped"] == 1
@@ -199,13 +178,32 @@ def _state(path):
     return read_checkpoint(path)["state_dict"]
 
 
+TIMINGS = {"train_seconds", "train_images_per_s", "val_seconds"}  # the only fields a resumed run may change
+
+
+def _logs(run):
+    """A run's metrics.json rows and metrics.csv lines without their timings, and summary.json's numbers."""
+    import csv
+
+    rows = [{k: v for k, v in r.items() if k not in TIMINGS} for r in json.loads((run / "metrics.json").read_text())]
+    with open(run / "metrics.csv", newline="") as f:
+        table = [{k: v for k, v in r.items() if k not in TIMINGS} for r in csv.DictReader(f)]
+    summary = json.loads((run / "summary.json").read_text())
+    summary["final"] = {k: v for k, v in summary["final"].items() if k not in TIMINGS}
+    for key in ("seconds", "run_dir"):
+        summary.pop(key)
+    return rows, table, summary
+
+
 def test_sigkill_then_resume_is_bit_exact(image_folder, tmp_path):
-    common = ["--epochs", "3", "--deterministic", "--checkpoint-every-steps", "2", "--keep-checkpoints", "50"]
-    ref = _run(_cli_args(image_folder, tmp_path / "ref", *common))
+    # A per-iteration schedule with warm-up: the learning rate changes inside the epoch the kill lands in.
+    common = ["--epochs", "3", "--deterministic", "--checkpoint-every-steps", "2", "--keep-checkpoints", "50",
+              "--schedule-unit", "step", "--warmup-epochs", "1"]
+    ref = run_torchsan(train_args(image_folder, tmp_path / "ref", *common))
     assert ref.returncode == 0, ref.stderr
     victim_dir = tmp_path / "victim"
-    proc = subprocess.Popen([sys.executable, "-m", "torchsan", *_cli_args(image_folder, victim_dir, *common)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "torchsan", *train_args(image_folder, victim_dir, *common)],
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     # Kill as soon as the first checkpoint inside epoch 2 appears: the run is then mid-epoch.
     while time.time() < deadline and not any(p.name == "checkpoint-e0001-s000002.pth" for p in
@@ -216,23 +214,27 @@ def test_sigkill_then_resume_is_bit_exact(image_folder, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (victim_dir / "summary.json").exists()  # it really died before the end
-    resumed = _run(["train", "--resume", str(victim_dir), "--progress", "none"])
+    stale = victim_dir / ".checkpoint-e0001-s000004.pth.tmp4242"  # what a kill during a checkpoint write leaves
+    stale.write_bytes(b"half a checkpoint" * 1000)
+    resumed = run_torchsan(["train", "--resume", str(victim_dir), "--progress", "none"])
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "removed 1 temporary file" in resumed.stdout
+    assert not [p.name for p in victim_dir.iterdir() if ".tmp" in p.name]
     last = "checkpoint-e0003-s000000.pth"
     a, b = _state(tmp_path / "ref" / last), _state(victim_dir / last)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    ha = json.loads((tmp_path / "ref" / "metrics.json").read_text())
-    hb = json.loads((victim_dir / "metrics.json").read_text())
-    for ra, rb in zip(ha, hb, strict=True):
-        assert ra["train_loss"] == rb["train_loss"] and ra["val_top1"] == rb["val_top1"]
+    # The logs, learning rates included, equal the uninterrupted run's (timings aside).
+    ref_rows, ref_table, ref_summary = _logs(tmp_path / "ref")
+    rows, table, summary = _logs(victim_dir)
+    assert len(set(r["lr"] for r in ref_rows)) == 3  # the test would not see a wrong lr otherwise
+    assert rows == ref_rows and table == ref_table and summary == ref_summary
 
 
 def test_torchrun_two_processes(image_folder, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "torchsan",
-           *_cli_args(image_folder, tmp_path / "ddp", "--batch-size", "8")]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+           *train_args(image_folder, tmp_path / "ddp", "--batch-size", "8")]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
@@ -245,11 +247,11 @@ def test_torchrun_two_processes(image_folder, tmp_path):
 
 def test_bf16_autocast_on_cpu(image_folder, tmp_path):
     # The CPU twin of the GPU mixed-precision path: bf16 autocast runs and still learns.
-    assert main(_cli_args(image_folder, tmp_path / "bf16", "--amp", "bf16", "--epochs", "1")) == 0
+    assert main(train_args(image_folder, tmp_path / "bf16", "--amp", "bf16", "--epochs", "1")) == 0
     summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
     assert math.isfinite(summary["final"]["train_loss"]) and summary["final"]["val_images"] == 12
-    assert main(_cli_args(image_folder, tmp_path / "x", "--amp", "fp16")) == 2  # fp16 needs a GPU
-    assert main(_cli_args(image_folder, tmp_path / "bf16", "--epochs", "1")) == 2  # would overwrite a run
+    assert main(train_args(image_folder, tmp_path / "x", "--amp", "fp16")) == 2  # fp16 needs a GPU
+    assert main(train_args(image_folder, tmp_path / "bf16", "--epochs", "1")) == 2  # would overwrite a run
 
 
 def test_ops_under_autocast_match_float32():
@@ -272,9 +274,9 @@ def test_torchrun_resume_mid_epoch_is_bit_exact(image_folder, tmp_path):
     run = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "torchsan"]
-    args = _cli_args(image_folder, run, "--batch-size", "4", "--deterministic", "--checkpoint-every-steps", "2",
+    args = train_args(image_folder, run, "--batch-size", "4", "--deterministic", "--checkpoint-every-steps", "2",
                      "--keep-checkpoints", "50")
-    proc = subprocess.run([*torchrun, *args], env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*torchrun, *args], env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = run / "checkpoint-e0002-s000000.pth"
     expected_state, expected_history = _state(final), json.loads((run / "metrics.json").read_text())
@@ -282,7 +284,7 @@ def test_torchrun_resume_mid_epoch_is_bit_exact(image_folder, tmp_path):
     assert mid.exists()
     for later in [p for p in list_checkpoints(run) if p.name > mid.name]:
         later.unlink()
-    proc = subprocess.run([*torchrun, "train", "--resume", str(mid), "--progress", "none"], env=_env(),
+    proc = subprocess.run([*torchrun, "train", "--resume", str(mid), "--progress", "none"], env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = _state(final)
@@ -298,7 +300,7 @@ def test_mixup_option(image_folder, tmp_path):
     images, q = torch.randn(6, 3, 4, 4), smooth_targets(torch.tensor([0, 1, 2, 0, 1, 2]), 3, 0.1)
     mixed, mq = mixup(images, q, 0.2, torch.Generator().manual_seed(1))
     assert torch.allclose(mq.sum(1), torch.ones(6)) and not torch.equal(mixed, images)
-    assert main(_cli_args(image_folder, tmp_path / "mix", "--epochs", "1", "--mixup-alpha", "0.2")) == 0
+    assert main(train_args(image_folder, tmp_path / "mix", "--epochs", "1", "--mixup-alpha", "0.2")) == 0
     summary = json.loads((tmp_path / "mix" / "summary.json").read_text())
     assert summary["final"]["train_top1"] is None  # no hard labels to score under mixup
-    assert main(_cli_args(image_folder, tmp_path / "sbn", "--sync-bn")) == 2  # SyncBatchNorm needs GPUs
+    assert main(train_args(image_folder, tmp_path / "sbn", "--sync-bn")) == 2  # SyncBatchNorm needs GPUs

@@ -70,31 +70,64 @@ def _summary(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import timm
 
+    from .models import check_model_kwargs
     from .models._helpers import convert_state_dict, load_converted, read_checkpoint
 
-    if not timm.is_model(args.model):
-        raise ValueError(f"unknown model {args.model!r}; see timm.list_models('san*')")
     checkpoint = read_checkpoint(args.src)
-    model = timm.create_model(args.model)
+    name = args.model or (checkpoint.get("model") if isinstance(checkpoint.get("model"), str) else None)
+    if name is None:
+        raise ValueError(f"{args.src!r} does not name its model: pass --model (e.g. san10_pairwise)")
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}; see timm.list_models('san*')")
+    # A torchsan checkpoint knows its model's arguments and input channels; flags come on top.
+    saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    kwargs = dict(saved.get("model_kwargs") or {}) if name == saved.get("model") else {}
+    kwargs.update(_key_values(args.model_kwargs or [], "--model-kwargs"))
+    sizes = {k: kwargs.pop(k) for k in ("in_chans", "num_classes") if k in kwargs}  # legitimate here
+    check_model_kwargs(name, kwargs, "--model-kwargs" if args.model_kwargs else "the checkpoint's model_kwargs")
+    kwargs.update(sizes)
+    if isinstance(checkpoint.get("in_chans"), int):
+        kwargs.setdefault("in_chans", checkpoint["in_chans"])
+    model = timm.create_model(name, **kwargs)
     state_dict = convert_state_dict(checkpoint, model)
     fc = state_dict.get("fc.weight")
     if isinstance(fc, torch.Tensor) and fc.dim() == 2 and fc.shape[0] != model.num_classes:
-        model = timm.create_model(args.model, num_classes=fc.shape[0])  # a fine-tuned head
+        model = timm.create_model(name, **{**kwargs, "num_classes": fc.shape[0]})  # a fine-tuned head
         state_dict = convert_state_dict(checkpoint, model)
     load_converted(model, state_dict, f"checkpoint {args.src!r}")  # strict; names what does not fit
     converted = model.state_dict()
     dst = os.fspath(args.dst)
     tmp = f"{dst}.tmp{os.getpid()}"
+    out = {"state_dict": converted, "model": name}
+    for key in ("classes", "in_chans"):
+        if key in checkpoint:
+            out[key] = checkpoint[key]
     try:
-        torch.save({"state_dict": converted, "model": args.model}, tmp)
+        torch.save(out, tmp)
         os.replace(tmp, dst)  # atomic: never a half-written DST
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     n_values = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} -> {dst}: {len(converted)} tensors, {n_values / 1e6:.2f}M parameters, "
-          f"loads strictly into {args.model} (num_classes={model.num_classes})")
+          f"loads strictly into {name} (num_classes={model.num_classes}, in_chans={getattr(model, 'in_chans', '?')})")
     return 0
+
+
+def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """``["a=1", "b=[2, 3]"]`` -> ``{"a": 1, "b": [2, 3]}`` (each value read as YAML)."""
+    import yaml
+
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"{flag} {item!r}: the value is not valid YAML") from None
+    return parsed
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -126,8 +159,6 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     import dataclasses
 
-    import yaml
-
     from .train import TrainConfig
 
     values: dict[str, Any] = {}
@@ -136,13 +167,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is None:
             continue
         if f.name == "model_kwargs":
-            parsed = {}
-            for item in value:
-                key, sep, raw = item.partition("=")
-                if not sep or not key:
-                    raise ValueError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-                parsed[key] = yaml.safe_load(raw)
-            value = parsed
+            value = _key_values(value, "--model-kwargs")
         values[f.name] = value
     return values
 
@@ -161,14 +186,16 @@ def _train(args: argparse.Namespace) -> int:
         overrides.setdefault("model", source)
         source = None
     if source is None and args.resume not in (None, "auto"):
-        # Resuming from a checkpoint alone: its own config, with any flags on top.
+        # Resuming from a checkpoint alone: its own recipe, with any flags on top. The run folder is the
+        # checkpoint's own (or --output): never a folder named inside the file.
         path = latest_checkpoint(args.resume) if os.path.isdir(args.resume) else args.resume
         if path is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {args.resume!r}")
         saved = read_checkpoint(path).get("config")
         if not isinstance(saved, dict):
             raise ValueError(f"{str(path)!r} holds no training config: not a torchsan training checkpoint")
-        overrides = {**saved, **overrides}
+        own_folder = os.path.dirname(os.path.abspath(path)).replace("{", "{{").replace("}", "}}")
+        overrides = {**{k: v for k, v in saved.items() if k != "output"}, "output": own_folder, **overrides}
     cfg = load_config(source, **overrides)
     summary = train(cfg, resume=args.resume)
     final = summary["final"]
@@ -188,7 +215,7 @@ def _eval(args: argparse.Namespace) -> int:
     overrides = dict(data=args.data, image_size=args.image_size, val_subset=args.val_subset,
                      batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
                      skip_corrupt=args.skip_corrupt or None, threads=args.threads)
-    result = evaluate_checkpoint(args.checkpoint, **overrides)
+    result = evaluate_checkpoint(args.checkpoint, ignore_class_names=args.ignore_class_names, **overrides)
     if not _is_rank0():
         return 0
     skipped = f", {result['skipped']} corrupt images skipped" if result["skipped"] else ""
@@ -201,23 +228,43 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _results(args: argparse.Namespace) -> int:
-    rows = []
-    for run in args.runs:
-        path = os.path.join(run, "summary.json") if os.path.isdir(run) else run
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{run!r} has no summary.json (is it a finished torchsan run folder?)")
+_SUMMARY_FIELDS = {"model": str, "params": int, "epochs": int, "image_size": int, "best_val_top1": (int, float),
+                   "seconds": (int, float), "final": dict}
+
+
+def _read_summary(run: str) -> dict[str, Any]:
+    """A run folder's (or file's) ``summary.json``; ValueError naming the file if it is not one torchsan wrote."""
+    path = os.path.join(run, "summary.json") if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run!r} has no summary.json (is it a finished torchsan run folder?)")
+    try:
         with open(path) as f:
-            rows.append(json.load(f))
+            summary = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path!r} is not readable JSON ({' '.join(str(err).split())})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path!r} is not a torchsan run summary (it holds a {type(summary).__name__})")
+    wrong = [k for k, kind in _SUMMARY_FIELDS.items() if not isinstance(summary.get(k), kind)
+             or isinstance(summary.get(k), bool)]
+    if wrong:
+        raise ValueError(f"{path!r} is not a torchsan run summary (missing or malformed: {', '.join(wrong)})")
+    return summary
+
+
+def _results(args: argparse.Namespace) -> int:
+    rows = [_read_summary(run) for run in args.runs]
     header = (f"{'model':<18} {'params':>8} {'GMACs':>6} {'epochs':>6} {'px':>4} {'val top-1':>9} {'top-5':>7} "
               f"{'best':>7} {'minutes':>7}  run")
     print(header)
     print("-" * len(header))
+    nan = float("nan")
     for r in rows:
-        final = r.get("final", {})
-        gmacs = f"{r['gmacs']:.3f}" if r.get("gmacs") is not None else "-"
+        final = r["final"]
+        top1, top5 = (final.get(k) for k in ("val_top1", "val_top5"))
+        gmacs = f"{r['gmacs']:.3f}" if isinstance(r.get("gmacs"), (int, float)) else "-"
         print(f"{r['model']:<18} {r['params'] / 1e6:>7.2f}M {gmacs:>6} {r['epochs']:>6} {r['image_size']:>4} "
-              f"{final.get('val_top1', float('nan')):>8.2f}% {final.get('val_top5', float('nan')):>6.2f}% "
+              f"{top1 if isinstance(top1, (int, float)) else nan:>8.2f}% "
+              f"{top5 if isinstance(top5, (int, float)) else nan:>6.2f}% "
               f"{r['best_val_top1']:>6.2f}% {r['seconds'] / 60:>7.1f}  {r.get('run_dir', '')}")
     return 0
 
@@ -238,7 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "package's names, checking that it loads strictly into the model")
     p.add_argument("src", help="the authors' checkpoint (or any state dict file the model accepts)")
     p.add_argument("dst", help="output file: {'state_dict': ..., 'model': NAME}")
-    p.add_argument("--model", required=True, help="timm model name, e.g. san10_pairwise or san_resnet26")
+    p.add_argument("--model", help="timm model name, e.g. san10_pairwise or san_resnet26 (default: the one a "
+                   "torchsan checkpoint names)")
+    p.add_argument("--model-kwargs", action="append", metavar="KEY=VALUE", default=None,
+                   help="a model constructor argument, YAML value, e.g. in_chans=1 (repeatable; a torchsan "
+                   "checkpoint's own are used by default)")
     p.set_defaults(func=_convert)
     p = sub.add_parser("train", help="train a model on an ImageNet-layout folder or the embedded Fashion-MNIST",
                        description="Train a model. CONFIG is a YAML file, a packaged config name "
@@ -261,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"))
     p.add_argument("--threads", type=int)
     p.add_argument("--skip-corrupt", action="store_true", help="skip and count corrupt images")
+    p.add_argument("--ignore-class-names", action="store_true",
+                   help="evaluate even if the data's class names differ from the checkpoint's (same count)")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=_eval)
     p = sub.add_parser("results", help="a table of finished runs (their summary.json)")

@@ -5,6 +5,7 @@
 """
 
 from . import resnet, san
+from ._arguments import check_model_kwargs
 from ._helpers import load_checkpoint
 from .resnet import ResNet
 from .san import SAN
@@ -14,4 +15,4 @@ MODEL_NAMES = (
     "san19_pairwise", "san19_patchwise", "san_resnet26", "san_resnet38", "san_resnet50",
 )
 
-__all__ = ["MODEL_NAMES", "SAN", "ResNet", "load_checkpoint", "resnet", "san"]
+__all__ = ["MODEL_NAMES", "SAN", "ResNet", "check_model_kwargs", "load_checkpoint", "resnet", "san"]

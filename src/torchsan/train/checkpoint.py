@@ -12,6 +12,7 @@ done), ``epoch_sums`` (each rank's running totals of an unfinished epoch, or Non
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -22,7 +23,8 @@ import torch
 
 from ..models._helpers import read_checkpoint
 
-__all__ = ["save_atomic", "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "rng_state",
+__all__ = ["CheckpointWriteError", "save_atomic", "write_text_atomic", "list_checkpoints",
+           "latest_checkpoint", "prune_checkpoints", "rng_state",
            "set_rng_state", "checkpoint_name", "read_checkpoint"]
 
 _PATTERN = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pth$")
@@ -33,19 +35,52 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"checkpoint-e{epoch:04d}-s{step:06d}.pth"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the file it would replace is intact)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class _Sink:
+    """A binary file for ``torch.save`` that keeps the first OS error of a write.
+
+    torch's zip writer reports a failed write as "unexpected pos N vs M"; the kept error says why.
+    """
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A reader (or a crash at any moment) sees either the old file or the complete new one.
+    A reader (or a crash at any moment) sees either the old file or the complete new one. Raises
+    :class:`CheckpointWriteError` (errno ENOSPC for a full disk) if the file cannot be written; the
+    temporary file is removed and an older ``path`` is left as it was.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    sink = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            sink = _Sink(f)
+            torch.save(obj, sink)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        raise _write_error(sink.error if sink is not None and sink.error is not None else err, path) from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -54,6 +89,43 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _write_error(err, path) from err
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_error(cause: BaseException, path: Path) -> CheckpointWriteError:
+    """The error of a failed write of ``path``: what happened and where, in one line."""
+    code = getattr(cause, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointWriteError(code, f"no space left on {_mount_point(path.parent)} (folder "
+                                          f"{str(path.parent)!r}) while writing {path.name}; it was not written")
+    reason = getattr(cause, "strerror", None) or " ".join(str(cause).split())[:200]
+    return CheckpointWriteError(code or errno.EIO, f"cannot write {str(path)!r}: {reason}")
+
+
+def _mount_point(folder: Path) -> str:
+    """The mount point of the file system that holds ``folder`` (the device a full disk is on)."""
+    path = folder.resolve()
+    try:
+        dev = path.stat().st_dev
+        while path.parent != path and path.parent.stat().st_dev == dev:
+            path = path.parent
+    except OSError:
+        pass
+    return str(path)
 
 
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,31 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
         need(self.workers >= 0 and self.threads >= 0, "workers and threads must be >= 0")
-        need(isinstance(self.model_kwargs, dict), f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
+        need(self.train_subset >= 0, f"train_subset must be >= 0 (0 = all), got {self.train_subset}")
+        need(self.val_subset >= 0, f"val_subset must be >= 0 (0 = all), got {self.val_subset}")
+        need(self.checkpoint_every_steps >= 0,
+             f"checkpoint_every_steps must be >= 0 (0 = per epoch only), got {self.checkpoint_every_steps}")
+        for name in ("base_lr", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "mixup_alpha",
+                     "grad_clip"):
+            value = getattr(self, name)
+            need(value is None or math.isfinite(value), f"{name} must be a finite number, got {value}")
+        need(self.base_lr > 0, f"base_lr must be > 0, got {self.base_lr}")
+        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        need(isinstance(self.step_milestones, list) and all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in self.step_milestones),
+            f"step_milestones must be a list of epochs (integers >= 0), got {self.step_milestones!r}")
+        need(self.step_milestones == sorted(self.step_milestones),
+             f"step_milestones must be in increasing order, got {self.step_milestones}")
+        need(isinstance(self.model_kwargs, dict) and all(isinstance(k, str) for k in self.model_kwargs),
+             f"model_kwargs must be a mapping of argument names to values, got {self.model_kwargs!r}")
+        need(bool(self.output.strip()), "output must name a folder")
+        for placeholder in _placeholders(self.output):
+            need(placeholder in ("model", "data"),
+                 f"output {self.output!r} has the placeholder {{{placeholder}}}; only {{model}} and {{data}} are "
+                 f"filled in (write {{{{ and }}}} for literal braces)")
 
     @property
     def learning_rate(self) -> float:
@@ -107,6 +133,15 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _placeholders(template: str) -> list[str]:
+    """The ``{name}`` fields of a format string; ValueError if it is not one (a lone brace)."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"config: output {template!r} is not a valid folder template ({err}); write {{{{ and "
+                         f"}}}} for literal braces") from None
 
 
 def field_help() -> dict[str, str]:
@@ -154,7 +189,7 @@ def load_config(source: str | os.PathLike[str] | None = None, **overrides: Any) 
     if source is not None:
         path = config_path(os.fspath(source))
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as err:
             raise ValueError(f"config {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from err
         if loaded is not None and not isinstance(loaded, dict):
@@ -166,6 +201,20 @@ def load_config(source: str | os.PathLike[str] | None = None, **overrides: Any) 
     for key, value in values.items():
         values[key] = _coerce(key, value)
     return TrainConfig(**values)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -194,4 +243,9 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     if isinstance(default, str) and not isinstance(value, str):
         raise ValueError(f"config: {key} must be a string, got {value!r}")
+    if key == "step_milestones" and not (isinstance(value, list) and all(
+            isinstance(m, int) and not isinstance(m, bool) for m in value)):
+        raise ValueError(f"config: step_milestones must be a list of epochs (integers), got {value!r}")
+    if key == "model_kwargs" and not isinstance(value, dict):
+        raise ValueError(f"config: model_kwargs must be a mapping of argument names to values, got {value!r}")
     return value

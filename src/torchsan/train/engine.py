@@ -5,13 +5,15 @@ gloo on the CPU, NCCL on GPUs). Every random draw is a function of (seed, rank, 
 and the checkpoint holds the whole state, so a resumed run, after a crash or a SIGKILL, continues
 bit-for-bit where its last checkpoint left off (in deterministic mode on the CPU).
 
-The steps of a run, in order: ``_check_settings`` and ``_find_resume_checkpoint`` (every check before
-anything is written), ``_build_data``, ``_build_parts``, ``_resume_run``, ``_open_run_dir``, then per
-epoch ``train_one_epoch``, ``validate`` and ``_end_epoch``, and last ``_finish`` (the summary).
+The steps of a run, in order: ``_check_settings`` and ``_check_model``, ``_lock_run_folder`` (one run
+per folder), ``_find_resume_checkpoint`` (every check before anything is written), ``_build_data``,
+``_build_parts`` (which also runs the model once at the image size), ``_resume_run``, ``_open_run_dir``,
+then per epoch ``train_one_epoch``, ``validate`` and ``_end_epoch``, and last ``_finish`` (the summary).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
@@ -33,20 +35,23 @@ from ..data import DataInfo, build_datasets, build_loader
 from ..data.build import _mix
 from ..models._helpers import load_converted, read_checkpoint
 from .checkpoint import (
+    CheckpointWriteError,
     checkpoint_name,
     latest_checkpoint,
     prune_checkpoints,
     rng_state,
     save_atomic,
     set_rng_state,
+    write_text_atomic,
 )
 from .config import TrainConfig, load_config
 from .distributed import DistEnv, all_reduce_sum, init_distributed, shutdown
 from .logger import MetricsLogger
 from .losses import mixup, smooth_targets, soft_cross_entropy
 from .meters import EpochMeters
+from .run_folder import RunFolderLock, remove_stale_temp_files
 
-__all__ = ["train", "evaluate", "evaluate_checkpoint", "lr_factor", "SCHEDULE_KEYS"]
+__all__ = ["train", "evaluate", "evaluate_checkpoint", "check_classes", "lr_factor", "SCHEDULE_KEYS"]
 
 # Settings a resumed run must share with its checkpoint: they define the function being trained
 # and the schedule. Everything else (workers, threads, progress, output, ...) may change.
@@ -103,11 +108,19 @@ def _check_model_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r} (torchsan models: {', '.join(torchsan.models.MODEL_NAMES)})")
 
 
+def _check_model(cfg: TrainConfig) -> None:
+    """Raise ValueError unless timm knows ``cfg.model`` and ``cfg.model_kwargs`` are its constructor's arguments."""
+    from ..models import check_model_kwargs
+
+    _check_model_name(cfg.model)
+    check_model_kwargs(cfg.model, cfg.model_kwargs)
+
+
 def _create_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
     """``cfg.model`` built by timm with ``cfg.model_kwargs``; ValueError if the arguments do not fit it."""
     import timm
 
-    _check_model_name(cfg.model)
+    _check_model(cfg)  # model_kwargs may come from a file: only the model's own arguments reach timm
     try:
         return timm.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, **cfg.model_kwargs)
     except (TypeError, ValueError) as err:
@@ -266,6 +279,31 @@ def _find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return ckpt_path
 
 
+def check_classes(saved: list[str] | None, current: list[str], what: str, data: str, ignore_names: bool = False,
+                  hint: str = "pass --ignore-class-names to evaluate by class index anyway") -> None:
+    """Raise ValueError unless the class names ``what`` was trained on are ``current`` (the data's), in order.
+
+    ``ignore_names``: compare only the counts (a relabelled copy of the same data), warning about the names.
+    A checkpoint without names (written by other tools) is checked by count.
+    """
+    if saved is None:
+        saved_count = None
+    else:
+        saved = [str(c) for c in saved]
+        saved_count = len(saved)
+    if saved_count is not None and saved_count != len(current):
+        raise ValueError(f"{what} has {saved_count} classes, the data {data!r} {len(current)}")
+    if saved is None or saved == list(current):
+        return
+    differ = [f"{a!r} vs {b!r}" for a, b in zip(saved, current) if a != b]
+    shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+    if not ignore_names:
+        raise ValueError(f"{what} was trained on other classes than the data {data!r} has ({shown}); {hint}")
+    import warnings
+
+    warnings.warn(f"{what}: class names differ from the data's ({shown}); comparing by index", stacklevel=2)
+
+
 def _resume_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     """The training checkpoint at ``path``, read; ValueError if it is not one or its settings differ from ``cfg``."""
     ckpt = read_checkpoint(path)
@@ -306,7 +344,7 @@ def _build_parts(cfg: TrainConfig, env: DistEnv, data: TrainData) -> TrainParts:
     if cfg.sync_bn and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     n_params = sum(p.numel() for p in model.parameters())
-    gmacs = _gmacs(model, info.in_chans, cfg.image_size)  # draws a random image: after the seeding above
+    gmacs = _gmacs(model, cfg.model, info.in_chans, cfg.image_size)  # draws a random image: after the seeding
     ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
@@ -317,7 +355,7 @@ def _build_parts(cfg: TrainConfig, env: DistEnv, data: TrainData) -> TrainParts:
 
 
 def _resume_run(ckpt: dict[str, Any] | None, ckpt_path: Path | None, parts: TrainParts, cfg: TrainConfig,
-                env: DistEnv, steps_per_epoch: int) -> RunState:
+                env: DistEnv, data: TrainData) -> RunState:
     """Load ``ckpt`` (from ``ckpt_path``) into ``parts`` and the random generators; returns where the run stands.
 
     Without a checkpoint: seeds Python's generator and returns a fresh state.
@@ -325,6 +363,9 @@ def _resume_run(ckpt: dict[str, Any] | None, ckpt_path: Path | None, parts: Trai
     if ckpt is None:
         random.seed(cfg.seed)
         return RunState()
+    steps_per_epoch = data.steps_per_epoch
+    check_classes(ckpt.get("classes"), data.info.classes, f"checkpoint {str(ckpt_path)!r}", data.info.name,
+                  hint="resume on the data it was trained on")
     load_converted(parts.model, ckpt["state_dict"], f"checkpoint {str(ckpt_path)!r}")
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     parts.scheduler.load_state_dict(ckpt["scheduler"])
@@ -347,16 +388,16 @@ def _resume_run(ckpt: dict[str, Any] | None, ckpt_path: Path | None, parts: Trai
     return state
 
 
-def _open_run_dir(cfg: TrainConfig, run_dir: Path, env: DistEnv,
-                  history: list[dict[str, Any]]) -> MetricsLogger | None:
-    """Create ``run_dir`` with ``config.yaml`` and return its metrics logger (main process; None elsewhere).
+def _open_run_dir(cfg: TrainConfig, run_dir: Path, env: DistEnv, state: RunState) -> MetricsLogger | None:
+    """Write ``config.yaml`` into ``run_dir`` and return its metrics logger (main process; None elsewhere).
 
-    The logs of the epochs in ``history`` are rewritten: a run killed between a checkpoint and its logs.
+    The logs of the epochs in ``state.history`` are rewritten: a run killed between a checkpoint and its
+    logs. A run that is already complete writes nothing (None).
     """
-    if not env.is_main:
+    if not env.is_main or state.start_epoch >= cfg.epochs:
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
+    history = state.history
+    write_text_atomic(run_dir / "config.yaml", _yaml(cfg.to_dict()))
     logger = MetricsLogger(run_dir, cfg.tensorboard)
     if history:
         logger.log_epoch(history, tensorboard=False)
@@ -385,16 +426,38 @@ class _CheckpointWriter:
 
     def save(self, epoch: int, step: int, epoch_sums: list[list[float]] | None) -> None:
         """Write the checkpoint of (epoch, step) and prune the old ones; ``epoch_sums``: None at an epoch's end."""
+        failed = None
         if self.env.is_main:
-            save_atomic(self.training_state(epoch, step, epoch_sums), self.run_dir / checkpoint_name(epoch, step))
-            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+            try:
+                self._write(self.training_state(epoch, step, epoch_sums), checkpoint_name(epoch, step))
+                prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+            except CheckpointWriteError as err:
+                failed = err
+        if _any_rank(failed is not None, self.env):  # every rank stops, none waits in a collective
+            raise failed or CheckpointWriteError(errno.EIO, "the main process could not write a checkpoint")
 
     def save_best(self, epochs_done: int, row: dict[str, Any]) -> None:
         """Write ``model_best.pth``: the weights, name, config and metrics ``row`` after ``epochs_done`` epochs."""
+        failed = None
         if self.env.is_main:
-            save_atomic(dict(state_dict=self.parts.model.state_dict(), model=self.cfg.model, config=self.cfg.to_dict(),
-                             epoch=epochs_done, metrics=row, classes=list(self.info.classes),
-                             in_chans=self.info.in_chans), self.run_dir / "model_best.pth")
+            try:
+                self._write(dict(state_dict=self.parts.model.state_dict(), model=self.cfg.model,
+                                 config=self.cfg.to_dict(), epoch=epochs_done, metrics=row,
+                                 classes=list(self.info.classes), in_chans=self.info.in_chans), "model_best.pth")
+            except CheckpointWriteError as err:
+                failed = err
+        if _any_rank(failed is not None, self.env):
+            raise failed or CheckpointWriteError(errno.EIO, "the main process could not write model_best.pth")
+
+    def _write(self, obj: dict[str, Any], name: str) -> None:
+        """``save_atomic`` into the run folder; its error also says which earlier checkpoint is intact."""
+        try:
+            save_atomic(obj, self.run_dir / name)
+        except CheckpointWriteError as err:
+            previous = latest_checkpoint(self.run_dir)
+            kept = (f"the previous checkpoint {previous.name} is intact (resume with --resume)" if previous
+                    else "no earlier checkpoint exists")
+            raise CheckpointWriteError(err.errno, f"{err.strerror}; {kept}") from err
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -434,7 +497,8 @@ def train_one_epoch(epoch: int, parts: TrainParts, data: TrainData, cfg: TrainCo
     """
     steps_per_epoch = data.steps_per_epoch
     data.train_loader.batch_sampler.set_epoch(epoch, first_step)
-    epoch_lr = parts.optimizer.param_groups[0]["lr"]  # the rate this epoch starts with
+    # The rate at the epoch's first iteration (not the optimizer's now: a resumed epoch starts mid-way).
+    epoch_lr = parts.scheduler.base_lrs[0] * parts.scheduler.lr_lambdas[0](epoch * steps_per_epoch)
     parts.ddp.train()
     progress = _Progress(cfg.progress, env.is_main, steps_per_epoch, first_step, f"epoch {epoch + 1}/{cfg.epochs}")
     t0 = time.perf_counter()
@@ -516,14 +580,28 @@ def _finish(cfg: TrainConfig, env: DistEnv, run_dir: Path, data: TrainData, part
     if env.is_main:
         import json
 
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        logger.close()
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        if logger is not None:
+            logger.close()
         final = summary["final"]
         print(f"done: {cfg.model} val top-1 {final.get('val_top1', float('nan')):.2f}%, top-5 "
               f"{final.get('val_top5', float('nan')):.2f}% (best top-1 {state.best_top1:.2f}%) after {cfg.epochs} "
-              f"epoch(s); run folder {run_dir} (checkpoints, model_best.pth, metrics.csv/json, curves.png, "
-              f"tensorboard/)")
+              f"epoch(s); run folder {run_dir} ({_contents(run_dir)})")
+    if not in_sync:
+        raise RuntimeError(f"the {env.world_size} processes ended with different weights (ranks_in_sync false in "
+                           f"{run_dir / 'summary.json'}): the run is not a valid data-parallel run")
     return summary
+
+
+def _contents(run_dir: Path) -> str:
+    """What a finished run folder holds, as the "done" line lists it."""
+    names = [name for name in ("model_best.pth", "metrics.csv", "metrics.json", "curves.png", "summary.json")
+             if (run_dir / name).exists()]
+    if latest_checkpoint(run_dir) is not None:
+        names.insert(0, "checkpoints")
+    if (run_dir / "tensorboard").is_dir():
+        names.append("tensorboard/")
+    return ", ".join(names)
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
@@ -540,17 +618,51 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> dict[str, Any]:
-    """``train`` within the process group ``env``: check, build, resume, run the epochs, summarise."""
+    """``train`` within the process group ``env``: check, lock the folder, build, resume, run, summarise."""
     _configure_torch(cfg)
     _check_settings(cfg, env)
+    _check_model(cfg)
     run_dir = cfg.run_dir()
+    lock = _lock_run_folder(run_dir, env)
+    try:
+        return _train_locked(cfg, env, resume, run_dir)
+    finally:
+        if lock is not None:
+            lock.release(remove_if_unused=True)  # a run that failed before writing anything leaves no folder
+
+
+def _lock_run_folder(run_dir: Path, env: DistEnv) -> RunFolderLock | None:
+    """The main process's lock on ``run_dir`` (None on the other ranks); every rank raises if it is taken."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunFolderLock(run_dir).acquire()
+        except OSError as err:
+            error = err
+    if env.distributed:
+        message = [str(error) if error is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and error is None:
+            raise OSError(message[0])
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train_locked(cfg: TrainConfig, env: DistEnv, resume: str | None, run_dir: Path) -> dict[str, Any]:
+    """``_train`` once this run holds ``run_dir``: nothing else writes into it."""
     ckpt_path = _find_resume_checkpoint(resume, run_dir)
     ckpt = _resume_state(ckpt_path, cfg) if ckpt_path is not None else None  # all checks before any write
-    _check_model_name(cfg.model)
+    if env.is_main:
+        removed = remove_stale_temp_files(run_dir)
+        if removed:
+            mb = sum(size for _, size in removed) / 2**20
+            print(f"removed {len(removed)} temporary file(s) ({mb:.1f} MB) that a killed run left in {run_dir}: "
+                  f"{', '.join(name for name, _ in removed)}")
     data = _build_data(cfg, env)
     parts = _build_parts(cfg, env, data)
-    state = _resume_run(ckpt, ckpt_path, parts, cfg, env, data.steps_per_epoch)
-    logger = _open_run_dir(cfg, run_dir, env, state.history)
+    state = _resume_run(ckpt, ckpt_path, parts, cfg, env, data)
+    logger = _open_run_dir(cfg, run_dir, env, state)
     writer = _CheckpointWriter(cfg, env, run_dir, parts, data.info, state)
     if env.is_main and state.start_epoch < cfg.epochs:
         print(_start_line(cfg, env, data, parts, run_dir))
@@ -575,14 +687,19 @@ def _sync_buffers(model: nn.Module, env: DistEnv) -> None:
             dist.broadcast(buf.data, src=0)
 
 
-def _gmacs(model: nn.Module, in_chans: int, size: int) -> float | None:
-    """Multiply-adds of one image with the authors' counting rules (None for models they do not cover)."""
+def _gmacs(model: nn.Module, name: str, in_chans: int, size: int) -> float | None:
+    """Multiply-adds of one image with the authors' counting rules (None for models they do not cover).
+
+    It runs the model on one image: ValueError if the model cannot run at ``size`` px.
+    """
     from ..profile import profile_model
 
     try:
-        return profile_model(model, (in_chans, size, size)).gmacs
-    except (KeyError, ValueError, RuntimeError):
-        return None
+        gmacs = profile_model(model, (in_chans, size, size)).gmacs
+    except (ValueError, RuntimeError) as err:
+        text = " ".join(str(err).split())
+        raise ValueError(f"{name} cannot run on {size} px images: {text[:300]}") from err
+    return gmacs or None
 
 
 def _ranks_in_sync(model: nn.Module, env: DistEnv) -> bool:
@@ -607,11 +724,12 @@ def _yaml(values: dict[str, Any]) -> str:
     return yaml.safe_dump(values, sort_keys=False)
 
 
-def evaluate_checkpoint(path: str, **overrides: Any) -> dict[str, Any]:
+def evaluate_checkpoint(path: str, ignore_class_names: bool = False, **overrides: Any) -> dict[str, Any]:
     """Top-1/top-5 of a checkpoint (training checkpoint or model_best.pth) on its data or ``overrides["data"]``.
 
     ``overrides`` may set ``data``, ``image_size``, ``val_subset``, ``batch_size``, ``workers``, ``device``,
-    ``amp``, ``skip_corrupt`` and ``threads``.
+    ``amp``, ``skip_corrupt`` and ``threads``. The data's class names must be the checkpoint's (ValueError),
+    unless ``ignore_class_names`` (then only their count must match).
     """
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), str):
@@ -625,9 +743,7 @@ def evaluate_checkpoint(path: str, **overrides: Any) -> dict[str, Any]:
             torch.set_num_threads(cfg.threads)
         datasets, info = build_datasets(cfg.data, cfg.image_size, val_subset=cfg.val_subset,
                                         skip_corrupt=cfg.skip_corrupt, splits=("val",))
-        classes = ckpt.get("classes")
-        if classes is not None and len(classes) != info.num_classes:
-            raise ValueError(f"checkpoint {path!r} has {len(classes)} classes, the data {info.num_classes}")
+        check_classes(ckpt.get("classes"), info.classes, f"checkpoint {path!r}", info.name, ignore_class_names)
         model = _create_model(cfg, info.num_classes, int(ckpt.get("in_chans", info.in_chans)))
         load_converted(model, ckpt["state_dict"], f"checkpoint {path!r}")
         model.to(env.device)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+from .checkpoint import write_text_atomic
 
 __all__ = ["MetricsLogger", "plot_history"]
 
@@ -31,11 +35,12 @@ class MetricsLogger:
     def log_epoch(self, history: list[dict[str, Any]], tensorboard: bool = True) -> None:
         row = history[-1]
         keys = list(dict.fromkeys(k for r in history for k in r))
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(history)
-        (self.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+        write_text_atomic(self.run_dir / "metrics.csv", table.getvalue())
+        write_text_atomic(self.run_dir / "metrics.json", json.dumps(history, indent=1))
         if self.writer is not None and tensorboard:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):
@@ -68,5 +73,10 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
         ax.legend()
     fig.suptitle(path.parent.name)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
