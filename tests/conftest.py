@@ -1,3 +1,10 @@
+import os
+
+# Without a GPU, the triton backend's kernels run on CPU tensors through Triton's interpreter (test_ops_triton.py).
+# It must be set before anything imports triton: triton reads it once.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -76,7 +76,9 @@ def _autocast(*tensors: Any) -> tuple[Any, ...]:
     if not isinstance(first, torch.Tensor):
         return tensors  # (bad arguments are reported by the checks that follow)
     device = first.device.type
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    # (cpu and cuda always have autocast; asking torch about others is not traceable by older torch.compile)
+    available = device in ("cpu", "cuda") or torch.amp.is_autocast_available(device)
+    if not available or not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -2,11 +2,13 @@
 
 Backends:
     ``cpu``        fused C++/OpenMP kernels (float32/float64 CPU tensors), registered as torch custom ops.
+    ``triton``     Triton kernels for CUDA tensors (float16/bfloat16/float32/float64), registered as the same
+                   custom ops' CUDA kernels; on CPU tensors too under ``TRITON_INTERPRET=1`` (tests).
     ``reference``  plain PyTorch (unfold), any device and dtype, the ground truth for tests.
-    (later: ``cuda`` Triton/CUDA kernels.)
 
 ``auto`` (the default) picks the fastest backend that serves the input: ``cpu`` for float32/float64
-CPU tensors when the kernels could be built, else ``reference``. The environment variable
+CPU tensors when the kernels could be built, ``triton`` for CUDA tensors when triton imports, else
+``reference``. The environment variable
 ``TORCHSAN_BACKEND`` sets the initial choice for every thread.
 """
 
@@ -20,9 +22,9 @@ from types import ModuleType
 
 import torch
 
-from . import _cpu, reference
+from . import _cpu, _triton, reference
 
-_BACKENDS: dict[str, ModuleType] = {"cpu": _cpu, "reference": reference}
+_BACKENDS: dict[str, ModuleType] = {"cpu": _cpu, "triton": _triton, "reference": reference}
 _CHOICES = ("auto", *_BACKENDS)
 _state = threading.local()
 _DEFAULT = os.environ.get("TORCHSAN_BACKEND", "auto")
@@ -64,6 +66,8 @@ def implementation(x: torch.Tensor) -> ModuleType:
     if name == "auto":
         if x.device.type == "cpu" and x.dtype in _cpu.DTYPES and _cpu.available():
             return _cpu
+        if x.device.type == "cuda" and x.dtype in _triton.DTYPES and _triton.available():
+            return _triton
         return reference
     if name == "cpu":
         if x.device.type != "cpu":
@@ -72,6 +76,12 @@ def implementation(x: torch.Tensor) -> ModuleType:
             raise TypeError(f"backend 'cpu' supports float32 and float64, got {x.dtype}")
         if not _cpu.available():
             raise RuntimeError(f"backend 'cpu' is unavailable: {_cpu.unavailable_reason()}")
+    if name == "triton":
+        if not _triton.available():
+            raise RuntimeError(f"backend 'triton' is unavailable: {_triton.unavailable_reason()}")
+        if not _triton.serves(x):
+            raise ValueError(f"backend 'triton' serves CUDA tensors (CPU tensors under TRITON_INTERPRET=1) of "
+                             f"{', '.join(str(d) for d in _triton.DTYPES)}; got a {x.dtype} tensor on {x.device}")
     return _BACKENDS[name]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,57 @@ from torch import Tensor
 
 from ._build import kernels
 
-__all__ = ["custom_op", "differentiable_backward", "kernels"]
+__all__ = ["custom_op", "differentiable_backward", "kernels", "register_interpreted"]
+
+# The triton backend's kernels by op name: a CPU tensor runs them, through Triton's interpreter, while the triton
+# backend is selected (``use_backend("triton")`` with ``TRITON_INTERPRET=1``): how CI tests the GPU kernels.
+_INTERPRETED: dict[str, Callable[..., Any]] = {}
+
+
+def register_interpreted(name: str, kernel: Callable[..., Any]) -> None:
+    """Run ``kernel`` instead of the C++ kernel of op ``name`` on CPU tensors while the triton backend is selected."""
+    _INTERPRETED[name] = kernel
+
+
+def _interpreting() -> bool:
+    """Whether CPU tensors run the triton backend's kernels now (see ``_INTERPRETED``)."""
+    if not _INTERPRETED:
+        return False
+    from .._dispatch import get_backend
+
+    return get_backend() == "triton"
+
+
+def _remembering_backend(backward: Callable[..., Any], setup: Callable[..., Any] | None) -> tuple:
+    """(backward, setup) such that the backward runs on the kernels the forward ran on: a backward pass usually
+    runs after the ``use_backend("triton")`` block of its forward has ended."""
+
+    def remember(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.interpreted = _interpreting()
+        if setup is not None:
+            setup(ctx, inputs, output)
+
+    def replay(ctx: Any, *grads: Any) -> Any:
+        if not getattr(ctx, "interpreted", False):
+            return backward(ctx, *grads)
+        from .._dispatch import use_backend
+
+        with use_backend("triton"):
+            return backward(ctx, *grads)
+
+    return replay, remember
+
+
+def _or_interpreted(name: str, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward``, or the triton backend's kernel for op ``name`` when that backend is selected (see above)."""
+
+    @functools.wraps(forward)
+    def kernel(*args: Any) -> Any:
+        if name in _INTERPRETED and _interpreting():
+            return _INTERPRETED[name](*args)
+        return forward(*args)
+
+    return kernel
 
 
 def custom_op(
@@ -26,11 +77,12 @@ def custom_op(
     """Register ``forward`` as ``torch.ops.torchsan.<name>`` for CPU tensors, with ``fake`` for shape inference
     (meta tensors, torch.compile) and, if given, ``backward`` and ``setup`` as its autograd formula (see
     ``torch.library.register_autograd``). The schema comes from ``forward``'s annotations unless given."""
-    op = torch.library.custom_op(f"torchsan::{name}", forward, mutates_args=tuple(mutates), device_types="cpu",
-                                 schema=schema)
+    op = torch.library.custom_op(f"torchsan::{name}", _or_interpreted(name, forward), mutates_args=tuple(mutates),
+                                 device_types="cpu", schema=schema)
     op.register_fake(fake)
     if backward is not None:
-        op.register_autograd(backward, setup_context=setup)
+        replay, remember = _remembering_backend(backward, setup)
+        op.register_autograd(replay, setup_context=remember)
     return op
 
 
