@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTERPRETER_MIN_VERSION = (3, 8)  # the interpreter runs on CPU tensors from this release on (3.1's does not)
 # The fused ops this backend runs in place of modules: its own softmax + aggregation and gather with append, and
 # the reference's stacked phi/psi/beta convolution (one cuDNN call instead of three).
 _FUSES = frozenset({"softmax_aggregation", "subtraction2_append", "stacked_conv1x1"})
@@ -60,11 +61,17 @@ def interpreting() -> bool:
 def unavailable_reason() -> str | None:
     """Why this backend cannot run here (None if it can)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as err:
         return f"triton is not installed ({err})"
-    if not (torch.cuda.is_available() or interpreting()):
+    if torch.cuda.is_available():
+        return None
+    if not interpreting():
         return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if version < INTERPRETER_MIN_VERSION:  # older interpreters lose the stores of kernels on CPU tensors
+        return (f"triton {triton.__version__}'s interpreter is not supported (the kernels are tested with "
+                f"{'.'.join(map(str, INTERPRETER_MIN_VERSION))} and later)")
     return None
 
 
