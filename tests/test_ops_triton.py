@@ -165,3 +165,17 @@ def test_tiny_san_matches_reference():
     _close(out, ref, torch.float64)
     for g, r in zip(grads, ref_grads):
         _close(g, r, torch.float64)
+
+
+@pytest.mark.parametrize("n,c", [(0, 4), (2, 0)], ids=["empty-batch", "no-channels"])
+def test_empty_inputs(n, c):
+    x, logits = torch.randn(n, c, 5, 5), torch.randn(n, 1, 9, 25)
+    for fn, inputs in ((lambda a, b: ops.softmax_aggregation(a, b, 3), (x, logits)),
+                       (lambda a, b: ops.aggregation(a, b, 3), (x, logits)),
+                       (lambda a: ops.subtraction2(a, a * 2, 3), (x,)),
+                       (lambda a: ops.unfold(a, 3, stride=2), (x,))):
+        (out, grads), (ref, ref_grads) = _both(fn, *inputs)
+        assert out.shape == ref.shape
+        for g, r in zip(grads, ref_grads):
+            assert g.shape == r.shape
+            _close(g, r, torch.float64)
