@@ -817,3 +817,27 @@ def test_torch_compile_pairwise_layer_with_fused_relation_matches_eager():
     eager.load_state_dict(layer.state_dict())
     traced = _check_compiled_training_step(layer, eager, torch.randn(2, 8, 28, 28))
     assert "subtraction2_batchnorm_relu_conv1x1" in traced
+
+
+@pytest.mark.parametrize("width", [0.5, 0.25])
+def test_width_keeps_the_parameter_ratio(width):
+    """One width option for both families: SAN10 pairwise over ResNet26 keeps its parameter ratio (params grow with
+    the square of the width), and the narrow models run, with feature_info that matches their stages."""
+
+    def params(model):
+        return sum(p.numel() for p in model.parameters())
+
+    san, resnet = (timm.create_model(name, num_classes=10, small_input=True) for name in ("san10_pairwise",
+                                                                                          "san_resnet26"))
+    narrow_san, narrow_resnet = (timm.create_model(name, num_classes=10, small_input=True, width=width)
+                                 for name in ("san10_pairwise", "san_resnet26"))
+    assert params(narrow_san) < params(san) * width * 1.5 and params(narrow_resnet) < params(resnet) * width * 1.5
+    assert params(narrow_san) / params(narrow_resnet) == pytest.approx(params(san) / params(resnet), rel=0.03)
+    x = torch.randn(2, 3, 16, 16)
+    for model in (narrow_san, narrow_resnet):
+        assert model(x).shape == (2, 10)
+        features = timm.create_model(model.default_cfg["architecture"], small_input=True, width=width,
+                                     features_only=True)(x)
+        assert [f.shape[1] for f in features] == [info["num_chs"] for info in model.feature_info]
+    with pytest.raises(ValueError, match="width must be > 0"):
+        timm.create_model("san_resnet26", width=0)

@@ -304,3 +304,21 @@ def test_mixup_option(image_folder, tmp_path):
     summary = json.loads((tmp_path / "mix" / "summary.json").read_text())
     assert summary["final"]["train_top1"] is None  # no hard labels to score under mixup
     assert main(train_args(image_folder, tmp_path / "sbn", "--sync-bn")) == 2  # SyncBatchNorm needs GPUs
+
+
+def test_model_kwargs_flags_add_to_the_config(image_folder, tmp_path, capsys):
+    # --model-kwargs adds keys to the config file's model_kwargs (it used to replace them all, dropping
+    # small_input); --drop-model-kwarg removes one, explicitly.
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\n")
+    common = ["--data", str(image_folder), "--image-size", "16", "--batch-size", "6", "--epochs", "1",
+              "--progress", "none", "--no-tensorboard"]
+    assert main(["train", str(cfg), *common, "--output", str(tmp_path / "a"), "--model-kwargs", "zero_init_last=true",
+                 "--model-kwargs", "stem_width=16"]) == 0
+    saved = load_config(tmp_path / "a" / "config.yaml").model_kwargs
+    assert saved == {**TINY_SAN, "zero_init_last": True, "stem_width": 16}
+    assert read_checkpoint(tmp_path / "a" / "model_best.pth")["state_dict"]["stem.conv.weight"].shape[0] == 16
+    assert main(["train", str(cfg), *common, "--output", str(tmp_path / "b"), "--drop-model-kwarg", "small_input"]) == 2
+    assert "san10_pairwise cannot run on 16 px images" in capsys.readouterr().err  # small_input really went
+    assert main(["train", str(cfg), *common, "--output", str(tmp_path / "c"), "--drop-model-kwarg", "width"]) == 2
+    assert "--drop-model-kwarg width: not among the model_kwargs" in capsys.readouterr().err

@@ -148,7 +148,10 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "model_kwargs":
             group.add_argument(flag, action="append", metavar="KEY=VALUE", default=None,
-                               help="a model constructor argument, YAML value, e.g. small_input=true (repeatable)")
+                               help="a model constructor argument, YAML value, e.g. width=0.5 (repeatable); added "
+                               "to the config's model_kwargs, replacing only the same key")
+            group.add_argument("--drop-model-kwarg", action="append", metavar="KEY", default=None,
+                               help="remove KEY from the config's model_kwargs (repeatable)")
         elif f.name == "step_milestones":
             group.add_argument(flag, type=int, nargs="+", default=None, help=text)
         else:
@@ -177,7 +180,7 @@ def _train(args: argparse.Namespace) -> int:
 
     import torchsan.models  # noqa: F401
 
-    from .train import load_config, train
+    from .train import train
     from .train.checkpoint import latest_checkpoint, read_checkpoint
 
     overrides = _overrides(args)
@@ -196,13 +199,30 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"{str(path)!r} holds no training config: not a torchsan training checkpoint")
         own_folder = os.path.dirname(os.path.abspath(path)).replace("{", "{{").replace("}", "}}")
         overrides = {**{k: v for k, v in saved.items() if k != "output"}, "output": own_folder, **overrides}
-    cfg = load_config(source, **overrides)
+    cfg = _merge_model_kwargs(source, overrides, args.drop_model_kwarg or [])
     summary = train(cfg, resume=args.resume)
     final = summary["final"]
     if args.json and _is_rank0():
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
     return 0 if final.get("val_top1") is not None or cfg.eval_every > cfg.epochs else 1
+
+
+def _merge_model_kwargs(source: str | None, overrides: dict[str, Any], drop: list[str]) -> Any:
+    """The config of ``source`` with ``overrides``, where ``--model-kwargs`` adds to (or replaces single keys of)
+    the config's ``model_kwargs`` instead of replacing all of them, and ``--drop-model-kwarg KEY`` removes one."""
+    from .train import load_config
+
+    flags = overrides.pop("model_kwargs", None)
+    cfg = load_config(source, **overrides)
+    if flags is None and not drop:
+        return cfg
+    merged = {**cfg.model_kwargs, **(flags or {})}
+    for key in drop:
+        if key not in merged:
+            raise ValueError(f"--drop-model-kwarg {key}: not among the model_kwargs ({', '.join(merged) or 'none'})")
+        del merged[key]
+    return load_config(source, **overrides, model_kwargs=merged)
 
 
 def _is_rank0() -> bool:

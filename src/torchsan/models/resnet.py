@@ -22,6 +22,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ._width import scale_channels
+
 __all__ = ["Bottleneck", "ResNet", "checkpoint_filter_fn"]
 
 RESNET_LAYERS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
@@ -58,6 +60,8 @@ class ResNet(nn.Module):
     Args:
         layers: blocks per stage.
         small_input: 3x3 stride-1 stem without max-pool, for 16-64 px inputs.
+        width: channel multiplier (stem and every stage; 64 * width rounded to a multiple of 8). The SAN
+            models take the same option, so reduced-width ResNets and SANs keep the paper's parameter ratio.
         zero_init_last: start each block's last BN at zero (the block is then the identity at
             init; not in the paper; it speeds up short runs).
     """
@@ -71,29 +75,31 @@ class ResNet(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         zero_init_last: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"layers needs 4 entries, got {tuple(layers)}")
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
-        self.inplanes = 64
+        base = scale_channels(64, width, 8)
+        self.inplanes = base
         if small_input:
-            self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, base, kernel_size=3, stride=1, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+            self.conv1 = nn.Conv2d(in_chans, base, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(64, layers[0])
-        self.layer2 = self._make_layer(128, layers[1], stride=2)
-        self.layer3 = self._make_layer(256, layers[2], stride=2)
-        self.layer4 = self._make_layer(512, layers[3], stride=2)
+        self.layer1 = self._make_layer(base, layers[0])
+        self.layer2 = self._make_layer(base * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(base * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(base * 8, layers[3], stride=2)
         r = 1 if small_input else 2
-        self.feature_info = [dict(num_chs=64, reduction=r, module="relu")] + [
-            dict(num_chs=64 * 2**i * 4, reduction=r * 2 * 2**i if not small_input else 2**i,
+        self.feature_info = [dict(num_chs=base, reduction=r, module="relu")] + [
+            dict(num_chs=base * 2**i * 4, reduction=r * 2 * 2**i if not small_input else 2**i,
                  module=f"layer{i + 1}") for i in range(4)
         ]
-        self.num_features = self.head_hidden_size = 512 * Bottleneck.expansion
+        self.num_features = self.head_hidden_size = base * 8 * Bottleneck.expansion
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()

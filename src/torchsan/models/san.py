@@ -19,6 +19,7 @@ applies for ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=di
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from torch import nn
 from ..layers import SelfAttentionBlock
 from ..layers.fused import norm_act_pool
 from ..ops import default_padding
+from ._width import scale_channels
 
 __all__ = ["SAN", "SANStage", "SANStem", "checkpoint_filter_fn", "SMALL_INPUT_POOLS"]
 
@@ -120,6 +122,9 @@ class SAN(nn.Module):
             pass (much less training memory, same function; see docs/performance.md).
         zero_init_last: start each block's last 1x1 conv at zero (the block is then the identity
             at init; not in the paper; it speeds up short runs).
+        width: channel multiplier of ``widths`` and ``stem_width``; stage widths are rounded to a multiple
+            of lcm(rel_reduction, mid_reduction * share_planes) (32 by default: what a block needs), the
+            stem's to 8. The ResNets take the same option, so both families keep the paper's ratio.
     """
 
     def __init__(
@@ -146,8 +151,13 @@ class SAN(nn.Module):
         transform: str = "separate",
         memory_efficient: bool = False,
         zero_init_last: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
+        if width != 1.0:
+            step = math.lcm(rel_reduction, mid_reduction * share_planes)
+            widths = [scale_channels(w, width, step) for w in widths]
+            stem_width = scale_channels(stem_width, width, 8)
         if not (len(layers) == len(kernels) == len(widths)):
             raise ValueError(
                 f"layers, kernels and widths need one entry per stage, got {len(layers)}, "
