@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -289,6 +290,18 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rotate(args: argparse.Namespace) -> int:
+    from .studies import rotate
+
+    overrides = dict(data=args.data, image_size=args.image_size, val_subset=args.val_subset,
+                     batch_size=args.batch_size, workers=args.workers, device=args.device, threads=args.threads)
+    rows = rotate(args.checkpoints, args.output, **overrides)
+    if _is_rank0():
+        print((Path(args.output) / "rotate.md").read_text(), end="")
+        print(f"wrote {args.output}/rotate.md, rotate.csv, rotate.json, rotate.png ({len(rows)} checkpoint(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchsan", description=__doc__)
     parser.add_argument("--version", action="version", version=f"torchsan {__version__}")
@@ -336,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate even if the data's class names differ from the checkpoint's (same count)")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("robustness", help="zero-shot robustness of checkpoints (the paper's Section 5.4)")
+    studies = p.add_subparsers(dest="study", required=True)
+    p = studies.add_parser("rotate", help="top-1/top-5 on the validation images as given, rotated by 90 (cw and "
+                           "ccw) and 180 degrees and flipped up-down and left-right; resumes where it stopped")
+    p.add_argument("checkpoints", nargs="+", help="checkpoints written by torchsan train (model_best.pth ...)")
+    p.add_argument("--output", default="runs/robustness", help="folder for rotate.md/.csv/.json/.png")
+    p.add_argument("--data", help="an ImageNet-layout folder or fashion-mnist (default: each checkpoint's)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--val-subset", type=int, help="evaluate on this many images (balanced); 0 = all")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=_rotate)
     p = sub.add_parser("results", help="a table of finished runs (their summary.json)")
     p.add_argument("runs", nargs="+", help="run folders")
     p.set_defaults(func=_results)

@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,8 @@ from .losses import mixup, smooth_targets, soft_cross_entropy
 from .meters import EpochMeters
 from .run_folder import RunFolderLock, remove_stale_temp_files
 
-__all__ = ["train", "evaluate", "evaluate_checkpoint", "check_classes", "lr_factor", "SCHEDULE_KEYS"]
+__all__ = ["train", "evaluate", "evaluate_checkpoint", "checkpoint_evaluation", "check_classes", "lr_factor",
+           "SCHEDULE_KEYS"]
 
 # Settings a resumed run must share with its checkpoint: they define the function being trained
 # and the schedule. Everything else (workers, threads, progress, output, ...) may change.
@@ -163,14 +164,20 @@ class _Progress:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv, amp: str = "none",
-             channels_last: bool = False) -> dict[str, float]:
-    """Loss (plain cross-entropy), top-1 and top-5 accuracy (%) over every sample of the loader's data set."""
+             channels_last: bool = False,
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Loss (plain cross-entropy), top-1 and top-5 accuracy (%) over every sample of the loader's data set.
+
+    ``transform``: applied to each (N, C, H, W) batch of normalised images first (a rotation, say).
+    """
     model.eval()
     loss_sum = correct1 = correct5 = count = skipped = 0.0
     for batch in loader:
         if batch is None:
             continue
         images, labels, n_skipped = batch
+        if transform is not None:
+            images = transform(images)
         images, labels = _to_device(images, labels, env.device, channels_last)
         with _autocast(amp, env.device):
             logits = model(images)
@@ -731,6 +738,20 @@ def evaluate_checkpoint(path: str, ignore_class_names: bool = False, **overrides
     ``amp``, ``skip_corrupt`` and ``threads``. The data's class names must be the checkpoint's (ValueError),
     unless ``ignore_class_names`` (then only their count must match).
     """
+    with checkpoint_evaluation(path, ignore_class_names, **overrides) as (model, loader, info, cfg, env):
+        t0 = time.perf_counter()
+        result = evaluate(model, loader, env, cfg.amp)
+        result.update(model=cfg.model, data=info.name, image_size=cfg.image_size, checkpoint=path,
+                      seconds=time.perf_counter() - t0)
+        return result
+
+
+@contextmanager
+def checkpoint_evaluation(path: str, ignore_class_names: bool = False, **overrides: Any):
+    """The pieces to evaluate a checkpoint: (model in eval mode, val loader, DataInfo, TrainConfig, DistEnv).
+
+    ``overrides`` as for :func:`evaluate_checkpoint`. The process group (torchrun) lives as long as the block.
+    """
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), str):
         raise ValueError(f"{path!r} has no torchsan training config; for other checkpoints build the model "
@@ -746,13 +767,9 @@ def evaluate_checkpoint(path: str, ignore_class_names: bool = False, **overrides
         check_classes(ckpt.get("classes"), info.classes, f"checkpoint {path!r}", info.name, ignore_class_names)
         model = _create_model(cfg, info.num_classes, int(ckpt.get("in_chans", info.in_chans)))
         load_converted(model, ckpt["state_dict"], f"checkpoint {path!r}")
-        model.to(env.device)
+        model.to(env.device).eval()
         loader = build_loader(datasets["val"], max(1, cfg.batch_size // env.world_size), train=False, rank=env.rank,
                               world_size=env.world_size, workers=cfg.workers, pin_memory=env.device.type == "cuda")
-        t0 = time.perf_counter()
-        result = evaluate(model, loader, env, cfg.amp)
-        result.update(model=cfg.model, data=info.name, image_size=cfg.image_size, checkpoint=path,
-                      seconds=time.perf_counter() - t0)
-        return result
+        yield model, loader, info, cfg, env
     finally:
         shutdown()
