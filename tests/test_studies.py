@@ -71,3 +71,124 @@ def test_rotate_command_end_to_end_and_resumes(tiny_checkpoint, tmp_path, capsys
     stamp = (out / "rotate.json").stat().st_mtime_ns
     assert main(["robustness", "rotate", str(tiny_checkpoint), "--output", str(out)]) == 0
     assert (out / "rotate.json").stat().st_mtime_ns == stamp
+
+
+# --- the targeted attack -----------------------------------------------------------------------------------------
+
+def _tiny_model():
+    import timm
+
+    from conftest import TINY_SAN
+
+    torch.manual_seed(0)
+    model = timm.create_model("san10_pairwise", num_classes=5, **TINY_SAN)
+    with torch.no_grad():  # BN statistics that are not the defaults, so that a change would show
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+MEAN, STD = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+
+
+def test_targets_are_never_the_labels_and_do_not_depend_on_batching():
+    from torchsan.studies import targets_for
+
+    labels = torch.randint(0, 4, (300,))
+    targets = targets_for(labels, 0, 4, seed=3)
+    assert (targets != labels).all() and targets.min() >= 0 and targets.max() < 4
+    assert len(set(targets.tolist())) == 4  # every class is a target for some image
+    split = torch.cat([targets_for(labels[:100], 0, 4, 3), targets_for(labels[100:], 100, 4, 3)])
+    assert torch.equal(split, targets)
+    assert not torch.equal(targets_for(labels, 0, 4, seed=4), targets)
+
+
+def test_one_pgd_step_is_the_formula():
+    from torchsan.studies import pgd
+
+    model = _tiny_model()
+    images, targets = torch.rand(3, 3, 16, 16), torch.tensor([1, 4, 2])
+    eps, alpha = 8 / 255, 3 / 255
+    x = images.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(model((x - MEAN) / STD), targets)
+    (grad,) = torch.autograd.grad(loss, x)
+    expected = (images - alpha * grad.sign()).clamp(images - eps, images + eps).clamp(0, 1)
+    adversarial, _ = pgd(model, images, targets, MEAN, STD, eps, alpha, steps=1)
+    assert torch.equal(adversarial, expected)
+
+
+def test_pgd_stays_in_the_ball_raises_the_target_and_leaves_bn_alone():
+    from torchsan.studies import pgd
+
+    model = _tiny_model()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    images, targets = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    eps = 4 / 255
+    adversarial, logits = pgd(model, images, targets, MEAN, STD, eps, 1 / 255, steps=8, record=(1, 2, 4, 8))
+    assert (adversarial - images).abs().max() <= eps + 1e-7
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    with torch.no_grad():
+        start = model((images - MEAN) / STD).log_softmax(1).gather(1, targets[:, None]).mean()
+    rising = [logits[s].log_softmax(1).gather(1, targets[:, None]).mean() for s in (1, 2, 4, 8)]
+    assert start < rising[0] < rising[-1]
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+    assert not model.training
+
+
+def test_attack_command_end_to_end_and_resumes(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "attack"
+    args = ["robustness", "attack", str(tiny_checkpoint), "--output", str(out), "--steps", "1,2,4",
+            "--epsilon", "8/255", "--step-size", "2/255"]
+    assert main(args) == 0
+    assert "epsilon 8/255, step 2/255" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} >= {"attack.json", "attack.csv", "attack.md", "attack.png"}
+    (result,) = json.loads((out / "attack.json").read_text()).values()
+    assert [r["steps"] for r in result["rows"]] == [1, 2, 4] and result["images"] == 12
+    assert len(result["targets"]) == 12 and all(0 <= r["success"] <= 100 for r in result["rows"])
+    stamp = (out / "attack.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "attack.json").stat().st_mtime_ns == stamp  # done: not attacked again
+    assert main([*args[:-4], "--epsilon", "2"]) == 2  # beyond the pixel scale
+
+
+# --- the ablations -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("study", ["relation", "mapping", "transforms", "footprint", "position"])
+def test_ablate_changes_only_the_named_option(study, image_folder, tmp_path, capsys):
+    import timm
+
+    from conftest import TINY_SAN
+    from torchsan.studies import variants
+    from torchsan.train import load_config
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\ndata: {image_folder}\n"
+                    "image_size: 16\nbatch_size: 6\nepochs: 1\nlr: 0.05\nprogress: none\ntensorboard: false\n")
+    out = tmp_path / "ablate"
+    assert main(["ablate", study, str(base), "--output", str(out)]) == 0
+    table = (out / f"ablate-{study}.md").read_text()
+    expected = variants(study, "san10_pairwise", TINY_SAN)
+    assert table.count("\n| ") == len(expected) + 1  # header and one row per variant
+    base_cfg = load_config(base).to_dict()
+    for label, model, changes in expected:
+        run = next(p for p in (out / study).iterdir() if (p / "config.yaml").exists() and
+                   load_config(p / "config.yaml").model_kwargs == {**TINY_SAN, **changes} and
+                   load_config(p / "config.yaml").model == model)
+        saved = load_config(run / "config.yaml").to_dict()
+        differ = {k for k in saved if saved[k] != base_cfg[k]}
+        assert differ <= {"model", "model_kwargs", "output"}, (label, differ)
+        changed = {k for k, v in changes.items() if TINY_SAN.get(k) != v}  # (a variant may be the base itself)
+        assert {k for k in saved["model_kwargs"] if saved["model_kwargs"][k] != TINY_SAN.get(k)} == changed
+        built = timm.create_model(model, num_classes=3, **saved["model_kwargs"])
+        attn = built.stages[1].blocks[0].attn
+        for key, value in changes.items():
+            if key in ("relation", "transform"):
+                assert getattr(attn, key) == value, (label, key)
+            if key == "position_encoding":
+                assert (getattr(attn, "pos_proj", None) is not None) == value, label
+    # a second call trains nothing: every run is complete
+    stamps = {p: (p / "summary.json").stat().st_mtime_ns for p in (out / study).iterdir()}
+    assert main(["ablate", study, str(base), "--output", str(out)]) == 0
+    assert stamps == {p: (p / "summary.json").stat().st_mtime_ns for p in (out / study).iterdir()}

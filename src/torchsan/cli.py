@@ -302,6 +302,61 @@ def _rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    import timm
+
+    import torchsan.models  # noqa: F401
+
+    from .studies import ablate
+
+    overrides = _overrides(args)
+    output = overrides.pop("output", "runs/ablate")
+    source = args.config
+    if timm.is_model(source):
+        overrides.setdefault("model", source)
+        source = None
+    base = _merge_model_kwargs(source, overrides, args.drop_model_kwarg or [])
+    rows = ablate(args.study, base, output)
+    if _is_rank0():
+        print((Path(output) / f"ablate-{args.study}.md").read_text(), end="")
+        print(f"wrote {output}/ablate-{args.study}.md, .csv, .json, .png ({len(rows)} runs)")
+    return 0
+
+
+def _pixels(text: str) -> float:
+    """A pixel-scale amount: "8/255" or "0.0314"."""
+    from fractions import Fraction
+
+    try:
+        return float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from .studies import attack
+
+    overrides = dict(data=args.data, image_size=args.image_size, val_subset=args.val_subset,
+                     batch_size=args.batch_size, workers=args.workers, device=args.device, threads=args.threads)
+    steps = [int(s) for s in args.steps.split(",")]
+    results = attack(args.checkpoints, args.output, args.epsilon, args.step_size, steps, args.seed, **overrides)
+    print((Path(args.output) / "attack.md").read_text(), end="")
+    print(f"wrote {args.output}/attack.md, attack.csv, attack.json, attack.png ({len(results)} checkpoint(s))")
+    return 0
+
+
+def _study_flags(p: argparse.ArgumentParser, output: str) -> None:
+    p.add_argument("checkpoints", nargs="+", help="checkpoints written by torchsan train (model_best.pth ...)")
+    p.add_argument("--output", default=output, help="folder for the result files")
+    p.add_argument("--data", help="an ImageNet-layout folder or fashion-mnist (default: each checkpoint's)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--val-subset", type=int, help="use this many validation images (balanced); 0 = all")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchsan", description=__doc__)
     parser.add_argument("--version", action="version", version=f"torchsan {__version__}")
@@ -349,20 +404,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate even if the data's class names differ from the checkpoint's (same count)")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("ablate", help="the paper's ablations: one training run per variant of one option",
+                       description="Train every variant of STUDY from a base config (CONFIG: a YAML file, a "
+                       "packaged config or a SAN model name; flags override its values), each into "
+                       "OUTPUT/STUDY/VARIANT, resuming runs that were stopped; then tabulate top-1, top-5, "
+                       "parameters and MACs.")
+    from .studies.ablate import STUDIES
+
+    p.add_argument("study", choices=STUDIES)
+    p.add_argument("config", nargs="?", default="fashion_mnist/san10_pairwise",
+                   help="the base: YAML file, packaged config or SAN model name (default fashion_mnist/san10_pairwise)")
+    _config_flags(p)
+    p.set_defaults(func=_ablate)
     p = sub.add_parser("robustness", help="zero-shot robustness of checkpoints (the paper's Section 5.4)")
     studies = p.add_subparsers(dest="study", required=True)
     p = studies.add_parser("rotate", help="top-1/top-5 on the validation images as given, rotated by 90 (cw and "
                            "ccw) and 180 degrees and flipped up-down and left-right; resumes where it stopped")
-    p.add_argument("checkpoints", nargs="+", help="checkpoints written by torchsan train (model_best.pth ...)")
-    p.add_argument("--output", default="runs/robustness", help="folder for rotate.md/.csv/.json/.png")
-    p.add_argument("--data", help="an ImageNet-layout folder or fashion-mnist (default: each checkpoint's)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--val-subset", type=int, help="evaluate on this many images (balanced); 0 = all")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--device")
-    p.add_argument("--threads", type=int)
+    _study_flags(p, "runs/robustness")
     p.set_defaults(func=_rotate)
+    p = studies.add_parser("attack", help="targeted L-infinity PGD in pixel space: success rate and top-1 after 1 "
+                           "to 32 steps; random targets from (seed, image index); resumes where it stopped")
+    _study_flags(p, "runs/robustness")
+    p.add_argument("--epsilon", type=_pixels, default=8 / 255, help="L-infinity radius in pixels (default 8/255)")
+    p.add_argument("--step-size", type=_pixels, default=2 / 255, help="per step (default 2/255)")
+    p.add_argument("--steps", default="1,2,4,8,16,32", help="report after these step counts (default 1,2,4,8,16,32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the target classes")
+    p.set_defaults(func=_attack)
     p = sub.add_parser("results", help="a table of finished runs (their summary.json)")
     p.add_argument("runs", nargs="+", help="run folders")
     p.set_defaults(func=_results)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._store import ResultStore
 
 __all__ = ["TRANSFORMS", "rotate"]
 
@@ -31,12 +32,6 @@ TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "flipped up-down": lambda x: torch.flip(x, dims=(2,)),
     "flipped left-right": lambda x: torch.flip(x, dims=(3,)),
 }
-
-
-def _key(path: str) -> str:
-    """What identifies a checkpoint's result: its path, size and modification time (a new file is redone)."""
-    stat = os.stat(path)
-    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def evaluate_transforms(path: str, **overrides: Any) -> dict[str, Any]:
@@ -57,23 +52,14 @@ def rotate(checkpoints: Sequence[str], output: str | os.PathLike[str], **overrid
 
     A checkpoint already in ``output/rotate.json`` (same file, same size and time) is not evaluated again.
     """
-    from ..train.checkpoint import write_text_atomic
-
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    store = out / "rotate.json"
-    done: dict[str, Any] = json.loads(store.read_text()) if store.exists() else {}
-    rows = []
-    for path in checkpoints:
-        key = _key(path)
-        if key not in done:
-            done[key] = evaluate_transforms(path, **overrides)
-            write_text_atomic(store, json.dumps(done, indent=1))  # after each checkpoint: a stop loses one
-        rows.append(done[key])
-    write_text_atomic(out / "rotate.md", table(rows))
-    write_text_atomic(out / "rotate.csv", _csv(rows))
+    store = ResultStore(output, "rotate.json")
+    rows = [store.get_or_compute(path, lambda path=path: evaluate_transforms(path, **overrides))
+            for path in checkpoints]
+    store.write("rotate.md", table(rows))
+    store.write("rotate.csv", _csv(rows))
     if rows:
-        figure(rows[0], out / "rotate.png", **{k: v for k, v in overrides.items() if k in ("data", "image_size")})
+        figure(rows[0], store.folder / "rotate.png",
+               **{k: v for k, v in overrides.items() if k in ("data", "image_size")})
     return rows
 
 

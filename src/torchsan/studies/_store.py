@@ -1,0 +1,49 @@
+"""Results of a study kept per checkpoint in one JSON file, so that a stopped study resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ResultStore"]
+
+
+class ResultStore:
+    """``folder/name``: {checkpoint key: result}. A checkpoint's key is its path, size and modification time, so a
+    new file under the same name is done again."""
+
+    def __init__(self, folder: str | os.PathLike[str], name: str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / name
+        try:
+            self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(self.path)!r} is not a readable result file ({err}); move it away to "
+                             f"start again") from None
+
+    @staticmethod
+    def key(checkpoint: str, **settings: Any) -> str:
+        stat = os.stat(checkpoint)
+        extra = json.dumps(settings, sort_keys=True) if settings else ""
+        return f"{os.path.abspath(checkpoint)}|{stat.st_size}|{stat.st_mtime_ns}{extra}"
+
+    def get_or_compute(self, checkpoint: str, compute: Callable[[], dict[str, Any]], **settings: Any) -> dict:
+        """The stored result of ``checkpoint`` (with ``settings``), or ``compute()``'s, stored at once."""
+        from ..train.checkpoint import write_text_atomic
+
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+        key = self.key(checkpoint, **settings)
+        if key not in self.results:
+            self.results[key] = compute()
+            write_text_atomic(self.path, json.dumps(self.results, indent=1))
+        return self.results[key]
+
+    def write(self, name: str, text: str) -> None:
+        from ..train.checkpoint import write_text_atomic
+
+        write_text_atomic(self.folder / name, text)

@@ -1,0 +1,139 @@
+"""The paper's ablations as named studies (its Tables 3-7): ``torchsan ablate STUDY [CONFIG]``.
+
+A study is a set of training runs that each change one option of a base config (a SAN model):
+
+| study | the option | variants |
+|---|---|---|
+| ``relation`` | the relation (Table 3), both families | pairwise: 5 relations; patchwise: star, clique, concat |
+| ``mapping`` | gamma's layers (Table 4) | ``L``, ``R-L``, ``L-R-L``, ``R-L-R-L`` |
+| ``transforms`` | phi, psi and beta (Table 5) | separate, phi = psi, all shared (with r1 = r2, which it needs) |
+| ``footprint`` | the footprint of stages 1-4 (Table 6) | 3, 5, 7 |
+| ``position`` | the position encoding, pairwise (Table 7) | on, off |
+
+Each run trains into ``OUTPUT/STUDY/VARIANT`` and resumes there if it was stopped (``--resume`` semantics), so a
+study continues where it stopped. The table (``ablate-STUDY.md``, ``.csv``, ``.json``, ``.png``) gives each
+variant's final top-1 and top-5, parameters and multiply-adds.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..layers import PAIRWISE_RELATIONS, PATCHWISE_RELATIONS
+from ._store import ResultStore
+
+__all__ = ["STUDIES", "ablate", "variants"]
+
+STUDIES = ("relation", "mapping", "transforms", "footprint", "position")
+
+
+def _twin(model: str, sa_type: str) -> str:
+    """The same SAN depth with the other attention type: san10_pairwise <-> san10_patchwise."""
+    return model.replace("pairwise", sa_type).replace("patchwise", sa_type)
+
+
+def variants(study: str, model: str, model_kwargs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, model, the model_kwargs that differ from the base's) of each run of ``study``."""
+    if not model.startswith("san") or "resnet" in model or not ("pairwise" in model or "patchwise" in model):
+        raise ValueError(f"the ablations change SAN options: the base model must be a SAN, got {model!r}")
+    sa_type = "pairwise" if "pairwise" in model else "patchwise"
+    if study == "relation":
+        return ([(f"pairwise {r}", _twin(model, "pairwise"), dict(relation=r)) for r in PAIRWISE_RELATIONS]
+                + [(f"patchwise {r}", _twin(model, "patchwise"), dict(relation=r)) for r in PATCHWISE_RELATIONS])
+    if study == "mapping":
+        return [(m, model, dict(mapping=m)) for m in ("L", "R-L", "L-R-L", "R-L-R-L")]
+    if study == "transforms":
+        mid = model_kwargs.get("mid_reduction", 4)  # phi = psi = beta needs the relation as wide as the values
+        return [("separate", model, dict(transform="separate")), ("phi = psi", model, dict(transform="shared_phi_psi")),
+                ("all shared (r1 = r2)", model, dict(transform="shared_all", rel_reduction=mid))]
+    if study == "footprint":
+        first = list(model_kwargs.get("kernels", (3, 7, 7, 7, 7)))[0]
+        return [(f"{k}x{k}", model, dict(kernels=[first, k, k, k, k])) for k in (3, 5, 7)]
+    if study == "position":
+        if sa_type != "pairwise":
+            raise ValueError("the position study applies to pairwise attention: use a pairwise base model")
+        return [("with position encoding", model, dict(position_encoding=True)),
+                ("without", model, dict(position_encoding=False))]
+    raise ValueError(f"unknown study {study!r}; one of {', '.join(STUDIES)}")
+
+
+def ablate(study: str, base: Any, output: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Train (or resume, or just read) every variant of ``study`` from the TrainConfig ``base``; write the tables."""
+    from ..train import train
+
+    rows = []
+    out = Path(output)
+    store = ResultStore(out, f"ablate-{study}.json")
+    for label, model, changes in variants(study, base.model, base.model_kwargs):
+        folder = out / study / "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+        cfg = dataclasses.replace(base, model=model, model_kwargs={**base.model_kwargs, **changes},
+                                  output=str(folder).replace("{", "{{").replace("}", "}}"))
+        cfg.validate()
+        summary_path = folder / "summary.json"
+        if not summary_path.exists() or json.loads(summary_path.read_text()).get("epochs") != cfg.epochs:
+            train(cfg, resume="auto")
+        summary = json.loads(summary_path.read_text())
+        final = summary.get("final", {})
+        row = dict(study=study, variant=label, model=model, changes=changes, top1=final.get("val_top1"),
+                   top5=final.get("val_top5"), best_top1=summary.get("best_val_top1"), params=summary.get("params"),
+                   gmacs=summary.get("gmacs"), epochs=summary.get("epochs"), images=final.get("val_images"),
+                   run=str(folder))
+        store.results[label] = row
+        rows.append(row)
+    store.write(f"ablate-{study}.json", json.dumps(store.results, indent=1))
+    store.write(f"ablate-{study}.md", table(study, rows))
+    store.write(f"ablate-{study}.csv", _csv(rows))
+    _plot(study, rows, out / f"ablate-{study}.png")
+    return rows
+
+
+def table(study: str, rows: list[dict[str, Any]]) -> str:
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"Ablation '{study}': each run changes only this option of the base config.", "",
+             "| variant | model | top-1 | top-5 | params (M) | GMACs | epochs | val images |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['model']} | {fmt(r['top1'], '.2f')} | {fmt(r['top5'], '.2f')} | "
+                     f"{fmt(r['params'] and r['params'] / 1e6, '.3f')} | {fmt(r['gmacs'], '.4f')} | {r['epochs']} | "
+                     f"{r['images']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["study", "variant", "model", "changes", "top1", "top5", "params", "gmacs", "epochs", "run"])
+    for r in rows:
+        writer.writerow([r["study"], r["variant"], r["model"], json.dumps(r["changes"]), r["top1"], r["top5"],
+                         r["params"], r["gmacs"], r["epochs"], r["run"]])
+    return buffer.getvalue()
+
+
+def _plot(study: str, rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows)), 3.6))
+    ax.bar(range(len(rows)), [r["top1"] or 0.0 for r in rows])
+    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title(f"ablation: {study}")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
