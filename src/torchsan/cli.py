@@ -345,15 +345,20 @@ def _attack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_flags(p: argparse.ArgumentParser, output: str) -> None:
-    p.add_argument("checkpoints", nargs="+", help="checkpoints written by torchsan train (model_best.pth ...)")
-    p.add_argument("--output", default=output, help="folder for the result files")
-    p.add_argument("--data", help="an ImageNet-layout folder or fashion-mnist (default: each checkpoint's)")
+def _evaluation_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that override a checkpoint's data and evaluation settings (eval and the studies)."""
+    p.add_argument("--data", help="an ImageNet-layout folder (its val/ split) or fashion-mnist (default: the run's)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--val-subset", type=int, help="use this many validation images (balanced); 0 = all")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--device")
+
+
+def _study_flags(p: argparse.ArgumentParser, output: str) -> None:
+    p.add_argument("checkpoints", nargs="+", help="checkpoints written by torchsan train (model_best.pth ...)")
+    p.add_argument("--output", default=output, help="folder for the result files")
+    _evaluation_flags(p)
     p.add_argument("--threads", type=int)
 
 
@@ -391,12 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on its data set or another folder")
     p.add_argument("checkpoint", help="a training checkpoint or model_best.pth written by torchsan train")
-    p.add_argument("--data", help="an ImageNet-layout folder (its val/ split) or fashion-mnist (default: the run's)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--val-subset", type=int, help="evaluate on this many images (balanced); 0 = all")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--device")
+    _evaluation_flags(p)
     p.add_argument("--amp", choices=("none", "bf16", "fp16"))
     p.add_argument("--threads", type=int)
     p.add_argument("--skip-corrupt", action="store_true", help="skip and count corrupt images")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..layers import PAIRWISE_RELATIONS, PATCHWISE_RELATIONS
+from ..train.checkpoint import save_figure_atomic
 from ._store import ResultStore
 
 __all__ = ["STUDIES", "ablate", "variants"]
@@ -130,10 +131,4 @@ def _plot(study: str, rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title(f"ablation: {study}")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure_atomic(fig, path)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..train.checkpoint import save_figure_atomic
 from ._store import ResultStore
 
 __all__ = ["EPSILON", "STEP_SIZE", "STEPS", "attack", "pgd", "targets_for"]
@@ -153,7 +154,6 @@ def _csv(results: Sequence[dict[str, Any]]) -> str:
 
 
 def _plot(results: Sequence[dict[str, Any]], path: Any) -> None:
-    import os
 
     import matplotlib
 
@@ -172,10 +172,4 @@ def _plot(results: Sequence[dict[str, Any]], path: Any) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure_atomic(fig, path)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..train.checkpoint import save_figure_atomic
 from ._store import ResultStore
 
 __all__ = ["TRANSFORMS", "rotate"]
@@ -117,10 +118,4 @@ def figure(row: dict[str, Any], path: Path, **overrides: Any) -> None:
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure_atomic(fig, path)

@@ -23,7 +23,7 @@ import torch
 
 from ..models._helpers import read_checkpoint
 
-__all__ = ["CheckpointWriteError", "save_atomic", "write_text_atomic", "list_checkpoints",
+__all__ = ["CheckpointWriteError", "save_atomic", "save_figure_atomic", "write_text_atomic", "list_checkpoints",
            "latest_checkpoint", "prune_checkpoints", "rng_state",
            "set_rng_state", "checkpoint_name", "read_checkpoint"]
 
@@ -104,6 +104,20 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_figure_atomic(fig: Any, path: str | os.PathLike[str]) -> None:
+    """Save a matplotlib figure as PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def _write_error(cause: BaseException, path: Path) -> CheckpointWriteError:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import write_text_atomic
+from .checkpoint import save_figure_atomic, write_text_atomic
 
 __all__ = ["MetricsLogger", "plot_history"]
 
@@ -73,10 +72,4 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
         ax.legend()
     fig.suptitle(path.parent.name)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure_atomic(fig, path)
