@@ -192,3 +192,14 @@ def test_ablate_changes_only_the_named_option(study, image_folder, tmp_path, cap
     stamps = {p: (p / "summary.json").stat().st_mtime_ns for p in (out / study).iterdir()}
     assert main(["ablate", study, str(base), "--output", str(out)]) == 0
     assert stamps == {p: (p / "summary.json").stat().st_mtime_ns for p in (out / study).iterdir()}
+
+
+def test_bad_study_input_is_one_line_and_leaves_no_folder(tiny_checkpoint, tmp_path, capsys):
+    missing = tmp_path / "missing.pth"
+    for args in (["robustness", "rotate", str(tiny_checkpoint), str(missing), "--output", str(tmp_path / "r")],
+                 ["robustness", "attack", str(missing), "--output", str(tmp_path / "a")],
+                 ["ablate", "relation", "san_resnet26", "--output", str(tmp_path / "b")]):
+        assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("torchsan: error:")]
+    assert len(errors) == 3 and "does not exist" in errors[0] and "must be a SAN" in errors[2]
+    assert list(tmp_path.iterdir()) == []

@@ -13,17 +13,24 @@ __all__ = ["ResultStore"]
 
 class ResultStore:
     """``folder/name``: {checkpoint key: result}. A checkpoint's key is its path, size and modification time, so a
-    new file under the same name is done again."""
+    new file under the same name is done again. The folder is made at the first write: a study that fails its
+    checks leaves nothing behind."""
 
     def __init__(self, folder: str | os.PathLike[str], name: str) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / name
         try:
             self.results: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{str(self.path)!r} is not a readable result file ({err}); move it away to "
                              f"start again") from None
+
+    @staticmethod
+    def check_exist(checkpoints: list[str] | tuple[str, ...]) -> None:
+        """FileNotFoundError naming the first checkpoint that does not exist (before any work or write)."""
+        for checkpoint in checkpoints:
+            if not os.path.isfile(checkpoint):
+                raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
 
     @staticmethod
     def key(checkpoint: str, **settings: Any) -> str:
@@ -33,17 +40,16 @@ class ResultStore:
 
     def get_or_compute(self, checkpoint: str, compute: Callable[[], dict[str, Any]], **settings: Any) -> dict:
         """The stored result of ``checkpoint`` (with ``settings``), or ``compute()``'s, stored at once."""
-        from ..train.checkpoint import write_text_atomic
-
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+        self.check_exist([checkpoint])
         key = self.key(checkpoint, **settings)
         if key not in self.results:
             self.results[key] = compute()
-            write_text_atomic(self.path, json.dumps(self.results, indent=1))
+            self.write(self.path.name, json.dumps(self.results, indent=1))
         return self.results[key]
 
     def write(self, name: str, text: str) -> None:
+        """``text`` into ``folder/name``, atomically (the folder made if needed)."""
         from ..train.checkpoint import write_text_atomic
 
+        self.folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.folder / name, text)

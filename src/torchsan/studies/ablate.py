@@ -71,7 +71,7 @@ def ablate(study: str, base: Any, output: str | os.PathLike[str]) -> list[dict[s
     rows = []
     out = Path(output)
     store = ResultStore(out, f"ablate-{study}.json")
-    for label, model, changes in variants(study, base.model, base.model_kwargs):
+    for label, model, changes in variants(study, base.model, base.model_kwargs):  # (checks the base first)
         folder = out / study / "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
         cfg = dataclasses.replace(base, model=model, model_kwargs={**base.model_kwargs, **changes},
                                   output=str(folder).replace("{", "{{").replace("}", "}}"))

@@ -112,6 +112,7 @@ def attack(checkpoints: Sequence[str], output: str, epsilon: float = EPSILON, st
     if not steps or min(steps) < 1:
         raise ValueError(f"steps must be positive step counts, got {list(steps)}")
     steps = sorted(set(steps))
+    ResultStore.check_exist(list(checkpoints))
     store = ResultStore(output, "attack.json")
     settings = dict(epsilon=epsilon, step_size=step_size, steps=steps, seed=seed,
                     **{k: v for k, v in overrides.items() if v is not None})

@@ -53,6 +53,7 @@ def rotate(checkpoints: Sequence[str], output: str | os.PathLike[str], **overrid
 
     A checkpoint already in ``output/rotate.json`` (same file, same size and time) is not evaluated again.
     """
+    ResultStore.check_exist(list(checkpoints))
     store = ResultStore(output, "rotate.json")
     rows = [store.get_or_compute(path, lambda path=path: evaluate_transforms(path, **overrides))
             for path in checkpoints]

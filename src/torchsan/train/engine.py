@@ -291,16 +291,14 @@ def check_classes(saved: list[str] | None, current: list[str], what: str, data: 
     """Raise ValueError unless the class names ``what`` was trained on are ``current`` (the data's), in order.
 
     ``ignore_names``: compare only the counts (a relabelled copy of the same data), warning about the names.
-    A checkpoint without names (written by other tools) is checked by count.
+    A checkpoint without names (written by other tools) passes: loading its classifier checks the count.
     """
     if saved is None:
-        saved_count = None
-    else:
-        saved = [str(c) for c in saved]
-        saved_count = len(saved)
-    if saved_count is not None and saved_count != len(current):
-        raise ValueError(f"{what} has {saved_count} classes, the data {data!r} {len(current)}")
-    if saved is None or saved == list(current):
+        return
+    saved = [str(c) for c in saved]
+    if len(saved) != len(current):
+        raise ValueError(f"{what} has {len(saved)} classes, the data {data!r} {len(current)}")
+    if saved == list(current):
         return
     differ = [f"{a!r} vs {b!r}" for a, b in zip(saved, current) if a != b]
     shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
