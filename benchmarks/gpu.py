@@ -10,13 +10,15 @@ Sections (each measured in this one run, on the same device):
 
 * ``correctness``: each op on the triton backend against the reference backend (plain PyTorch), forward and the
   gradients of every input, in float32 (max relative error, target 1e-5) and bfloat16 (target 1e-2), at a small
-  shape with stride, dilation and both paddings; and the pairwise layer (its fused softmax + aggregation and its
-  gather with the appended position encoding) against the same layer on the reference backend.
+  shape with stride, dilation and both paddings; ``pairwise_logits`` (forward, and gradients against the modules'
+  own error under autocast in bfloat16); and the pairwise layer against the same layer on the reference backend.
 * ``ops``: forward + backward of aggregation, softmax_aggregation, subtraction2 (with the position encoding
   appended), subtraction and unfold at the shapes of SAN10's five stages at 224 px, batch 32 (float32): triton
   against the reference, and against the authors' kernels where ``--authors-repo`` points at their code (loaded
-  from there at run time, never copied; CuPy's API changes since 2020 are bridged here, in the benchmark); plus a
-  pairwise layer's weights and aggregation as a whole (relation, softmax, aggregation) on each implementation.
+  from there at run time, never copied; CuPy's API changes since 2020 are bridged here, in the benchmark).
+* ``layers``: a SAN10 block's pairwise layer after its transforms (relation, gamma, softmax, aggregation), training
+  forward + backward at each stage: triton (``pairwise_logits``: z and gamma's activations never written), the
+  modules on the reference backend, and the authors' kernels around the same gamma; ms and peak memory.
 * ``train``: ms per training step (SGD, batch 32, 224 px) after warm-up, the first step's time (Triton compiles
   and autotunes then) and ``torch.cuda.max_memory_allocated``, for san10_pairwise, san10_patchwise and
   san19_pairwise against san_resnet26 and san_resnet50 (cuDNN, channels-last), in float32 and bf16 autocast.
@@ -25,6 +27,7 @@ Sections (each measured in this one run, on the same device):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -198,7 +201,55 @@ def correctness(device: str) -> list[dict[str, Any]]:
                 error = max(_relative_error(a, b) for a, b in zip(*results))
                 rows.append(dict(check=name, footprint=f"k{k} s{s} d{d} {mode} {h}x{w}", dtype=str(dtype)[6:],
                                  max_rel_error=error, target=target, ok=error <= target))
+        rows += _pairwise_logits_check(device, dtype, target)
     rows.append(_layer_check(device))
+    return rows
+
+
+def _pairwise_logits_check(device: str, dtype: Any, target: float) -> list[dict[str, Any]]:
+    """pairwise_logits (training-mode BNs) on the triton backend against the float64 reference, forward and every
+    gradient, at channels under 16 (broadcast products) and of 16 (tl.dot). In bfloat16 the gradients' yardstick is
+    the modules' own error under autocast: BN's backward cancels most of a gradient's size, so a bfloat16 forward's
+    rounding shows several times larger there than in the output."""
+    import torch
+
+    from torchsan import ops
+
+    rows = []
+    gen = torch.Generator().manual_seed(2)
+    fp = dict(kernel_size=3, stride=1, padding=None, dilation=1, pad_mode="reflect")
+    h = w = 9
+    for c, cm, cw in ((6, 4, 2), (14, 16, 16)):
+        inputs = [torch.randn(2, c, h, w, generator=gen), torch.randn(2, c, h, w, generator=gen),
+                  torch.randn(1, 2, 9, h * w, generator=gen), torch.rand(c + 2, generator=gen) + 0.5,
+                  torch.randn(c + 2, generator=gen), torch.randn(cm, c + 2, generator=gen) / (c + 2) ** 0.5,
+                  torch.rand(cm, generator=gen) + 0.5, torch.randn(cm, generator=gen),
+                  torch.randn(cw, cm, generator=gen) / cm ** 0.5, torch.randn(cw, generator=gen)]
+
+        def call(x1, x2, e, g1, b1, w1, g2, b2, w2, bias):
+            return ops.pairwise_logits(x1, x2, (g1, b1, 1e-5, None, None), w1, (g2, b2, 1e-5, None, None), w2, bias,
+                                       append=e, **fp)[0]
+
+        runs = {}
+        for label, backend, dt, autocast in (("triton", "triton", dtype, False),
+                                             ("reference", "reference", torch.float64, False),
+                                             ("modules", "reference", torch.float32, dtype != torch.float32)):
+            leaves = [t.to(dtype).to(device, dt).requires_grad_(True) for t in inputs]
+            region = torch.autocast(device, dtype=dtype) if autocast else contextlib.nullcontext()
+            with ops.use_backend(backend), region:
+                out = call(*leaves)
+            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device, out.dtype)
+            runs[label] = [out, *torch.autograd.grad(out, leaves, grad)]
+        forward = _relative_error(runs["triton"][0], runs["reference"][0])
+        backward = max(_relative_error(a, b) for a, b in zip(runs["triton"][1:], runs["reference"][1:]))
+        modules = max(_relative_error(a, b) for a, b in zip(runs["modules"][1:], runs["reference"][1:]))
+        grad_target = target if dtype == torch.float32 else max(target, 1.5 * modules)
+        shape = f"k3 9x9 C{c}+2 Cm{cm} Cw{cw}"
+        rows.append(dict(check="pairwise_logits forward", footprint=shape, dtype=str(dtype)[6:],
+                         max_rel_error=forward, target=target, ok=forward <= target))
+        rows.append(dict(check="pairwise_logits gradients", footprint=shape, dtype=str(dtype)[6:],
+                         max_rel_error=backward, target=grad_target, ok=backward <= grad_target,
+                         modules_under_autocast_error=modules if dtype != torch.float32 else None))
     return rows
 
 
@@ -266,6 +317,66 @@ def op_speed(device: str, batch: int, stages: list, repeats: int, authors: Any) 
                 row["authors_ms"], row["authors_error"] = None, f"{type(err).__name__}: {err}"[:200]
         rows.append(row)
     return rows
+
+
+def layer_speed(device: str, batch: int, stages: list, repeats: int, authors: Any) -> list[dict[str, Any]]:
+    """A SAN10 block's pairwise layer after its transforms (relation, gamma, softmax, aggregation), training mode,
+    forward + backward: the triton backend (pairwise_logits + softmax_aggregation), the modules on the reference
+    backend, and the authors' kernels around the same gamma modules; ms and peak memory above the inputs."""
+    import torch
+
+    from torchsan import layers, ops
+
+    rows = []
+    for stage, size, channels, k in stages:
+        mid, rel = channels // 4, max(channels // 16, 1)
+        layer = layers.PairwiseSelfAttention(channels, rel, mid, share_planes=8, kernel_size=k).to(device)
+        q, kk = (torch.randn(batch, rel, size, size, device=device) for _ in range(2))
+        v = torch.randn(batch, mid, size, size, device=device)
+        row: dict[str, Any] = dict(stage=stage, k=k, batch=batch)
+        calls = {"triton": ("triton", layer.attend), "reference": ("reference", layer.attend)}
+        if authors is not None:
+            calls["authors"] = ("reference", _authors_layer(authors, layer, k))
+        for label, (backend, fn) in calls.items():
+            leaves = [t.clone().requires_grad_(True) for t in (q, kk, v)]
+
+            def step(fn=fn, leaves=leaves) -> None:
+                out = fn(*leaves)
+                torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+            with ops.use_backend(backend):
+                try:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    step()
+                    if device == "cuda":
+                        row[f"{label}_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                    row[f"{label}_ms"] = _time(step, device, repeats)
+                except Exception as err:  # an out-of-memory reference at a large stage, say
+                    row[f"{label}_ms"], row[f"{label}_error"] = None, f"{type(err).__name__}: {err}"[:200]
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def _authors_layer(functions: Any, layer: Any, k: int) -> Callable[..., Any]:
+    """The authors' pairwise layer after its transforms: their subtraction kernels and aggregation, our gamma."""
+    import torch
+
+    from torchsan.layers.attention import position_grid
+
+    pad = (k - 1) // 2
+
+    def attend(q: Any, kk: Any, v: Any) -> Any:
+        p = functions.subtraction_refpad(layer.pos_proj(position_grid(q.shape[2], q.shape[3], q)), k, 1, pad, 1)
+        z = torch.cat([functions.subtraction2_refpad(q, kk, k, 1, pad, 1), p.expand(q.shape[0], -1, -1, -1)], 1)
+        w = layer.gamma(z).softmax(dim=2)
+        return functions.aggregation_refpad(v, w, k, 1, pad, 1)
+
+    return attend
 
 
 def train_steps(device: str, batch: int, size: int, steps: int, models: list[str], tiny: bool) -> list[dict]:
@@ -341,6 +452,15 @@ def _tables(results: dict[str, Any]) -> str:
         [[r["op"], r["stage"], str(r["k"]), fmt(r.get("triton_ms"), ".3f"), fmt(r.get("reference_ms"), ".3f"),
           fmt(r.get("authors_ms"), ".3f"), fmt(_common.ratio(r.get("reference_ms"), r.get("triton_ms")), ".1f"),
           fmt(_common.ratio(r.get("authors_ms"), r.get("triton_ms")), ".1f")] for r in rows], left=2))
+    rows = results["layers"]
+    parts.append("\nA pairwise layer after its transforms, training forward + backward (ms; peak GiB above the inputs)")
+    parts.append(_common.table(
+        ["stage", "k", "triton", "reference", "authors", "ref/triton", "authors/triton", "triton GiB",
+         "reference GiB", "authors GiB"],
+        [[r["stage"], str(r["k"]), fmt(r.get("triton_ms"), ".3f"), fmt(r.get("reference_ms"), ".3f"),
+          fmt(r.get("authors_ms"), ".3f"), fmt(_common.ratio(r.get("reference_ms"), r.get("triton_ms")), ".1f"),
+          fmt(_common.ratio(r.get("authors_ms"), r.get("triton_ms")), ".1f"), fmt(r.get("triton_peak_gib"), ".2f"),
+          fmt(r.get("reference_peak_gib"), ".2f"), fmt(r.get("authors_peak_gib"), ".2f")] for r in rows], left=1))
     rows = results["train"]
     base = {r["precision"]: r.get("step_ms") for r in rows if r["model"] == "san_resnet26"}
     parts.append("\nTraining steps (SGD; ms per step after warm-up, first step, peak memory)")
@@ -398,6 +518,7 @@ def main() -> int:
     machine["triton"] = triton.__version__
     results = dict(correctness=correctness(device),
                    ops=op_speed(device, batch, stages, repeats, authors),
+                   layers=layer_speed(device, batch, stages, repeats, authors),
                    train=train_steps(device, batch, 16 if smoke else 224, repeats,
                                      TRAIN_MODELS[:1] + TRAIN_MODELS[3:4] if smoke else TRAIN_MODELS, smoke))
     results["authors"] = authors_status

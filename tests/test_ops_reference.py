@@ -376,6 +376,9 @@ def _meta_calls(device: str, requires_grad: bool) -> dict:
             x, x2, v2, v2, 1e-5, conv2, kernel_size=3, append=append),
         "affine_relu_maxpool2x2": lambda: ops.affine_relu_maxpool2x2(x, v, v),
         "batchnorm_relu_maxpool2x2": lambda: ops.batchnorm_relu_maxpool2x2(x, v, v, 1e-5),
+        "pairwise_logits": lambda: ops.pairwise_logits(  # (its batch statistics are not differentiable)
+            x, x2, (v2, v2, 1e-5, None, None), conv2, (t(3), t(3), 1e-5, None, None), t(4, 3), t(4), kernel_size=3,
+            append=append)[0],
         "backend_for": lambda: ops.backend_for(x),
         "should_fuse": lambda: ops.should_fuse("softmax_aggregation", x),
     }
@@ -449,6 +452,11 @@ def _empty_case_ops(shape: tuple[int, ...], k: int, s: int, d: int, mode: str) -
             lambda a, b, e, *bn_conv: ops.subtraction2_batchnorm_relu_conv1x1(a, b, *bn_conv[:2], 1e-5, *bn_conv[2:],
                                                                               *fp, append=e),
             [(n, 3, kk, length), (c + 2,), (c + 2,)])
+        cases["pairwise_logits append"] = (
+            (t(*shape), t(*shape), t(1, 2, kk, length), t(c + 2), t(c + 2), t(3, c + 2), t(3), t(3), t(2, 3), t(2)),
+            lambda a, b, e, w1, b1, c1, w2, b2, c2, bias: ops.pairwise_logits(
+                a, b, (w1, b1, 1e-5, None, None), c1, (w2, b2, 1e-5, None, None), c2, bias, *fp, append=e)[0],
+            [(n, 2, kk, length)])
     if min(h, w) >= 2:
         cases["affine_relu_maxpool2x2"] = ((t(*shape), t(c), t(c)), ops.affine_relu_maxpool2x2,
                                            [(n, c, h // 2, w // 2)])

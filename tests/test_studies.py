@@ -203,3 +203,79 @@ def test_bad_study_input_is_one_line_and_leaves_no_folder(tiny_checkpoint, tmp_p
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("torchsan: error:")]
     assert len(errors) == 3 and "does not exist" in errors[0] and "must be a SAN" in errors[2]
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the report ---------------------------------------------------------------------------------------------------
+
+def test_mcnemar_exact_p_values():
+    from torchsan.studies.report import mcnemar
+
+    def pairs(only_a, only_b, both=3, neither=2):
+        a = [True] * only_a + [False] * only_b + [True] * both + [False] * neither
+        b = [False] * only_a + [True] * only_b + [True] * both + [False] * neither
+        return a, b
+
+    # two-sided binomial on the discordant images: 2 * sum_{i <= min} C(n, i) / 2^n, by hand
+    assert mcnemar(*pairs(0, 5)) == (0, 5, 2 / 32)
+    assert mcnemar(*pairs(9, 1)) == (9, 1, 2 * (1 + 10) / 1024)
+    assert mcnemar(*pairs(3, 3)) == (3, 3, 1.0)
+    assert mcnemar(*pairs(0, 0)) == (0, 0, 1.0)
+    only_a, only_b, p = mcnemar(*pairs(400, 600))  # large counts: exact integers, no underflow
+    assert (only_a, only_b) == (400, 600) and 0 < p < 1e-9
+    with pytest.raises(ValueError, match="equal lengths"):
+        mcnemar([True], [True, False])
+
+
+def _fake_run(folder, model, labels, predictions, top1):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(dict(
+        model=model, params=1000, gmacs=0.001, epochs=1, image_size=16, seconds=60.0, best_val_top1=top1,
+        final=dict(val_top1=top1, val_top5=100.0))))
+    (folder / "val_predictions.json").write_text(json.dumps(dict(labels=labels, predictions=predictions)))
+
+
+def test_report_builds_from_stored_files_alone(tmp_path, capsys):
+    labels = [i % 3 for i in range(60)]
+    right = list(labels)
+    # b beats a on 12 images and loses none (p = 2 / 2^12: resolved); c differs from a on 2 images each way
+    a_pred = [(t + 1) % 3 if i < 20 else t for i, t in enumerate(labels)]
+    b_pred = [(t + 1) % 3 if i < 8 else t for i, t in enumerate(labels)]
+    c_pred = [t if i in (0, 1) else p for i, (t, p) in enumerate(zip(labels, a_pred))]
+    c_pred[30], c_pred[31] = (labels[30] + 1) % 3, (labels[31] + 1) % 3
+    _fake_run(tmp_path / "runs" / "a", "san10_pairwise", labels, a_pred, 66.67)
+    _fake_run(tmp_path / "runs" / "b", "san_resnet26", labels, b_pred, 86.67)
+    _fake_run(tmp_path / "runs" / "c", "san10_patchwise", labels, c_pred, 66.67)
+    _fake_run(tmp_path / "runs" / "other", "san10_pairwise", labels[:30], right[:30], 100.0)  # other images
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.md").read_text()
+    assert "| runs/a | san10_pairwise |" in page and "| runs/b | san_resnet26 |" in page
+    assert "- runs/a vs runs/b: runs/b ahead by 20.00 points (0 images right only for runs/a, 12 only for " \
+           "runs/b; p = 0.000488)" in page
+    assert "- runs/a vs runs/c: not resolved: +0.00 points for runs/a (2 images right only for runs/a, 2 only " \
+           "for runs/c; p = 1)" in page
+    assert "runs/other vs" not in page and "vs runs/other" not in page  # different images: no paired test
+    assert "wrote" in capsys.readouterr().out
+    # nothing to report: one clear line, nothing written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    assert not (empty / "report.md").exists()
+
+
+def test_predictions_and_report_from_real_results(tiny_checkpoint, tmp_path):
+    """Training stores its last validation's predictions; eval --predictions gives the same for the same weights;
+    rotate and attack store per-image outcomes, and the report pairs them."""
+    run = tiny_checkpoint.parent
+    stored = json.loads((run / "val_predictions.json").read_text())
+    assert len(stored["labels"]) == len(stored["predictions"]) == 12
+    last = sorted(run.glob("checkpoint-e*.pth"))[-1]
+    assert main(["eval", str(last), "--predictions", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text()) == stored
+    out = tmp_path / "results"
+    assert main(["robustness", "rotate", str(tiny_checkpoint), str(last), "--output", str(out / "rotate")]) == 0
+    assert main(["robustness", "attack", str(tiny_checkpoint), str(last), "--output", str(out / "attack"),
+                 "--steps", "1"]) == 0
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.md").read_text()
+    assert "## Rotations and flips (zero-shot)" in page and "## Targeted PGD attack" in page
+    assert page.count("- rotated 90 cw, ") == 1 and "no paired test" not in page

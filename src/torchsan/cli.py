@@ -235,8 +235,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     overrides = dict(data=args.data, image_size=args.image_size, val_subset=args.val_subset,
                      batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
-                     skip_corrupt=args.skip_corrupt or None, threads=args.threads)
-    result = evaluate_checkpoint(args.checkpoint, ignore_class_names=args.ignore_class_names, **overrides)
+                     channels_last=args.channels_last, skip_corrupt=args.skip_corrupt or None, threads=args.threads)
+    result = evaluate_checkpoint(args.checkpoint, ignore_class_names=args.ignore_class_names,
+                                 predictions_to=args.predictions, **overrides)
     if not _is_rank0():
         return 0
     skipped = f", {result['skipped']} corrupt images skipped" if result["skipped"] else ""
@@ -287,6 +288,13 @@ def _results(args: argparse.Namespace) -> int:
               f"{top1 if isinstance(top1, (int, float)) else nan:>8.2f}% "
               f"{top5 if isinstance(top5, (int, float)) else nan:>6.2f}% "
               f"{r['best_val_top1']:>6.2f}% {r['seconds'] / 60:>7.1f}  {r.get('run_dir', '')}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .studies.report import report
+
+    print(f"wrote {report(args.dir, args.output, args.title)}")
     return 0
 
 
@@ -398,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a training checkpoint or model_best.pth written by torchsan train")
     _evaluation_flags(p)
     p.add_argument("--amp", choices=("none", "bf16", "fp16"))
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format (default: the run's setting)")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="also write every image's label and top-1 class (JSON, the data set's order) to FILE")
     p.add_argument("--threads", type=int)
     p.add_argument("--skip-corrupt", action="store_true", help="skip and count corrupt images")
     p.add_argument("--ignore-class-names", action="store_true",
@@ -433,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="a table of finished runs (their summary.json)")
     p.add_argument("runs", nargs="+", help="run folders")
     p.set_defaults(func=_results)
+    p = sub.add_parser("report", help="one Markdown page from the result files under DIR, with paired tests",
+                       description="Build a Markdown page from the stored results under DIR (run folders, "
+                       "ablate-*.json, rotate.json, attack.json): their tables, and McNemar's exact test for each "
+                       "comparison (gaps with p >= 0.05 are written as not resolved).")
+    p.add_argument("dir", help="a folder of results (searched recursively)")
+    p.add_argument("--output", help="the page to write (default DIR/report.md)")
+    p.add_argument("--title", default="torchsan results")
+    p.set_defaults(func=_report)
     return parser
 
 

@@ -133,11 +133,35 @@ def run_mapping(gamma: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def _norm_args(bn: nn.BatchNorm2d) -> tuple:
+    """A BN as ``ops.pairwise_logits`` takes it: (weight, bias, eps, running_mean, running_var), the running
+    statistics None where it normalises with the batch's."""
+    running = (None, None) if _uses_batch_stats(bn) else (bn.running_mean, bn.running_var)
+    return bn.weight, bn.bias, bn.eps, *running
+
+
+def _is_pairwise_gamma(gamma: nn.Sequential) -> bool:
+    """gamma is BN-ReLU-conv1x1-BN-ReLU-conv1x1, the first conv without bias (the authors' ``R-L-R-L``)."""
+    return (len(gamma) == 6 and _is_bn_relu(gamma[0], gamma[1]) and _is_bn_relu(gamma[3], gamma[4])
+            and is_conv1x1(gamma[2]) and gamma[2].bias is None and is_conv1x1(gamma[5]))
+
+
 def subtraction2_mapping(subtraction2: nn.Module, gamma: nn.Sequential, q: torch.Tensor, k: torch.Tensor,
                          p: torch.Tensor | None) -> torch.Tensor:
     """``gamma(z)`` with z = [q_i - k_j, p_i - p_j] (N, C + 2, K, L): the pairwise subtraction relation, its position
-    encoding p (1, 2, K, L) appended (or None). Where allowed, z is gathered straight into gamma's first
-    training-mode BN-ReLU-conv1x1 and never written; else written in one pass; else subtraction2, then torch.cat."""
+    encoding p (1, 2, K, L) appended (or None). Where allowed, the whole of gamma runs as one op that writes only
+    its output (``pairwise_logits``); else z is gathered straight into gamma's first training-mode BN-ReLU-conv1x1
+    and never written; else written in one pass; else subtraction2, then torch.cat."""
+    if _is_pairwise_gamma(gamma) and ops.should_fuse("pairwise_logits", q, subtraction2, *gamma):
+        bn1, _, conv1, bn2, _, conv2 = gamma
+        logits, mean1, var1, mean2, var2 = ops.pairwise_logits(
+            q, k, _norm_args(bn1), conv1.weight.flatten(1), _norm_args(bn2), conv2.weight.flatten(1), conv2.bias,
+            *subtraction2.args, append=p)
+        count = logits.shape[0] * logits.shape[2] * logits.shape[3]
+        for bn, mean, var in ((bn1, mean1, var1), (bn2, mean2, var2)):
+            if mean is not None:
+                update_running_stats(bn, mean, var, count)
+        return logits
     bn, act, conv = (list(gamma[:3]) + [None] * 3)[:3]
     if (conv is not None and _is_bn_relu(bn, act) and is_conv1x1(conv) and _uses_batch_stats(bn)
             and ops.should_fuse("subtraction2_batchnorm_relu_conv1x1", q, subtraction2, bn, act, conv,

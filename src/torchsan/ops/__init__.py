@@ -41,6 +41,7 @@ __all__ = [
     "fusion_enabled",
     "get_backend",
     "output_size",
+    "pairwise_logits",
     "resolve_footprint",
     "set_backend",
     "set_fusion",
@@ -334,6 +335,55 @@ def subtraction2_batchnorm_relu_conv1x1(
     _checks.check_conv1x1("x1", x1, c, conv_weight, conv_bias)
     return implementation(x1).subtraction2_batchnorm_relu_conv1x1(x1, x2, append, weight, bias, float(eps),
                                                                   conv_weight, conv_bias, fp)
+
+
+def pairwise_logits(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    norm1: tuple[Any, ...],
+    conv1_weight: torch.Tensor,
+    norm2: tuple[Any, ...],
+    conv2_weight: torch.Tensor,
+    conv2_bias: torch.Tensor | None = None,
+    kernel_size: int = 7,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+    *,
+    append: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The pairwise attention's logits: the mapping gamma = BN-ReLU-conv1x1-BN-ReLU-conv1x1 (the authors'
+    ``R-L-R-L``) of z = [x1_i - x2_j, append] = ``subtraction2(x1, x2, ..., append=append)``, as one op.
+
+    The ``triton`` backend never writes z or gamma's activations, all (N, C', K, L): it recomputes them from x1, x2
+    and append in each pass, forward and backward (two statistics passes, one that writes the logits; three in the
+    backward). The other backends run the composition.
+
+    Args:
+        x1, x2: (N, C, H, W); append: (1 or N, E, K, L) or None.
+        norm1, norm2: each BN as ``(weight, bias, eps, running_mean, running_var)``, weight and bias (Cin,) or None.
+            running_mean None: batch statistics (training mode), returned; else the running ones are applied.
+        conv1_weight: (Cm, C + E); conv2_weight: (Cw, Cm); conv2_bias: (Cw,) or None.
+        kernel_size, stride, padding, dilation, pad_mode: the footprint, as in :func:`subtraction2`.
+    Returns:
+        logits (N, Cw, K, L), then BN1's and BN2's batch (mean, biased var), each None for a BN given running ones.
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    x1, x2, append, conv1_weight, conv2_weight, conv2_bias = _autocast(x1, x2, append, conv1_weight, conv2_weight,
+                                                                       conv2_bias)
+    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
+    c = x1.shape[1]
+    if append is not None:
+        _checks.check_append(append, x1, fp.area, h_out * w_out)
+        c += append.shape[1]
+    _checks.check_conv1x1("x1", x1, c, conv1_weight, None, "conv1_weight")
+    _checks.check_conv1x1("x1", x1, conv1_weight.shape[0], conv2_weight, conv2_bias, "conv2_weight", "conv2_bias")
+    shape = (x1.shape[0], c, fp.area, h_out * w_out)
+    norm1 = _checks.check_norm("norm1", x1, norm1, shape)
+    norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
+    return implementation(x1).pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias,
+                                              fp)
 
 
 def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -248,6 +248,32 @@ def check_batchnorm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
 
 
+def check_norm(name: str, x: torch.Tensor, norm: object, shape: tuple[int, ...]) -> tuple:
+    """A BN as (weight, bias, eps, running_mean, running_var) for an input of ``shape``; returns it as a tuple.
+
+    weight and bias may be None and need not share x's dtype (autocast runs BN in float32); running_mean and
+    running_var are both None (batch statistics) or both (C,) tensors."""
+    if not isinstance(norm, (tuple, list)) or len(norm) != 5:
+        raise TypeError(f"{name} must be (weight, bias, eps, running_mean, running_var), got {norm!r}")
+    weight, bias, eps, mean, var = norm
+    channels = shape[1]
+    for part, t in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (channels,):
+            raise ValueError(f"{name}'s {part} must be a floating ({channels},) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name}'s {part} is on {t.device} but x1 is on {x.device}")
+    if (mean is None) != (var is None):
+        raise ValueError(f"{name}: give both running_mean and running_var, or neither (batch statistics)")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"{name}'s eps must be positive, got {eps!r}")
+    if mean is None and math.prod(shape) // max(1, channels) < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+    return weight, bias, float(eps), mean, var
+
+
 def check_conv1x1(name: str, x: torch.Tensor, c_in: int, weight: torch.Tensor, bias: torch.Tensor | None,
                   weight_name: str = "conv_weight", bias_name: str = "conv_bias") -> None:
     """A 1x1 convolution's (Cout, c_in) weight and (Cout,) bias, of x's dtype and device."""

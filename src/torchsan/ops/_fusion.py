@@ -33,6 +33,7 @@ FUSED_OPS = {
     "affine_relu_maxpool2x2": "an eval-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d",
     "batchnorm_relu_maxpool2x2": "a training-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d",
     "subtraction2_batchnorm_relu_conv1x1": "subtraction2 and gamma's first training-mode BN-ReLU-conv1x1",
+    "pairwise_logits": "subtraction2 and the whole mapping gamma (BN-ReLU-conv1x1-BN-ReLU-conv1x1)",
     "subtraction2_append": "subtraction2 followed by torch.cat of the position encoding",
     "softmax_aggregation": "the softmax over the footprint and the aggregation",
     "tap_softmax": "nn.Softmax(dim=2) over the footprint taps",

@@ -121,6 +121,26 @@ def subtraction2_batchnorm_relu_conv1x1(x1, x2, append, weight, bias, eps, conv_
     return batchnorm_relu_conv1x1(z, weight, bias, eps, conv_weight, conv_bias)
 
 
+def _batchnorm(x: torch.Tensor, weight, bias, eps: float, running_mean, running_var):
+    """BN of (N, C, K, L) x with batch statistics (running_mean None: also returns them, var biased) or running ones."""
+    if running_mean is not None:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps), None, None
+    with torch.no_grad():
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), mean, var
+
+
+def pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp: Footprint):
+    """gamma(z) = conv2(relu(bn2(conv1(relu(bn1(z)))))) of z = subtraction2(x1, x2, append=append), each norm a
+    (weight, bias, eps, running_mean, running_var) tuple (running_mean None: batch statistics, returned).
+    Returns (logits, mean1, var1, mean2, var2)."""
+    z = subtraction2(x1, x2, fp, *fp.out_hw(x1.shape[2], x1.shape[3]), append=append)
+    z, mean1, var1 = _batchnorm(z, *norm1)
+    y = F.conv2d(F.relu(z), conv1_weight[:, :, None, None])
+    y, mean2, var2 = _batchnorm(y, *norm2)
+    return F.conv2d(F.relu(y), conv2_weight[:, :, None, None], conv2_bias), mean1, var1, mean2, var2
+
+
 # The ops the layers run in place of their modules (torchsan.ops._fusion): stacking phi, psi and beta into one
 # convolution is plain PyTorch and pays on any backend; every other fused op is, here, just its parts.
 _FUSES = frozenset({"stacked_conv1x1"})

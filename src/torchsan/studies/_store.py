@@ -8,7 +8,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultStore"]
+__all__ = ["ResultStore", "pack_bits", "unpack_bits"]
+
+
+def pack_bits(bits: list[bool]) -> str:
+    """Per-image outcomes (hit or miss) as a compact string: base64 of the packed bits."""
+    import base64
+
+    data = bytearray((len(bits) + 7) // 8)
+    for i, bit in enumerate(bits):
+        if bit:
+            data[i // 8] |= 1 << (i % 8)
+    return base64.b64encode(bytes(data)).decode("ascii")
+
+
+def unpack_bits(text: str, count: int) -> list[bool]:
+    """The ``count`` outcomes :func:`pack_bits` stored."""
+    import base64
+
+    data = base64.b64decode(text)
+    if len(data) != (count + 7) // 8:
+        raise ValueError(f"a bit string of {len(data)} bytes cannot hold {count} outcomes")
+    return [bool(data[i // 8] >> (i % 8) & 1) for i in range(count)]
 
 
 class ResultStore:

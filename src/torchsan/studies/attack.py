@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train.checkpoint import save_figure_atomic
-from ._store import ResultStore
+from ._store import ResultStore, pack_bits
 
 __all__ = ["EPSILON", "STEP_SIZE", "STEPS", "attack", "pgd", "targets_for"]
 
@@ -79,7 +79,7 @@ def attack_checkpoint(path: str, epsilon: float, step_size: float, steps: Sequen
             p.requires_grad_(False)  # gradients w.r.t. the pixels only
         success = {s: 0 for s in steps}
         correct = {s: 0 for s in steps}
-        clean, count, all_targets = 0, 0, []
+        clean, count, all_targets, hits = 0, 0, [], []
         for batch in loader:
             if batch is None:
                 continue
@@ -94,6 +94,8 @@ def attack_checkpoint(path: str, epsilon: float, step_size: float, steps: Sequen
                 prediction = out.argmax(1)
                 success[s] += (prediction == targets).sum().item()
                 correct[s] += (prediction == labels).sum().item()
+                if s == max(steps):
+                    hits += (prediction == targets).tolist()
             count += len(labels)
             all_targets += targets.tolist()
         if count == 0:
@@ -101,7 +103,7 @@ def attack_checkpoint(path: str, epsilon: float, step_size: float, steps: Sequen
         rows = [dict(steps=s, success=100 * success[s] / count, top1=100 * correct[s] / count) for s in steps]
         return dict(checkpoint=path, model=cfg.model, model_kwargs=cfg.model_kwargs, data=info.name, images=count,
                     clean_top1=100 * clean / count, epsilon=epsilon, step_size=step_size, seed=seed, rows=rows,
-                    targets=all_targets)
+                    targets=all_targets, success_bits=pack_bits(hits))  # per image, at the most steps
 
 
 def attack(checkpoints: Sequence[str], output: str, epsilon: float = EPSILON, step_size: float = STEP_SIZE,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..train.checkpoint import save_figure_atomic
-from ._store import ResultStore
+from ._store import ResultStore, pack_bits
 
 __all__ = ["TRANSFORMS", "rotate"]
 
@@ -42,8 +42,10 @@ def evaluate_transforms(path: str, **overrides: Any) -> dict[str, Any]:
     with checkpoint_evaluation(path, **overrides) as (model, loader, info, cfg, env):
         results = {}
         for name, transform in TRANSFORMS.items():
-            r = evaluate(model, loader, env, cfg.amp, transform=transform)
+            r = evaluate(model, loader, env, cfg.amp, transform=transform, predictions=True)
             results[name] = dict(top1=r["top1"], top5=r["top5"], images=r["count"])
+            if r["predictions"] is not None:  # per-image hits, for torchsan report's paired tests
+                results[name]["hits"] = pack_bits([p == t for p, t in zip(r["predictions"], r["labels"])])
         return dict(checkpoint=path, model=cfg.model, model_kwargs=cfg.model_kwargs, data=info.name,
                     image_size=cfg.image_size, images=results["as given"]["images"], results=results)
 

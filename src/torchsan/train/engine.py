@@ -164,14 +164,17 @@ class _Progress:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv, amp: str = "none",
-             channels_last: bool = False,
-             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+             channels_last: bool = False, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             predictions: bool = False) -> dict[str, Any]:
     """Loss (plain cross-entropy), top-1 and top-5 accuracy (%) over every sample of the loader's data set.
 
     ``transform``: applied to each (N, C, H, W) batch of normalised images first (a rotation, say).
+    ``predictions``: also return ``labels`` and ``predictions`` (top-1 classes), one per image in the data set's
+    order (every process gets them), for paired tests between models; None where corrupt images were skipped.
     """
     model.eval()
     loss_sum = correct1 = correct5 = count = skipped = 0.0
+    seen: list[tuple[int, int]] = []  # (label, top-1 class) in this process's order
     for batch in loader:
         if batch is None:
             continue
@@ -189,19 +192,55 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv
         correct5 += hits.any(dim=1).sum().item()
         count += labels.numel()
         skipped += n_skipped
+        if predictions:
+            seen += zip(labels.tolist(), top[:, 0].tolist())
     loss_sum, correct1, correct5, count, skipped = all_reduce_sum([loss_sum, correct1, correct5, count, skipped], env)
     if count == 0:
         raise ValueError("evaluation saw no images (every image was skipped as corrupt?)")
-    return dict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count,
-                count=int(count), skipped=int(skipped))
+    result: dict[str, Any] = dict(loss=loss_sum / count, top1=100 * correct1 / count, top5=100 * correct5 / count,
+                                  count=int(count), skipped=int(skipped))
+    if predictions:
+        pairs = _in_dataset_order(seen, env) if not skipped else None
+        result["labels"] = None if pairs is None else [label for label, _ in pairs]
+        result["predictions"] = None if pairs is None else [pred for _, pred in pairs]
+    return result
 
 
-def validate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: TrainConfig) -> dict[str, Any]:
-    """``evaluate`` with the run's settings, timed; returns the history row's ``val_*`` fields."""
+def _in_dataset_order(seen: list[tuple[int, int]], env: DistEnv) -> list[tuple[int, int]]:
+    """Every process's samples in the data set's order: process r evaluated samples r, r + W, r + 2W, ..."""
+    if not env.distributed:
+        return seen
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, seen)
+    ordered = []
+    for j in range(max(len(part) for part in gathered)):
+        ordered += [part[j] for part in gathered if j < len(part)]
+    return ordered
+
+
+def validate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: TrainConfig,
+             predictions_to: Path | None = None) -> dict[str, Any]:
+    """``evaluate`` with the run's settings, timed; returns the history row's ``val_*`` fields.
+
+    ``predictions_to``: the main process also writes every image's label and top-1 class there (JSON), for
+    ``torchsan report``'s paired tests.
+    """
     t1 = time.perf_counter()
-    val = evaluate(model, loader, env, cfg.amp, cfg.channels_last)
+    val = evaluate(model, loader, env, cfg.amp, cfg.channels_last, predictions=predictions_to is not None)
+    if predictions_to is not None and env.is_main and val["predictions"] is not None:
+        write_predictions(predictions_to, val["labels"], val["predictions"])
     return dict(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"], val_images=val["count"],
                 val_skipped=val["skipped"], val_seconds=time.perf_counter() - t1)
+
+
+PREDICTIONS_FILE = "val_predictions.json"
+
+
+def write_predictions(path: Path | str, labels: list[int], predictions: list[int]) -> None:
+    """Labels and top-1 classes of every validation image, in the data set's order, as JSON (written atomically)."""
+    import json
+
+    write_text_atomic(Path(path), json.dumps(dict(labels=labels, predictions=predictions), separators=(",", ":")))
 
 
 # --- the pieces of a run --------------------------------------------------------------------------
@@ -560,7 +599,9 @@ def _fit(cfg: TrainConfig, env: DistEnv, data: TrainData, parts: TrainParts, sta
         row = train_one_epoch(epoch, parts, data, cfg, env, first_step, meters, writer.save)
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             # The bare model: DDP's forward is a collective, and ranks may have unequal val batches.
-            row.update(validate(parts.model, data.val_loader, env, cfg))
+            last = epoch + 1 == cfg.epochs
+            row.update(validate(parts.model, data.val_loader, env, cfg,
+                                predictions_to=writer.run_dir / PREDICTIONS_FILE if last else None))
         _end_epoch(row, cfg, env, state, writer, logger)
 
 
@@ -729,16 +770,25 @@ def _yaml(values: dict[str, Any]) -> str:
     return yaml.safe_dump(values, sort_keys=False)
 
 
-def evaluate_checkpoint(path: str, ignore_class_names: bool = False, **overrides: Any) -> dict[str, Any]:
+def evaluate_checkpoint(path: str, ignore_class_names: bool = False, predictions_to: str | None = None,
+                        **overrides: Any) -> dict[str, Any]:
     """Top-1/top-5 of a checkpoint (training checkpoint or model_best.pth) on its data or ``overrides["data"]``.
 
     ``overrides`` may set ``data``, ``image_size``, ``val_subset``, ``batch_size``, ``workers``, ``device``,
-    ``amp``, ``skip_corrupt`` and ``threads``. The data's class names must be the checkpoint's (ValueError),
-    unless ``ignore_class_names`` (then only their count must match).
+    ``amp``, ``channels_last``, ``skip_corrupt`` and ``threads``. The data's class names must be the checkpoint's
+    (ValueError), unless ``ignore_class_names`` (then only their count must match). ``predictions_to``: also write
+    every image's label and top-1 class there (see :func:`write_predictions`).
     """
     with checkpoint_evaluation(path, ignore_class_names, **overrides) as (model, loader, info, cfg, env):
         t0 = time.perf_counter()
-        result = evaluate(model, loader, env, cfg.amp)
+        result = evaluate(model, loader, env, cfg.amp, cfg.channels_last, predictions=predictions_to is not None)
+        if predictions_to is not None:
+            labels, predictions = result.pop("labels"), result.pop("predictions")
+            if predictions is None:
+                raise ValueError("--predictions: corrupt images were skipped, so the predictions cannot be matched "
+                                 "to the data set's images")
+            if env.is_main:
+                write_predictions(predictions_to, labels, predictions)
         result.update(model=cfg.model, data=info.name, image_size=cfg.image_size, checkpoint=path,
                       seconds=time.perf_counter() - t0)
         return result
@@ -766,6 +816,8 @@ def checkpoint_evaluation(path: str, ignore_class_names: bool = False, **overrid
         model = _create_model(cfg, info.num_classes, int(ckpt.get("in_chans", info.in_chans)))
         load_converted(model, ckpt["state_dict"], f"checkpoint {path!r}")
         model.to(env.device).eval()
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
         loader = build_loader(datasets["val"], max(1, cfg.batch_size // env.world_size), train=False, rank=env.rank,
                               world_size=env.world_size, workers=cfg.workers, pin_memory=env.device.type == "cuda")
         yield model, loader, info, cfg, env

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from .. import reference
 from ._build import available, extension, kernel_constants, unavailable_reason
 from .conv1x1 import affine_relu_conv1x1, batchnorm_relu_conv1x1
 from .gathers import centre, subtraction, subtraction2, unfold
@@ -32,9 +33,13 @@ from .softmax_aggregation import aggregation, softmax_aggregation, tap_softmax
 from .statistics import channel_var_mean
 from .subtraction2_conv1x1 import subtraction2_batchnorm_relu_conv1x1
 
+# The whole mapping as one op is the reference composition here: the layers fuse its first triple instead.
+pairwise_logits = reference.pairwise_logits
+
 __all__ = [
     "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
     "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "extension", "fuses", "kernel_constants",
+    "pairwise_logits",
     "softmax_aggregation", "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax",
     "unavailable_reason", "unfold",
 ]

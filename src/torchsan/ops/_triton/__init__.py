@@ -6,10 +6,12 @@ One module per op family, mirroring the ``cpu`` backend:
 |---|---|
 | ``softmax_aggregation_kernels`` | aggregation, softmax_aggregation (forward, backward; softmax's backward: torch) |
 | ``gather_kernels`` | subtraction2 (with append), subtraction, unfold (forward and backward) |
+| ``pairwise_kernels`` | pairwise_logits: subtraction2 and the mapping gamma, not writing their (N, C', K, L) tensors |
 
 The ops are the ``cpu`` backend's ``torch.ops.torchsan.*`` custom ops, with the same autograd formulas and fake
 implementations: this backend registers its launchers as their CUDA kernels, so models and ``torch.compile`` use
-them unchanged. Every backward is gather-style (a program owns the pixels it writes): no float atomics, so results
+them unchanged (``pairwise_logits`` is an autograd Function of its own; ``torch.compile`` runs the modules instead).
+Every backward is gather-style (a program owns the pixels it writes): no float atomics, so results
 are deterministic. float32, bfloat16 and float16 accumulate in float32, float64 in float64. The fused BN-ReLU-conv1x1
 and pooling ops are not written for the GPU: the layers run cuDNN's convolutions and torch's BatchNorm there
 (``fuses`` says no). Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, through Triton's
@@ -40,16 +42,16 @@ from ..reference import (  # not written for the GPU: torch's own kernels (cuDNN
 
 __all__ = [
     "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
-    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "fuses", "interpreting", "softmax_aggregation",
-    "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax", "tap_softmax_backward",
-    "unavailable_reason", "unfold",
+    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "fuses", "interpreting", "pairwise_logits",
+    "softmax_aggregation", "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax",
+    "tap_softmax_backward", "unavailable_reason", "unfold",
 ]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTERPRETER_MIN_VERSION = (3, 8)  # the interpreter runs on CPU tensors from this release on (3.1's does not)
-# The fused ops this backend runs in place of modules: its own softmax + aggregation and gather with append, and
-# the reference's stacked phi/psi/beta convolution (one cuDNN call instead of three).
-_FUSES = frozenset({"softmax_aggregation", "subtraction2_append", "stacked_conv1x1"})
+# The fused ops this backend runs in place of modules: its own softmax + aggregation, gather with append and pairwise
+# logits, and the reference's stacked phi/psi/beta convolution (one cuDNN call instead of three).
+_FUSES = frozenset({"softmax_aggregation", "subtraction2_append", "stacked_conv1x1", "pairwise_logits"})
 
 
 def interpreting() -> bool:
@@ -87,6 +89,8 @@ def serves(x: Tensor) -> bool:
 
 def fuses(op: str, x: Tensor, **shape: int) -> bool:
     """Whether this backend runs the fused ``op`` (see ``torchsan.ops._fusion.should_fuse``)."""
+    if op == "pairwise_logits" and torch.compiler.is_compiling():
+        return False  # an autograd Function launching kernels itself: compiled graphs run the modules
     return op in _FUSES
 
 
@@ -195,3 +199,10 @@ def subtraction(x: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
 
 def unfold(x: Tensor, fp: Footprint) -> Tensor:
     return _ops()["unfold"](x, *fp.kernel_args())
+
+
+def pairwise_logits(x1: Tensor, x2: Tensor, append: Tensor | None, norm1: tuple, w1: Tensor, norm2: tuple, w2: Tensor,
+                    b2: Tensor | None, fp: Footprint) -> tuple[Tensor, ...]:
+    from .pairwise_kernels import pairwise_logits as fused
+
+    return fused(x1, x2, append, norm1, w1, norm2, w2, b2, fp)

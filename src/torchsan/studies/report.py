@@ -1,0 +1,227 @@
+"""``torchsan report DIR``: one Markdown page from the result files under DIR, with a paired test for each comparison.
+
+It reads only stored files, never a model or an image:
+
+* run folders (``summary.json``, and ``val_predictions.json``, which ``torchsan train`` writes at its last
+  validation): a table of the runs, and every pair of runs validated on the same images compared;
+* ``ablate-STUDY.json``: each study's table, every variant compared with the study's first (the base);
+* ``rotate.json``: top-1 under each transform and its drop, and under each transform every pair of checkpoints;
+* ``attack.json``: success rate and top-1 after each step count, and every pair's success at the most steps.
+
+A comparison is McNemar's exact test on the images where exactly one side is right (two-sided binomial, p = 1/2).
+A gap with p >= 0.05 is written "not resolved": the data cannot tell the two apart, which is not agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from ._store import unpack_bits
+
+__all__ = ["ALPHA", "mcnemar", "report", "verdict"]
+
+ALPHA = 0.05
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, float]:
+    """McNemar's exact test of paired outcomes (True: right): (only a right, only b right, two-sided p-value)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    n = only_a + only_b
+    if n == 0:
+        return only_a, only_b, 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))  # exact integers: no underflow
+    return only_a, only_b, min(1.0, 2 * tail / 2**n)
+
+
+def verdict(name_a: str, name_b: str, a: Sequence[bool], b: Sequence[bool], what: str = "right") -> str:
+    """One comparison as a line: which side is ahead at p < ALPHA, else "not resolved"."""
+    only_a, only_b, p = mcnemar(a, b)
+    gap = 100 * (sum(a) - sum(b)) / max(1, len(a))
+    counts = f"{only_a} images {what} only for {name_a}, {only_b} only for {name_b}; p = {p:.3g}"
+    if p < ALPHA:
+        ahead = name_a if only_a > only_b else name_b
+        return f"{ahead} ahead by {abs(gap):.2f} points ({counts})"
+    return f"not resolved: {gap:+.2f} points for {name_a} ({counts})"
+
+
+def _find(root: Path, name: str) -> list[Path]:
+    return sorted(p for p in root.rglob(name) if p.is_file())
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable result file ({err})") from None
+
+
+def _hits(folder: Path) -> tuple[list[int], list[bool]] | None:
+    """A run folder's validation labels and per-image top-1 hits, if it stored its predictions."""
+    path = folder / "val_predictions.json"
+    if not path.is_file():
+        return None
+    data = _load(path)
+    return data["labels"], [p == t for p, t in zip(data["predictions"], data["labels"])]
+
+
+def _name(root: Path, folder: Path) -> str:
+    return str(folder.relative_to(root)) if folder != root else folder.name
+
+
+def _runs_section(root: Path) -> list[str]:
+    summaries = [(p.parent, _load(p)) for p in _find(root, "summary.json")]
+    if not summaries:
+        return []
+    lines = ["## Runs", "", "| run | model | params (M) | GMACs | epochs | px | top-1 | top-5 | minutes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for folder, s in summaries:
+        final = s.get("final", {})
+        gmacs = "-" if s.get("gmacs") is None else f"{s['gmacs']:.4f}"
+        lines.append(f"| {_name(root, folder)} | {s.get('model')} | {s.get('params', 0) / 1e6:.3f} | {gmacs} | "
+                     f"{s.get('epochs')} | {s.get('image_size')} | {final.get('val_top1', float('nan')):.2f} | "
+                     f"{final.get('val_top5', float('nan')):.2f} | {s.get('seconds', 0) / 60:.1f} |")
+    lines += ["", "Paired comparisons (McNemar, top-1 on the same validation images):", ""]
+    paired = [(folder, _hits(folder)) for folder, _ in summaries]
+    paired = [(folder, h) for folder, h in paired if h is not None]
+    compared = 0
+    for (fa, (la, ha)), (fb, (lb, hb)) in combinations(paired, 2):
+        if la != lb:
+            continue  # validated on different images: no paired test
+        lines.append(f"- {_name(root, fa)} vs {_name(root, fb)}: "
+                     f"{verdict(_name(root, fa), _name(root, fb), ha, hb)}")
+        compared += 1
+    if not compared:
+        lines.append("- none: fewer than two runs stored their predictions on the same images")
+    return lines + [""]
+
+
+def _ablation_section(root: Path) -> list[str]:
+    lines: list[str] = []
+    for path in _find(root, "ablate-*.json"):
+        rows = list(_load(path).values())
+        if not rows:
+            continue
+        study = rows[0].get("study", path.stem[len("ablate-"):])
+        lines += [f"## Ablation: {study}", "", "| variant | model | top-1 | top-5 | params (M) | GMACs |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            top1 = "-" if r.get("top1") is None else f"{r['top1']:.2f}"
+            top5 = "-" if r.get("top5") is None else f"{r['top5']:.2f}"
+            gmacs = "-" if r.get("gmacs") is None else f"{r['gmacs']:.4f}"
+            lines.append(f"| {r['variant']} | {r['model']} | {top1} | {top5} | {(r.get('params') or 0) / 1e6:.3f} | "
+                         f"{gmacs} |")
+        lines += ["", f"Each variant against the first ({rows[0]['variant']}), McNemar on top-1:", ""]
+        base = _hits(_run_folder(path, rows[0]))
+        for r in rows[1:]:
+            other = _hits(_run_folder(path, r))
+            if base is None or other is None or base[0] != other[0]:
+                lines.append(f"- {r['variant']}: no paired test (predictions not stored for both runs)")
+                continue
+            lines.append(f"- {r['variant']} vs {rows[0]['variant']}: "
+                         f"{verdict(r['variant'], rows[0]['variant'], other[1], base[1])}")
+        lines.append("")
+    return lines
+
+
+def _run_folder(result_file: Path, row: dict[str, Any]) -> Path:
+    """An ablation row's run folder: as recorded, or (a moved study) beside the result file."""
+    run = Path(row.get("run", ""))
+    if run.is_dir():
+        return run
+    return result_file.parent / run.parent.name / run.name
+
+
+def _rotate_section(root: Path) -> list[str]:
+    lines: list[str] = []
+    for path in _find(root, "rotate.json"):
+        results = list(_load(path).values())
+        if not results:
+            continue
+        names = list(results[0]["results"])
+        lines += ["## Rotations and flips (zero-shot)", "",
+                  "| checkpoint | model | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in results:
+            given = r["results"][names[0]]["top1"]
+            cells = [f"{r['results'][n]['top1']:.2f}" + ("" if n == names[0] else
+                                                         f" ({r['results'][n]['top1'] - given:+.2f})")
+                     for n in names]
+            lines.append(f"| {_short(r['checkpoint'])} | {r['model']} | " + " | ".join(cells) + " |")
+        lines += ["", "Top-1 (and its change from the images as given). Each transform, every pair of checkpoints "
+                  "(McNemar on top-1):", ""]
+        for a, b in combinations(results, 2):
+            for n in names:
+                ha, hb = (_unpacked(r["results"][n]) for r in (a, b))
+                label_a, label_b = _short(a["checkpoint"]), _short(b["checkpoint"])
+                if ha is None or hb is None:
+                    lines.append(f"- {n}, {label_a} vs {label_b}: no paired test (per-image results not stored)")
+                    continue
+                lines.append(f"- {n}, {label_a} vs {label_b}: {verdict(label_a, label_b, ha, hb)}")
+        lines.append("")
+    return lines
+
+
+def _unpacked(result: dict[str, Any]) -> list[bool] | None:
+    return unpack_bits(result["hits"], result["images"]) if "hits" in result else None
+
+
+def _short(checkpoint: str) -> str:
+    parts = Path(checkpoint).parts
+    return os.path.join(*parts[-2:]) if len(parts) >= 2 else checkpoint
+
+
+def _attack_section(root: Path) -> list[str]:
+    lines: list[str] = []
+    for path in _find(root, "attack.json"):
+        results = list(_load(path).values())
+        if not results:
+            continue
+        first = results[0]
+        steps = [row["steps"] for row in first["rows"]]
+        lines += ["## Targeted PGD attack", "",
+                  f"L-infinity epsilon {first['epsilon']:.4g}, step {first['step_size']:.4g} in pixel space [0, 1], "
+                  f"targets drawn from (seed {first['seed']}, image index): our settings, not the paper's.", "",
+                  "| checkpoint | model | clean top-1 | " + " | ".join(f"success @{s}" for s in steps) + " |",
+                  "|---|---|---|" + "---|" * len(steps)]
+        for r in results:
+            lines.append(f"| {_short(r['checkpoint'])} | {r['model']} | {r['clean_top1']:.2f} | "
+                         + " | ".join(f"{row['success']:.2f}" for row in r["rows"]) + " |")
+        lines += ["", f"Every pair, McNemar on per-image success after {max(steps)} steps (lower is more robust):", ""]
+        for a, b in combinations(results, 2):
+            label_a, label_b = _short(a["checkpoint"]), _short(b["checkpoint"])
+            if "success_bits" not in a or "success_bits" not in b or a["images"] != b["images"]:
+                lines.append(f"- {label_a} vs {label_b}: no paired test (per-image results not stored)")
+                continue
+            sa, sb = (unpack_bits(r["success_bits"], r["images"]) for r in (a, b))
+            lines.append(f"- {label_a} vs {label_b}: {verdict(label_a, label_b, sa, sb, what='attacked successfully')}")
+        lines.append("")
+    return lines
+
+
+def report(folder: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
+           title: str = "torchsan results") -> Path:
+    """Build the page from the result files under ``folder``; write it to ``output`` (default folder/report.md)."""
+    from ..train.checkpoint import write_text_atomic
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{str(root)!r} is not a folder")
+    sections = _runs_section(root) + _ablation_section(root) + _rotate_section(root) + _attack_section(root)
+    if not sections:
+        raise ValueError(f"{str(root)!r} holds no torchsan results (summary.json, ablate-*.json, rotate.json, "
+                         f"attack.json)")
+    text = "\n".join([f"# {title}", "", f"Built by `torchsan report` from the result files under `{root}`. "
+                      f"Comparisons: McNemar's exact test; a gap with p >= {ALPHA} is \"not resolved\".", "",
+                      *sections])
+    path = Path(output) if output is not None else root / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+    return path
