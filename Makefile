@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNS := runs/fashion_mnist
 
-.PHONY: setup data run summary test lint clean
+.PHONY: setup data run study summary test lint clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,22 @@ run: setup data
 	$(BIN)/torchsan train fashion_mnist/san10_pairwise --resume
 	$(BIN)/torchsan train fashion_mnist/san_resnet26 --resume
 	$(BIN)/torchsan results $(RUNS)/san10_pairwise $(RUNS)/san_resnet26
+
+# The mini-study (about 6 hours on 2 CPU cores): the core models at 1/4 width, the relation ablation, rotations and
+# the attack on the core models, then docs/results.md. Every step resumes: stop it and run it again.
+STUDY := runs/study
+STUDY_CFG := fashion_mnist/study
+CORE := $(STUDY)/san10_pairwise $(STUDY)/san10_patchwise $(STUDY)/san_resnet26
+study: setup data
+	$(BIN)/torchsan train $(STUDY_CFG) --output $(STUDY)/san10_pairwise --resume
+	$(BIN)/torchsan train $(STUDY_CFG) --model san10_patchwise --output $(STUDY)/san10_patchwise --resume
+	$(BIN)/torchsan train $(STUDY_CFG) --model san_resnet26 --output $(STUDY)/san_resnet26 --resume
+	$(BIN)/torchsan train $(STUDY_CFG) --model-kwargs position_encoding=false \
+	    --output $(STUDY)/san10_pairwise_no_position --resume
+	$(BIN)/torchsan ablate relation $(STUDY_CFG) --output $(STUDY)/ablate
+	$(BIN)/torchsan robustness rotate $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness
+	$(BIN)/torchsan robustness attack $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness
+	$(BIN)/torchsan report $(STUDY) --output docs/results.md --title "The mini-study"
 
 summary: setup
 	$(BIN)/torchsan summary
