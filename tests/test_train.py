@@ -243,6 +243,11 @@ def test_torchrun_two_processes(image_folder, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "ddp")] == ["checkpoint-e0001-s000000.pth",
                                                                     "checkpoint-e0002-s000000.pth"]
     assert proc.stdout.count("done:") == 1  # one process reports
+    # the last validation's predictions, gathered from both ranks, are in the data set's order
+    stored = json.loads((tmp_path / "ddp" / "val_predictions.json").read_text())
+    last = tmp_path / "ddp" / "checkpoint-e0002-s000000.pth"
+    assert main(["eval", str(last), "--predictions", str(tmp_path / "one.json")]) == 0
+    assert stored == json.loads((tmp_path / "one.json").read_text())
 
 
 def test_bf16_autocast_on_cpu(image_folder, tmp_path):
