@@ -1,5 +1,6 @@
 """The paper's studies as commands: ``torchsan robustness rotate``."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -192,6 +193,43 @@ def test_ablate_changes_only_the_named_option(study, image_folder, tmp_path, cap
     stamps = {p: (p / "summary.json").stat().st_mtime_ns for p in (out / study).iterdir()}
     assert main(["ablate", study, str(base), "--output", str(out)]) == 0
     assert stamps == {p: (p / "summary.json").stat().st_mtime_ns for p in (out / study).iterdir()}
+
+
+def test_ablate_reuses_a_run_that_trained_a_variant_and_the_report_pairs_it(image_folder, tmp_path):
+    from conftest import TINY_SAN
+    from torchsan.studies.ablate import same_experiment
+    from torchsan.train import load_config
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\ndata: {image_folder}\n"
+                    "image_size: 16\nbatch_size: 6\nepochs: 1\nlr: 0.05\nprogress: none\ntensorboard: false\n"
+                    "val_subset: 9\n")
+    study = tmp_path / "study"
+    core, other = study / "core", study / "other_lr"
+    assert main(["train", str(base), "--output", str(core)]) == 0  # position encoding left at its default (on)
+    assert main(["train", str(base), "--lr", "0.02", "--output", str(other)]) == 0  # another recipe
+    stamp = (core / "summary.json").stat().st_mtime_ns
+    out = study / "ablate"
+    assert main(["ablate", "position", str(base), "--output", str(out), "--reuse", str(other), str(core)]) == 0
+    assert (core / "summary.json").stat().st_mtime_ns == stamp  # stood in for "with position encoding", untrained
+    assert sorted(p.name for p in (out / "position").iterdir()) == ["without"]
+    rows = json.loads((out / "ablate-position.json").read_text())
+    assert rows["with position encoding"]["run"] == "../core" and rows["without"]["run"] == "position/without"
+    assert rows["with position encoding"]["top1"] == json.loads((core / "summary.json").read_text())["final"][
+        "val_top1"]
+    # an option left out equals its default; any other difference is another experiment
+    cfg = load_config(core / "config.yaml")
+    assert same_experiment(cfg, dataclasses.replace(cfg, output="x", threads=1,
+                                                    model_kwargs={**cfg.model_kwargs, "relation": "subtraction"}))
+    assert not same_experiment(cfg, dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "relation": "dot"}))
+    assert not same_experiment(cfg, load_config(other / "config.yaml"))
+    # the study folder moved elsewhere still reports: the ablation's runs are found relative to its table
+    moved = tmp_path / "moved"
+    study.rename(moved)
+    assert main(["report", str(moved)]) == 0
+    page = (moved / "report.md").read_text()
+    assert "- without vs with position encoding: " in page and "no paired test" not in page.split("## Ablation")[1]
+    assert main(["ablate", "position", str(base), "--output", str(out), "--reuse", str(tmp_path / "nope")]) == 2
 
 
 def test_bad_study_input_is_one_line_and_leaves_no_folder(tiny_checkpoint, tmp_path, capsys):

@@ -324,7 +324,7 @@ def _ablate(args: argparse.Namespace) -> int:
         overrides.setdefault("model", source)
         source = None
     base = _merge_model_kwargs(source, overrides, args.drop_model_kwarg or [])
-    rows = ablate(args.study, base, output)
+    rows = ablate(args.study, base, output, reuse=args.reuse or [])
     if _is_rank0():
         print((Path(output) / f"ablate-{args.study}.md").read_text(), end="")
         print(f"wrote {output}/ablate-{args.study}.md, .csv, .json, .png ({len(rows)} runs)")
@@ -426,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", choices=STUDIES)
     p.add_argument("config", nargs="?", default="fashion_mnist/san10_pairwise",
                    help="the base: YAML file, packaged config or SAN model name (default fashion_mnist/san10_pairwise)")
+    p.add_argument("--reuse", nargs="+", metavar="RUN",
+                   help="run folders that stand for the variant whose config they trained (same recipe and model; "
+                        "an option left out counts as its default) instead of training it again")
     _config_flags(p)
     p.set_defaults(func=_ablate)
     p = sub.add_parser("robustness", help="zero-shot robustness of checkpoints (the paper's Section 5.4)")

@@ -11,7 +11,9 @@ A study is a set of training runs that each change one option of a base config (
 | ``position`` | the position encoding, pairwise (Table 7) | on, off |
 
 Each run trains into ``OUTPUT/STUDY/VARIANT`` and resumes there if it was stopped (``--resume`` semantics), so a
-study continues where it stopped. The table (``ablate-STUDY.md``, ``.csv``, ``.json``, ``.png``) gives each
+study continues where it stopped. A run given with ``reuse`` (``--reuse RUN``) that trained exactly a variant's
+config (the same recipe and model; only the output and how it ran may differ) stands for that variant instead, so a
+study does not train its base model twice. The table (``ablate-STUDY.md``, ``.csv``, ``.json``, ``.png``) gives each
 variant's final top-1 and top-5, parameters and multiply-adds.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import os
@@ -64,10 +67,57 @@ def variants(study: str, model: str, model_kwargs: dict[str, Any]) -> list[tuple
     raise ValueError(f"unknown study {study!r}; one of {', '.join(STUDIES)}")
 
 
-def ablate(study: str, base: Any, output: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Train (or resume, or just read) every variant of ``study`` from the TrainConfig ``base``; write the tables."""
-    from ..train import train
+# How a run was carried out, not what it trained: a reused run may differ from the variant in these.
+_HOW_IT_RAN = frozenset({"output", "threads", "workers", "device", "progress", "tensorboard", "keep_checkpoints",
+                         "checkpoint_every_steps", "eval_every"})
 
+
+def _option_default(model: str, key: str) -> Any:
+    """The value a SAN model option takes when its config leaves it out (the model's, else its attention layer's)."""
+    from ..layers import PairwiseSelfAttention, PatchwiseSelfAttention
+    from ..models.san import SAN
+
+    layer = PairwiseSelfAttention if "pairwise" in model else PatchwiseSelfAttention
+    for cls in (SAN, layer):
+        param = inspect.signature(cls.__init__).parameters.get(key)
+        if param is not None and param.default is not inspect.Parameter.empty and param.default is not None:
+            return param.default
+    return None
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples and lists compare equal
+
+
+def same_experiment(a: Any, b: Any) -> bool:
+    """Whether TrainConfigs ``a`` and ``b`` train the same model the same way (an option left out of one counts as
+    its default)."""
+    da, db = a.to_dict(), b.to_dict()
+    if any(_plain(da[k]) != _plain(db[k]) for k in da if k not in _HOW_IT_RAN and k != "model_kwargs"):
+        return False
+    ka, kb = da["model_kwargs"], db["model_kwargs"]
+    return all(_plain(ka.get(k, _option_default(a.model, k))) == _plain(kb.get(k, _option_default(b.model, k)))
+               for k in set(ka) | set(kb))
+
+
+def _finished(folder: Path, epochs: int) -> bool:
+    path = folder / "summary.json"
+    return path.exists() and json.loads(path.read_text()).get("epochs") == epochs
+
+
+def ablate(study: str, base: Any, output: str | os.PathLike[str],
+           reuse: list[str | os.PathLike[str]] | tuple[()] = ()) -> list[dict[str, Any]]:
+    """Train (or resume, or just read) every variant of ``study`` from the TrainConfig ``base``; write the tables.
+
+    ``reuse``: run folders (each with its ``config.yaml``) that may stand for a variant whose config they trained.
+    """
+    from ..train import load_config, train
+
+    candidates = []
+    for run in map(Path, reuse):
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"--reuse {str(run)!r}: not a run folder (no config.yaml)")
+        candidates.append((run, load_config(run / "config.yaml")))
     rows = []
     out = Path(output)
     store = ResultStore(out, f"ablate-{study}.json")
@@ -76,15 +126,19 @@ def ablate(study: str, base: Any, output: str | os.PathLike[str]) -> list[dict[s
         cfg = dataclasses.replace(base, model=model, model_kwargs={**base.model_kwargs, **changes},
                                   output=str(folder).replace("{", "{{").replace("}", "}}"))
         cfg.validate()
-        summary_path = folder / "summary.json"
-        if not summary_path.exists() or json.loads(summary_path.read_text()).get("epochs") != cfg.epochs:
+        match = next(((run, run_cfg) for run, run_cfg in candidates if same_experiment(cfg, run_cfg)), None)
+        if match is not None and not (folder / "config.yaml").exists():
+            folder = match[0]  # that run is this variant: finish it if it was stopped, never train it twice
+            cfg = dataclasses.replace(match[1], output=str(folder).replace("{", "{{").replace("}", "}}"))
+        if not _finished(folder, cfg.epochs):
             train(cfg, resume="auto")
+        summary_path = folder / "summary.json"
         summary = json.loads(summary_path.read_text())
         final = summary.get("final", {})
         row = dict(study=study, variant=label, model=model, changes=changes, top1=final.get("val_top1"),
                    top5=final.get("val_top5"), best_top1=summary.get("best_val_top1"), params=summary.get("params"),
                    gmacs=summary.get("gmacs"), epochs=summary.get("epochs"), images=final.get("val_images"),
-                   run=str(folder))
+                   run=Path(os.path.relpath(folder, out)).as_posix())  # relative: the study folder can move
         store.results[label] = row
         rows.append(row)
     store.write(f"ablate-{study}.json", json.dumps(store.results, indent=1))

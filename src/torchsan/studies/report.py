@@ -133,11 +133,9 @@ def _ablation_section(root: Path) -> list[str]:
 
 
 def _run_folder(result_file: Path, row: dict[str, Any]) -> Path:
-    """An ablation row's run folder: as recorded, or (a moved study) beside the result file."""
+    """An ablation row's run folder: relative to the result file's folder (as ``torchsan ablate`` records it)."""
     run = Path(row.get("run", ""))
-    if run.is_dir():
-        return run
-    return result_file.parent / run.parent.name / run.name
+    return result_file.parent / run if not run.is_absolute() else run
 
 
 def _rotate_section(root: Path) -> list[str]:
