@@ -331,6 +331,28 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"torchsan export needs onnx and onnxscript ({err}): pip install 'torchsan[onnx]'") from None
+    result = export_checkpoint(args.checkpoint, args.output, image_size=args.image_size, batch=args.batch,
+                               dynamic_batch=not args.fixed_batch, include_normalization=args.pixels,
+                               check=not args.no_check)
+    batch = "any batch size" if result["dynamic_batch"] else f"batch {args.batch}"
+    print(f"wrote {result['path']}: {result['model']}, input (N, C, {result['image_size']}, {result['image_size']}) "
+          f"= {result['input']}, {batch}, {result['classes']} classes")
+    if result["checked"]:
+        print(f"checked in ONNX Runtime at batch {', '.join(map(str, result['batches']))}: logits within "
+              f"{result['max_relative_error']:.1e} of eager PyTorch (relative to their size)")
+    elif not args.no_check:
+        print(f"not checked: {result.get('reason')}")
+    return 0
+
+
 def _pixels(text: str) -> float:
     """A pixel-scale amount: "8/255" or "0.0314"."""
     from fractions import Fraction
@@ -431,6 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "an option left out counts as its default) instead of training it again")
     _config_flags(p)
     p.set_defaults(func=_ablate)
+    p = sub.add_parser("export", help="a checkpoint as an ONNX file (standard operators only), checked in ONNX Runtime",
+                       description="Export a torchsan train checkpoint to ONNX. The graph holds only standard "
+                       "operators (torchsan's ops exported as their plain PyTorch composition), so ONNX Runtime or "
+                       "any ONNX consumer runs it without torchsan. Needs pip install 'torchsan[onnx]'.")
+    p.add_argument("checkpoint", help="a training checkpoint or model_best.pth written by torchsan train")
+    p.add_argument("output", help="the .onnx file to write")
+    p.add_argument("--image-size", type=int, help="input size (default: the training size)")
+    p.add_argument("--batch", type=int, default=1, help="the example batch the export traces with (default 1)")
+    p.add_argument("--fixed-batch", action="store_true", help="fix the batch size in the graph (default: free)")
+    p.add_argument("--pixels", action="store_true",
+                   help="the graph takes pixels in [0, 1] and normalises them itself (default: normalised input; "
+                        "the mean and std are in the file's metadata)")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with eager PyTorch in ONNX Runtime")
+    p.set_defaults(func=_export)
     p = sub.add_parser("robustness", help="zero-shot robustness of checkpoints (the paper's Section 5.4)")
     studies = p.add_subparsers(dest="study", required=True)
     p = studies.add_parser("rotate", help="top-1/top-5 on the validation images as given, rotated by 90 (cw and "
@@ -465,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_freed_memory()  # large tensors are reused instead of faulted in afresh every step (allocator.py)
     try:
         return args.func(args)
-    except (ValueError, TypeError, KeyError, RuntimeError, OSError, FloatingPointError) as err:
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError, FloatingPointError, ImportError) as err:
         if os.environ.get("TORCHSAN_DEBUG"):
             raise
         # A data loader worker re-raises with its traceback in the message: keep the original last line.

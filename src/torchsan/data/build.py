@@ -169,6 +169,13 @@ def _folder_transforms(size: int, train: bool, augment: bool) -> Any:
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def normalization(data: str) -> tuple[Sequence[float], Sequence[float]]:
+    """The (mean, std) that ``build_datasets`` normalises ``data``'s images with (per channel, pixels in [0, 1])."""
+    if data == EMBEDDED_DATA:
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def build_datasets(data: str, image_size: int, train_subset: int = 0, val_subset: int = 0, augment: bool = True,
                    skip_corrupt: bool = False, splits: Sequence[str] = ("train", "val")
                    ) -> tuple[dict[str, Dataset], DataInfo]:
@@ -177,7 +184,7 @@ def build_datasets(data: str, image_size: int, train_subset: int = 0, val_subset
     datasets: dict[str, Dataset] = {}
     sizes = dict(train=0, val=0)
     if data == EMBEDDED_DATA:
-        classes, in_chans, mean, std = list(FASHION_MNIST_CLASSES), 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+        classes, in_chans, (mean, std) = list(FASHION_MNIST_CLASSES), 1, normalization(data)
         for split in splits:
             images, labels = load_fashion_mnist(split)
             keep = balanced_subset(labels.tolist(), subsets[split], len(classes))
@@ -195,7 +202,7 @@ def build_datasets(data: str, image_size: int, train_subset: int = 0, val_subset
         if not os.path.isdir(data):
             raise FileNotFoundError(f"data folder {data!r} does not exist (give an ImageNet-layout folder with "
                                     f"train/<class>/ and val/<class>/, or '{EMBEDDED_DATA}')")
-        classes, in_chans, mean, std = [], 3, IMAGENET_MEAN, IMAGENET_STD
+        classes, in_chans, (mean, std) = [], 3, normalization(data)
         for split in splits:
             ds = ImageFolderDataset(data, split, _folder_transforms(image_size, split == "train", augment),
                                     skip_corrupt=skip_corrupt, classes=classes or None)

@@ -8,7 +8,9 @@ Backends:
 
 ``auto`` (the default) picks the fastest backend that serves the input: ``cpu`` for float32/float64
 CPU tensors when the kernels could be built, ``triton`` for CUDA tensors when triton imports, else
-``reference``. The environment variable
+``reference``. While a model is exported (``torch.export``, ``torch.onnx.export``) ``auto`` picks ``reference``,
+so the exported program holds only standard operators and runs where torchsan is not installed; a backend
+selected by name is kept (its ops stay in the graph as ``torchsan.*`` custom ops). The environment variable
 ``TORCHSAN_BACKEND`` sets the initial choice for every thread.
 """
 
@@ -60,10 +62,19 @@ def use_backend(name: str) -> Iterator[None]:
         _state.name = previous
 
 
+def exporting() -> bool:
+    """Whether the call is being traced for export: ``torch.export`` (hence ``torch.onnx.export(dynamo=True)``) or
+    the TorchScript-based ``torch.onnx.export``."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch >= 2.6)
+    return bool(is_exporting is not None and is_exporting()) or torch.onnx.is_in_onnx_export()
+
+
 def implementation(x: torch.Tensor) -> ModuleType:
     """The backend module that serves input ``x`` under the current selection."""
     name = get_backend()
     if name == "auto":
+        if exporting():
+            return reference
         if x.device.type == "cpu" and x.dtype in _cpu.DTYPES and _cpu.available():
             return _cpu
         if x.device.type == "cuda" and x.dtype in _triton.DTYPES and _triton.available():
