@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNS := runs/fashion_mnist
 
-.PHONY: setup data run study summary test lint clean
+.PHONY: setup data run study summary test test-portable lint clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The C++ kernels built for the architecture's baseline (x86-64 with SSE2 only, or Armv8-A), against the reference:
+# the portable path that machines without AVX2 or AVX-512 run. CI runs it after `make test`.
+test-portable: setup
+	TORCHSAN_CPU_ARCH=generic $(BIN)/python -m pytest -q tests/test_ops_cpu_*.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -28,6 +28,7 @@ def test_summary_runs(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "san10_pairwise" in text and "-> ok" in text
+    assert "CPU kernels: built for " in text or "CPU kernels: unavailable" in text
     data = json.loads(out.read_text())
     assert [r["model"] for r in data["models"]] == ["san10_pairwise", "san_resnet26"]
     assert data["models"][0]["params"] == 10531848

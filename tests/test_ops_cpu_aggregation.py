@@ -85,7 +85,9 @@ def test_softmax_aggregation_on_both_sides_of_the_plane_threshold(side):
 @pytest.mark.parametrize("shape", [(2, 3, 49, 37), (1, 2, 9, 5), (3, 1, 1, 70), (2, 4, 49, 196)])
 def test_tap_softmax_matches_reference(dtype, shape):
     x = torch.randn(shape, dtype=dtype) * 8  # spreads of +-30: large exponents, some tiny probabilities
-    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    # float32 without fused multiply-adds (a baseline build) rounds the 49-tap sums apart from torch's by a few ulp
+    atol = 1e-7 if _cpu.kernel_constants()["fused_multiply_add"] else 5e-7
+    tol = dict(rtol=1e-5, atol=atol) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
     assert_matches_reference(ops.tap_softmax, x, **tol)
 
 

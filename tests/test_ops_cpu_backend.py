@@ -71,9 +71,34 @@ def test_kernel_constants_name_the_thresholds():
     expected = {"stream_bytes", "stream_run_bytes", "small_plane_bytes", "staged_stream_bytes", "staged_run_bytes",
                 "shifted_max_width", "softmax_plane_bytes"}
     assert expected <= constants.keys()
-    assert all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in constants.values()), constants
+    flags = {"stream_stores", "fused_multiply_add"}  # 0 or 1: what the build's target has
+    assert all(isinstance(v, int) and not isinstance(v, bool) and (v in (0, 1) if k in flags else v > 0)
+               for k, v in constants.items()), constants
+    assert constants["vector_bytes"] in (16, 32, 64)
     constants["stream_bytes"] = -1  # a copy: the caller cannot change the kernels' view
     assert _cpu.kernel_constants()["stream_bytes"] > 0
+
+
+def test_the_build_targets_the_widest_vector_unit_the_machine_has(monkeypatch):
+    """-march=native gives the machine's widest unit (read here from /proc/cpuinfo); TORCHSAN_CPU_ARCH is checked."""
+    import platform
+    from pathlib import Path
+
+    from torchsan.ops._cpu import _build
+
+    isa, width = _cpu.vector_isa(), _cpu.kernel_constants()["vector_bytes"]
+    assert {"avx512": 64, "avx2": 32, "avx": 32, "neon": 16, "sse2": 16, "generic": 16}[isa] == width
+    assert f"built for {isa} ({8 * width}-bit vectors" in _cpu.describe()
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    arch = _build.requested_arch()
+    if arch == "native" and platform.machine() == "x86_64":
+        assert isa == ("avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else isa)
+    if arch == "generic" and platform.machine() == "x86_64":
+        assert isa == "sse2" and width == 16
+    monkeypatch.setenv("TORCHSAN_CPU_ARCH", "pentium4")
+    with pytest.raises(ValueError, match="TORCHSAN_CPU_ARCH='pentium4' is not one of native, avx2, generic"):
+        _build.requested_arch()
 
 
 # --- every custom op: opcheck, and shapes on meta tensors ------------------------------------------------------------

@@ -28,6 +28,9 @@ def _summary(args: argparse.Namespace) -> int:
     size = args.image_size
     print(f"torchsan {__version__}, torch {torch.__version__}, timm {timm.__version__}, "
           f"{torch.get_num_threads()} threads")
+    from .ops import _cpu
+
+    print(f"CPU kernels: {_cpu.describe()}")
     print(f"\nModels at {size} px (MACs counted with the authors' rules; paper = Table 1 at 224 px)")
     header = f"{'model':<16} {'params':>8} {'paper':>7} {'GMACs':>7} {'paper':>6} {'diff':>7}"
     print(header)

@@ -12,6 +12,11 @@ KernelConstants kernel_constants() {
   constants["l2_cache_bytes"] = cache_sizes().l2_bytes;
   constants["l3_cache_bytes"] = cache_sizes().l3_bytes;
   constants["vector_bytes"] = kVectorBytes;
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  constants["fused_multiply_add"] = 1;  // the compiler contracts a * b + c into one rounding
+#else
+  constants["fused_multiply_add"] = 0;
+#endif
   constants["pixel_chunk"] = kPixelChunk;
   add_aggregation_constants(constants);
   add_gather_constants(constants);
@@ -41,4 +46,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("subtraction2_affine_relu_conv1x1_forward", &cpu::subtraction2_affine_relu_conv1x1_forward);
   m.def("subtraction2_affine_relu_conv1x1_backward", &cpu::subtraction2_affine_relu_conv1x1_backward);
   m.def("kernel_constants", &cpu::kernel_constants);
+  m.def("vector_isa", [] { return std::string(TORCHSAN_VECTOR_ISA); });
 }

@@ -28,6 +28,22 @@
 #include <immintrin.h>
 #endif
 
+// The widest vector unit the build targets (the Python side compiles with -march=native unless told otherwise):
+// AVX-512, AVX/AVX2, or 128-bit (SSE2 on x86-64, NEON on Arm, and any other target).
+#if defined(__AVX512F__)
+#define TORCHSAN_VECTOR_ISA "avx512"
+#elif defined(__AVX2__)
+#define TORCHSAN_VECTOR_ISA "avx2"
+#elif defined(__AVX__)
+#define TORCHSAN_VECTOR_ISA "avx"
+#elif defined(__ARM_NEON)
+#define TORCHSAN_VECTOR_ISA "neon"
+#elif defined(__SSE2__)
+#define TORCHSAN_VECTOR_ISA "sse2"
+#else
+#define TORCHSAN_VECTOR_ISA "generic"
+#endif
+
 // torchsan::cpu has hidden visibility, in every file that opens it: its functions and template instances stay inside
 // the extension, as they would in one translation unit's anonymous namespace (called directly, not through the PLT,
 // never interposed). Only the module's init function is exported.
@@ -112,9 +128,15 @@ void fold_plane(const T* src, T* dst, const Geometry& g) {
   }
 }
 
-// Fixed-width vectors (GCC vector extensions; 32 bytes = one AVX register), used by the register-blocked kernels:
-// V<T> holds VW<T> values.
+// Fixed-width vectors (GCC vector extensions) as wide as the build's vector unit: 64 bytes with AVX-512, 32 with AVX,
+// else 16 (SSE2, NEON). The register-blocked kernels use them: V<T> holds VW<T> values.
+#if defined(__AVX512F__)
+constexpr int64_t kVectorBytes = 64;
+#elif defined(__AVX__)
 constexpr int64_t kVectorBytes = 32;
+#else
+constexpr int64_t kVectorBytes = 16;
+#endif
 template <typename T>
 struct Vec;
 template <>
@@ -133,9 +155,34 @@ constexpr int64_t VW = kVectorBytes / sizeof(T);
 
 // Load lanes <= VW values (zero-filled), store lanes values.
 // A constant-size memcpy compiles to one unaligned vector move. A partial vector (row tails: on SAN's 14 and 7 px
-// maps most vectors are partial) uses AVX2's masked moves, which neither touch nor fault on the lanes left out;
-// without AVX2, a variable-size memcpy.
-#if defined(__AVX2__)
+// maps most vectors are partial) uses AVX-512's or AVX2's masked moves, which neither touch nor fault on the lanes
+// left out; elsewhere, a variable-size memcpy.
+#if defined(__AVX512F__)
+#define TORCHSAN_MASKED_MOVES 1
+inline V<float> masked_load(const float* p, int64_t lanes) {
+  const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lanes) - 1), p);
+  V<float> out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+}
+inline V<double> masked_load(const double* p, int64_t lanes) {
+  const __m512d v = _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << lanes) - 1), p);
+  V<double> out;
+  std::memcpy(&out, &v, sizeof(out));
+  return out;
+}
+inline void masked_store(float* p, V<float> v, int64_t lanes) {
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << lanes) - 1), m);
+}
+inline void masked_store(double* p, V<double> v, int64_t lanes) {
+  __m512d m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << lanes) - 1), m);
+}
+#elif defined(__AVX2__)
+#define TORCHSAN_MASKED_MOVES 1
 inline __m256i lane_mask(int64_t lanes, int64_t width) {
   alignas(32) static const int32_t ramp[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
   // width = 8 (float): 32-bit lanes; width = 4 (double): each 64-bit lane is two 32-bit -1s.
@@ -168,7 +215,20 @@ inline void masked_store(double* p, V<double> v, int64_t lanes) {
 
 // Non-temporal (streaming) stores of whole, aligned vectors: they write around the caches instead of first reading
 // each destination line in. The gathers use them for outputs too large to stay cached until they are read.
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+inline void stream_store(float* p, V<float> v) {
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm512_stream_ps(p, m);
+}
+inline void stream_store(double* p, V<double> v) {
+  __m512d m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm512_stream_pd(p, m);
+}
+inline void stream_fence() { _mm_sfence(); }
+constexpr bool kHaveStreamStores = true;
+#elif defined(__AVX__)
 inline void stream_store(float* p, V<float> v) {
   __m256 m;
   std::memcpy(&m, &v, sizeof(m));
@@ -196,7 +256,7 @@ inline V<T> load_partial(const T* p, int64_t lanes) {
   if (lanes == VW<T>) {
     std::memcpy(&v, p, sizeof(V<T>));
   } else if (lanes > 0) {
-#if defined(__AVX2__)
+#if defined(TORCHSAN_MASKED_MOVES)
     v = masked_load(p, lanes);
 #else
     std::memcpy(&v, p, sizeof(T) * lanes);
@@ -209,7 +269,7 @@ inline void store_partial(T* p, V<T> v, int64_t lanes) {
   if (lanes == VW<T>) {
     std::memcpy(p, &v, sizeof(V<T>));
   } else if (lanes > 0) {
-#if defined(__AVX2__)
+#if defined(TORCHSAN_MASKED_MOVES)
     masked_store(p, v, lanes);
 #else
     std::memcpy(p, &v, sizeof(T) * lanes);

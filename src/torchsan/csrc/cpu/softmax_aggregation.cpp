@@ -20,13 +20,18 @@ inline V<float> vector_exp(V<float> x) {
   x = x > 88.3f ? V<float>{} + 88.3f : x;
   V<float> fx = x * 1.44269504088896341f + 0.5f;
   V<float> fl;
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  __m512 f;
+  std::memcpy(&f, &fx, sizeof(f));
+  f = _mm512_roundscale_ps(f, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  std::memcpy(&fl, &f, sizeof(fl));
+#elif defined(__AVX__)
   __m256 f;
   std::memcpy(&f, &fx, sizeof(f));
   f = _mm256_floor_ps(f);
   std::memcpy(&fl, &f, sizeof(fl));
 #else
-  for (int i = 0; i < 8; ++i) fl[i] = std::floor(fx[i]);
+  for (int64_t i = 0; i < VW<float>; ++i) fl[i] = std::floor(fx[i]);
 #endif
   x = x - fl * 0.693359375f - fl * -2.12194440e-4f;
   V<float> y = V<float>{} + 1.9875691500E-4f;
@@ -50,7 +55,7 @@ inline V<float> vector_exp(V<float> x) {
   return y;
 }
 inline V<double> vector_exp(V<double> x) {
-  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
+  for (int64_t i = 0; i < VW<double>; ++i) x[i] = std::exp(x[i]);
   return x;
 }
 

@@ -25,7 +25,7 @@ import math
 import torch
 
 from .. import reference
-from ._build import available, extension, kernel_constants, unavailable_reason
+from ._build import available, describe, extension, kernel_constants, requested_arch, unavailable_reason, vector_isa
 from .conv1x1 import affine_relu_conv1x1, batchnorm_relu_conv1x1
 from .gathers import centre, subtraction, subtraction2, unfold
 from .pooling import affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2
@@ -38,10 +38,10 @@ pairwise_logits = reference.pairwise_logits
 
 __all__ = [
     "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
-    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "extension", "fuses", "kernel_constants",
-    "pairwise_logits",
+    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "describe", "extension", "fuses", "kernel_constants",
+    "pairwise_logits", "requested_arch",
     "softmax_aggregation", "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax",
-    "unavailable_reason", "unfold",
+    "unavailable_reason", "unfold", "vector_isa",
 ]
 
 DTYPES = (torch.float32, torch.float64)

@@ -4,6 +4,11 @@ The sources compile on first use with ``torch.utils.cpp_extension.load`` (the ma
 are cached in torch's extensions folder, once per machine, torch version and source text. If that fails (no
 compiler, no ninja), :func:`available` is False and the dispatcher falls back to the reference ops with a warning.
 ``TORCHSAN_DISABLE_CPU_KERNELS=1`` skips the build.
+
+The kernels are compiled for the machine they run on (``-march=native``): their vectors are as wide as its widest
+unit (AVX-512, AVX2, or 128-bit SSE2/NEON). ``TORCHSAN_CPU_ARCH`` asks for another target: ``avx2`` (x86 only: no
+AVX-512, today's AVX2 machines' code on any newer one) or ``generic`` (the architecture's baseline: x86-64 with
+SSE2 only, or Armv8-A), which CI builds to keep the portable path compiled and tested.
 """
 
 from __future__ import annotations
@@ -26,12 +31,37 @@ _ext: ModuleType | None = None
 _error: str | None = None
 
 
+ARCHES = ("native", "avx2", "generic")
+
+
 def _sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cpp"))
 
 
+def requested_arch() -> str:
+    """The target ``TORCHSAN_CPU_ARCH`` asks for: native (default), avx2 or generic."""
+    arch = os.environ.get("TORCHSAN_CPU_ARCH", "") or "native"
+    if arch not in ARCHES:
+        raise ValueError(f"TORCHSAN_CPU_ARCH={arch!r} is not one of {', '.join(ARCHES)}")
+    return arch
+
+
+def _arch_flags(arch: str) -> list[str]:
+    machine = platform.machine().lower()
+    x86 = machine in ("x86_64", "amd64", "i686", "i386")
+    if arch == "avx2":
+        if not x86:
+            raise ValueError(f"TORCHSAN_CPU_ARCH=avx2 applies to x86 machines, this one is {machine}")
+        return ["-march=native", "-mno-avx512f"]
+    if arch == "generic":
+        if x86:
+            return ["-march=x86-64", "-mtune=generic"]
+        return ["-march=armv8-a"] if machine in ("aarch64", "arm64") else []
+    return ["-march=native"]
+
+
 def _build_tag() -> str:
-    """Distinguishes builds for different CPUs (we compile with -march=native), torch versions and sources."""
+    """Distinguishes builds for different CPUs and targets (-march), torch versions and sources."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,7 +71,8 @@ def _build_tag() -> str:
         flags = platform.processor()
     # The folder's path too: two checkouts on one machine must not rebuild each other's extension.
     text = "".join(p.name + p.read_text() for p in sorted(SOURCE_DIR.glob("*.[ch]*")))
-    return hashlib.sha1((flags + torch.__version__ + str(SOURCE_DIR) + text).encode()).hexdigest()[:12]
+    key = flags + torch.__version__ + str(SOURCE_DIR) + text + " ".join(_arch_flags(requested_arch()))
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 def _load() -> ModuleType:
@@ -60,7 +91,7 @@ def _load() -> ModuleType:
             name=name,
             sources=[str(p) for p in _sources()],
             extra_include_paths=[str(SOURCE_DIR)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", *_arch_flags(requested_arch()), "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -107,6 +138,22 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     return _error
+
+
+def describe() -> str:
+    """One line on the kernels: the vector unit they were built for, or why they are unavailable."""
+    ext = extension()
+    if ext is None:
+        return f"unavailable ({_error}); the reference ops run instead"
+    constants = ext.kernel_constants()
+    fma = ", fused multiply-add" if constants.get("fused_multiply_add") else ""
+    return (f"built for {ext.vector_isa()} ({8 * constants['vector_bytes']}-bit vectors{fma}; "
+            f"TORCHSAN_CPU_ARCH={requested_arch()})")
+
+
+def vector_isa() -> str:
+    """The vector unit the kernels were built for: avx512, avx2, avx, neon, sse2 or generic."""
+    return kernels().vector_isa()
 
 
 def kernel_constants() -> dict[str, int]:
