@@ -54,10 +54,12 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The C++ kernels built for the architecture's baseline (x86-64 with SSE2 only, or Armv8-A), against the reference:
-# the portable path that machines without AVX2 or AVX-512 run. CI runs it after `make test`.
+# The C++ kernels built for the architecture's baseline (x86-64 with SSE2 only, or Armv8-A), the portable path that
+# machines without AVX run, then (on a CPU with AVX-512) with 512-bit vectors: each against the reference. CI runs
+# it after `make test`.
 test-portable: setup
 	TORCHSAN_CPU_ARCH=generic $(BIN)/python -m pytest -q tests/test_ops_cpu_*.py
+	if grep -qw avx512f /proc/cpuinfo; then TORCHSAN_CPU_ARCH=avx512 $(BIN)/python -m pytest -q tests/test_ops_cpu_*.py; fi
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

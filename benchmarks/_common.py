@@ -103,7 +103,18 @@ def machine_info() -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpu_kernels": _cpu_kernels(),
     }
+
+
+def _cpu_kernels() -> str:
+    """What the C++ kernels were built for (vector unit and width, TORCHSAN_CPU_ARCH)."""
+    from torchsan.ops import _cpu
+
+    try:
+        return _cpu.describe()
+    except ValueError as err:  # a bad TORCHSAN_CPU_ARCH
+        return str(err)
 
 
 def command_line() -> str:

@@ -128,9 +128,12 @@ void fold_plane(const T* src, T* dst, const Geometry& g) {
   }
 }
 
-// Fixed-width vectors (GCC vector extensions) as wide as the build's vector unit: 64 bytes with AVX-512, 32 with AVX,
-// else 16 (SSE2, NEON). The register-blocked kernels use them: V<T> holds VW<T> values.
-#if defined(__AVX512F__)
+// Fixed-width vectors (GCC vector extensions): 32 bytes with AVX (AVX-512 machines included), else 16 (SSE2, NEON);
+// 64 bytes with AVX-512 only when the build asks (TORCHSAN_VECTOR_BITS=512, TORCHSAN_CPU_ARCH=avx512): on the Zen 4
+// measured, 512-bit vectors made the aggregation slower (its rows of 7-56 positions fill them worse) and the train
+// step no faster. The register-blocked kernels use them: V<T> holds VW<T> values.
+#if defined(__AVX512F__) && defined(TORCHSAN_VECTOR_BITS) && TORCHSAN_VECTOR_BITS == 512
+#define TORCHSAN_ZMM 1
 constexpr int64_t kVectorBytes = 64;
 #elif defined(__AVX__)
 constexpr int64_t kVectorBytes = 32;
@@ -157,7 +160,7 @@ constexpr int64_t VW = kVectorBytes / sizeof(T);
 // A constant-size memcpy compiles to one unaligned vector move. A partial vector (row tails: on SAN's 14 and 7 px
 // maps most vectors are partial) uses AVX-512's or AVX2's masked moves, which neither touch nor fault on the lanes
 // left out; elsewhere, a variable-size memcpy.
-#if defined(__AVX512F__)
+#if defined(TORCHSAN_ZMM)
 #define TORCHSAN_MASKED_MOVES 1
 inline V<float> masked_load(const float* p, int64_t lanes) {
   const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lanes) - 1), p);
@@ -215,7 +218,7 @@ inline void masked_store(double* p, V<double> v, int64_t lanes) {
 
 // Non-temporal (streaming) stores of whole, aligned vectors: they write around the caches instead of first reading
 // each destination line in. The gathers use them for outputs too large to stay cached until they are read.
-#if defined(__AVX512F__)
+#if defined(TORCHSAN_ZMM)
 inline void stream_store(float* p, V<float> v) {
   __m512 m;
   std::memcpy(&m, &v, sizeof(m));

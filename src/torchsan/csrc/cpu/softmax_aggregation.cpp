@@ -20,7 +20,7 @@ inline V<float> vector_exp(V<float> x) {
   x = x > 88.3f ? V<float>{} + 88.3f : x;
   V<float> fx = x * 1.44269504088896341f + 0.5f;
   V<float> fl;
-#if defined(__AVX512F__)
+#if defined(TORCHSAN_ZMM)
   __m512 f;
   std::memcpy(&f, &fx, sizeof(f));
   f = _mm512_roundscale_ps(f, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);

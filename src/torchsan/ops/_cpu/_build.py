@@ -5,10 +5,11 @@ are cached in torch's extensions folder, once per machine, torch version and sou
 compiler, no ninja), :func:`available` is False and the dispatcher falls back to the reference ops with a warning.
 ``TORCHSAN_DISABLE_CPU_KERNELS=1`` skips the build.
 
-The kernels are compiled for the machine they run on (``-march=native``): their vectors are as wide as its widest
-unit (AVX-512, AVX2, or 128-bit SSE2/NEON). ``TORCHSAN_CPU_ARCH`` asks for another target: ``avx2`` (x86 only: no
-AVX-512, today's AVX2 machines' code on any newer one) or ``generic`` (the architecture's baseline: x86-64 with
-SSE2 only, or Armv8-A), which CI builds to keep the portable path compiled and tested.
+The kernels are compiled for the machine they run on (``-march=native``), with 256-bit vectors where it has AVX
+(AVX-512 machines included) and 128-bit ones elsewhere (SSE2, NEON). ``TORCHSAN_CPU_ARCH`` asks for another
+target: ``avx512`` (512-bit vectors; needs AVX-512), ``avx2`` (x86 only: no AVX-512 instructions at all) or
+``generic`` (the architecture's baseline: x86-64 with SSE2 only, or Armv8-A), which CI builds to keep the
+portable path compiled and tested.
 """
 
 from __future__ import annotations
@@ -31,15 +32,23 @@ _ext: ModuleType | None = None
 _error: str | None = None
 
 
-ARCHES = ("native", "avx2", "generic")
+ARCHES = ("native", "avx512", "avx2", "generic")
 
 
 def _sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cpp"))
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
 def requested_arch() -> str:
-    """The target ``TORCHSAN_CPU_ARCH`` asks for: native (default), avx2 or generic."""
+    """The target ``TORCHSAN_CPU_ARCH`` asks for: native (default), avx512, avx2 or generic."""
     arch = os.environ.get("TORCHSAN_CPU_ARCH", "") or "native"
     if arch not in ARCHES:
         raise ValueError(f"TORCHSAN_CPU_ARCH={arch!r} is not one of {', '.join(ARCHES)}")
@@ -49,6 +58,10 @@ def requested_arch() -> str:
 def _arch_flags(arch: str) -> list[str]:
     machine = platform.machine().lower()
     x86 = machine in ("x86_64", "amd64", "i686", "i386")
+    if arch == "avx512":
+        if "avx512f" not in _cpu_flags():
+            raise ValueError("TORCHSAN_CPU_ARCH=avx512 needs a CPU with AVX-512 (avx512f), this one has none")
+        return ["-march=native", "-DTORCHSAN_VECTOR_BITS=512"]
     if arch == "avx2":
         if not x86:
             raise ValueError(f"TORCHSAN_CPU_ARCH=avx2 applies to x86 machines, this one is {machine}")
@@ -109,6 +122,7 @@ def extension() -> ModuleType | None:
             if os.environ.get("TORCHSAN_DISABLE_CPU_KERNELS", "") not in ("", "0"):
                 _error = "disabled by TORCHSAN_DISABLE_CPU_KERNELS"
             else:
+                _arch_flags(requested_arch())  # a bad TORCHSAN_CPU_ARCH is an error to fix, not a reason to fall back
                 try:
                     _ext = _load()
                 except Exception as err:  # no compiler, no ninja, a build error: fall back, never crash
