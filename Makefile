@@ -29,7 +29,8 @@ run: setup data
 	$(BIN)/torchsan results $(RUNS)/san10_pairwise $(RUNS)/san_resnet26
 
 # The mini-study (about 5 hours on 2 CPU cores): the core models at 1/4 width, the relation ablation (6 more runs),
-# rotations and the attack on the core models, then docs/results.md. Every step resumes: stop it and run it again.
+# rotations and the attack on the core models, then docs/results.md, built from the result files copied to docs/study
+# (no checkpoints). Every step resumes: stop it and run it again.
 STUDY := runs/study
 STUDY_CFG := fashion_mnist/study
 CORE := $(STUDY)/san10_pairwise $(STUDY)/san10_patchwise $(STUDY)/san_resnet26
@@ -43,7 +44,7 @@ study: setup data
 	    --reuse $(STUDY)/san10_pairwise $(STUDY)/san10_patchwise  # their relations' runs: not trained twice
 	$(BIN)/torchsan robustness rotate $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness
 	$(BIN)/torchsan robustness attack $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness
-	$(BIN)/torchsan report $(STUDY) --output docs/results.md --title "The mini-study"
+	$(BIN)/torchsan report $(STUDY) --collect docs/study --output docs/results.md --title "The mini-study"
 
 summary: setup
 	$(BIN)/torchsan summary

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -229,6 +230,18 @@ def test_ablate_reuses_a_run_that_trained_a_variant_and_the_report_pairs_it(imag
     assert main(["report", str(moved)]) == 0
     page = (moved / "report.md").read_text()
     assert "- without vs with position encoding: " in page and "no paired test" not in page.split("## Ablation")[1]
+    # --collect: the result files alone (no checkpoint), elsewhere; the page built from them links what exists
+    kept, docs = tmp_path / "kept", tmp_path / "docs" / "results.md"
+    assert main(["report", str(moved), "--collect", str(kept), "--output", str(docs)]) == 0
+    assert not list(kept.rglob("*.pth")) and not list(kept.rglob("events.*"))
+    assert (kept / "core" / "val_predictions.json").is_file() and (kept / "ablate" / "ablate-position.png").is_file()
+    collected = docs.read_text()
+    links = re.findall(r"\]\(([^)]+)\)", collected)
+    assert "![ablation: position](../kept/ablate/ablate-position.png)" in collected and len(links) >= 4
+    assert all((docs.parent / link).is_file() for link in links), links
+    # the same tables and tests, read from the copy
+    assert collected.split("## Runs")[1] == page.split("## Runs")[1].replace("](", "](../kept/")
+    assert main(["report", str(moved), "--collect", str(moved / "inside")]) == 2
     assert main(["ablate", "position", str(base), "--output", str(out), "--reuse", str(tmp_path / "nope")]) == 2
 
 
@@ -317,3 +330,5 @@ def test_predictions_and_report_from_real_results(tiny_checkpoint, tmp_path):
     page = (out / "report.md").read_text()
     assert "## Rotations and flips (zero-shot)" in page and "## Targeted PGD attack" in page
     assert page.count("- rotated 90 cw, ") == 1 and "no paired test" not in page
+    assert "![an image under every transform](rotate/rotate.png)" in page
+    assert "![attack success against steps](attack/attack.png)" in page

@@ -297,7 +297,7 @@ def _results(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .studies.report import report
 
-    print(f"wrote {report(args.dir, args.output, args.title)}")
+    print(f"wrote {report(args.dir, args.output, args.title, collect=args.collect)}")
     return 0
 
 
@@ -494,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a folder of results (searched recursively)")
     p.add_argument("--output", help="the page to write (default DIR/report.md)")
     p.add_argument("--title", default="torchsan results")
+    p.add_argument("--collect", metavar="FOLDER",
+                   help="first copy the result files (no checkpoints or TensorBoard logs) to FOLDER, keeping their "
+                        "layout, and build the page from there: a copy small enough to commit beside the page")
     p.set_defaults(func=_report)
     return parser
 

@@ -8,6 +8,10 @@ It reads only stored files, never a model or an image:
 * ``rotate.json``: top-1 under each transform and its drop, and under each transform every pair of checkpoints;
 * ``attack.json``: success rate and top-1 after each step count, and every pair's success at the most steps.
 
+Each table's figure (``ablate-STUDY.png``, ``rotate.png``, ``attack.png``) is embedded beside it, and each run's
+``curves.png`` linked, by paths relative to the page. ``collect`` first copies the result files (not checkpoints or
+TensorBoard logs) into a folder of their own, to be kept with the page (committed, say), and builds from there.
+
 A comparison is McNemar's exact test on the images where exactly one side is right (two-sided binomial, p = 1/2).
 A gap with p >= 0.05 is written "not resolved": the data cannot tell the two apart, which is not agreement.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
@@ -24,9 +29,12 @@ from typing import Any
 
 from ._store import unpack_bits
 
-__all__ = ["ALPHA", "mcnemar", "report", "verdict"]
+__all__ = ["ALPHA", "RESULT_FILES", "collect_results", "mcnemar", "report", "verdict"]
 
 ALPHA = 0.05
+# What a study leaves that the page reads or shows (checkpoints and TensorBoard logs are left behind).
+RESULT_FILES = ("summary.json", "val_predictions.json", "config.yaml", "metrics.json", "metrics.csv", "curves.png",
+                "ablate-*.json", "ablate-*.md", "ablate-*.csv", "ablate-*.png", "rotate.*", "attack.*")
 
 
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, float]:
@@ -57,6 +65,16 @@ def _find(root: Path, name: str) -> list[Path]:
     return sorted(p for p in root.rglob(name) if p.is_file())
 
 
+def _relative(page: Path, target: Path) -> str:
+    """``target``'s path from the page's folder (a Markdown link)."""
+    return Path(os.path.relpath(target.resolve(), page.parent.resolve())).as_posix()
+
+
+def _figure(page: Path, png: Path, caption: str) -> list[str]:
+    """A Markdown image of ``png`` relative to the page's folder, if it exists."""
+    return [f"![{caption}]({_relative(page, png)})", ""] if png.is_file() else []
+
+
 def _load(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -77,7 +95,7 @@ def _name(root: Path, folder: Path) -> str:
     return str(folder.relative_to(root)) if folder != root else folder.name
 
 
-def _runs_section(root: Path) -> list[str]:
+def _runs_section(root: Path, page: Path) -> list[str]:
     summaries = [(p.parent, _load(p)) for p in _find(root, "summary.json")]
     if not summaries:
         return []
@@ -89,6 +107,10 @@ def _runs_section(root: Path) -> list[str]:
         lines.append(f"| {_name(root, folder)} | {s.get('model')} | {s.get('params', 0) / 1e6:.3f} | {gmacs} | "
                      f"{s.get('epochs')} | {s.get('image_size')} | {final.get('val_top1', float('nan')):.2f} | "
                      f"{final.get('val_top5', float('nan')):.2f} | {s.get('seconds', 0) / 60:.1f} |")
+    curves = [(folder, folder / "curves.png") for folder, _ in summaries if (folder / "curves.png").is_file()]
+    if curves:
+        links = ", ".join(f"[{_name(root, folder)}]({_relative(page, png)})" for folder, png in curves)
+        lines += ["", f"Training curves: {links}."]
     lines += ["", "Paired comparisons (McNemar, top-1 on the same validation images):", ""]
     paired = [(folder, _hits(folder)) for folder, _ in summaries]
     paired = [(folder, h) for folder, h in paired if h is not None]
@@ -104,7 +126,7 @@ def _runs_section(root: Path) -> list[str]:
     return lines + [""]
 
 
-def _ablation_section(root: Path) -> list[str]:
+def _ablation_section(root: Path, page: Path) -> list[str]:
     lines: list[str] = []
     for path in _find(root, "ablate-*.json"):
         rows = list(_load(path).values())
@@ -119,7 +141,8 @@ def _ablation_section(root: Path) -> list[str]:
             gmacs = "-" if r.get("gmacs") is None else f"{r['gmacs']:.4f}"
             lines.append(f"| {r['variant']} | {r['model']} | {top1} | {top5} | {(r.get('params') or 0) / 1e6:.3f} | "
                          f"{gmacs} |")
-        lines += ["", f"Each variant against the first ({rows[0]['variant']}), McNemar on top-1:", ""]
+        lines += ["", *_figure(page, path.with_suffix(".png"), f"ablation: {study}"),
+                  f"Each variant against the first ({rows[0]['variant']}), McNemar on top-1:", ""]
         base = _hits(_run_folder(path, rows[0]))
         for r in rows[1:]:
             other = _hits(_run_folder(path, r))
@@ -138,7 +161,7 @@ def _run_folder(result_file: Path, row: dict[str, Any]) -> Path:
     return result_file.parent / run if not run.is_absolute() else run
 
 
-def _rotate_section(root: Path) -> list[str]:
+def _rotate_section(root: Path, page: Path) -> list[str]:
     lines: list[str] = []
     for path in _find(root, "rotate.json"):
         results = list(_load(path).values())
@@ -153,8 +176,9 @@ def _rotate_section(root: Path) -> list[str]:
                                                          f" ({r['results'][n]['top1'] - given:+.2f})")
                      for n in names]
             lines.append(f"| {_short(r['checkpoint'])} | {r['model']} | " + " | ".join(cells) + " |")
-        lines += ["", "Top-1 (and its change from the images as given). Each transform, every pair of checkpoints "
-                  "(McNemar on top-1):", ""]
+        lines += ["", "Top-1 (and its change from the images as given).", "",
+                  *_figure(page, path.with_suffix(".png"), "an image under every transform"),
+                  "Each transform, every pair of checkpoints (McNemar on top-1):", ""]
         for a, b in combinations(results, 2):
             for n in names:
                 ha, hb = (_unpacked(r["results"][n]) for r in (a, b))
@@ -176,7 +200,7 @@ def _short(checkpoint: str) -> str:
     return os.path.join(*parts[-2:]) if len(parts) >= 2 else checkpoint
 
 
-def _attack_section(root: Path) -> list[str]:
+def _attack_section(root: Path, page: Path) -> list[str]:
     lines: list[str] = []
     for path in _find(root, "attack.json"):
         results = list(_load(path).values())
@@ -192,7 +216,8 @@ def _attack_section(root: Path) -> list[str]:
         for r in results:
             lines.append(f"| {_short(r['checkpoint'])} | {r['model']} | {r['clean_top1']:.2f} | "
                          + " | ".join(f"{row['success']:.2f}" for row in r["rows"]) + " |")
-        lines += ["", f"Every pair, McNemar on per-image success after {max(steps)} steps (lower is more robust):", ""]
+        lines += ["", *_figure(page, path.with_suffix(".png"), "attack success against steps"),
+                  f"Every pair, McNemar on per-image success after {max(steps)} steps (lower is more robust):", ""]
         for a, b in combinations(results, 2):
             label_a, label_b = _short(a["checkpoint"]), _short(b["checkpoint"])
             if "success_bits" not in a or "success_bits" not in b or a["images"] != b["images"]:
@@ -204,22 +229,48 @@ def _attack_section(root: Path) -> list[str]:
     return lines
 
 
+def collect_results(folder: str | os.PathLike[str], to: str | os.PathLike[str]) -> list[Path]:
+    """Copy the result files under ``folder`` (:data:`RESULT_FILES`) to ``to``, keeping their relative layout."""
+    root, dest = Path(folder), Path(to)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{str(root)!r} is not a folder")
+    if dest.resolve() == root.resolve() or root.resolve() in dest.resolve().parents:
+        raise ValueError(f"--collect {str(dest)!r} must lie outside {str(root)!r}")
+    copied = []
+    for pattern in RESULT_FILES:
+        for src in _find(root, pattern):
+            if "tensorboard" in src.relative_to(root).parts:
+                continue
+            target = dest / src.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+            copied.append(target)
+    return copied
+
+
 def report(folder: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
-           title: str = "torchsan results") -> Path:
-    """Build the page from the result files under ``folder``; write it to ``output`` (default folder/report.md)."""
+           title: str = "torchsan results", collect: str | os.PathLike[str] | None = None) -> Path:
+    """Build the page from the result files under ``folder``; write it to ``output`` (default folder/report.md).
+
+    ``collect``: first copy the result files to this folder (see :func:`collect_results`) and build from the copy.
+    """
     from ..train.checkpoint import write_text_atomic
 
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{str(root)!r} is not a folder")
-    sections = _runs_section(root) + _ablation_section(root) + _rotate_section(root) + _attack_section(root)
+    if collect is not None:
+        collect_results(root, collect)
+        root = Path(collect)
+    path = Path(output) if output is not None else root / "report.md"
+    sections = (_runs_section(root, path) + _ablation_section(root, path) + _rotate_section(root, path)
+                + _attack_section(root, path))
     if not sections:
         raise ValueError(f"{str(root)!r} holds no torchsan results (summary.json, ablate-*.json, rotate.json, "
                          f"attack.json)")
     text = "\n".join([f"# {title}", "", f"Built by `torchsan report` from the result files under `{root}`. "
                       f"Comparisons: McNemar's exact test; a gap with p >= {ALPHA} is \"not resolved\".", "",
                       *sections])
-    path = Path(output) if output is not None else root / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
     return path
