@@ -1,6 +1,7 @@
 """Where the ``cpu`` backend fuses BatchNorm-ReLU-conv1x1: the measurements behind its rule, and the rule's answer.
 
     python benchmarks/fusion.py [--repeats 5] [--json benchmarks/results/fusion.json]
+    python benchmarks/fusion.py --mode eval [--json benchmarks/results/fusion.eval.json]
 
 Every row is one BatchNorm2d (training mode) -> ReLU -> 1x1 convolution, forward + backward, as the models run it:
 gamma's triples over the (K, L) grid and the block's BN-ReLU-conv pairs over feature maps, at SAN10's shapes at
@@ -8,7 +9,9 @@ gamma's triples over the (K, L) grid and the block's BN-ReLU-conv pairs over fea
 Columns (milliseconds, best of ``--repeats``): ``conv`` the 1x1 convolution alone; ``modules`` BatchNorm2d, ReLU and
 the convolution one by one; ``fused`` ``torchsan.ops.batchnorm_relu_conv1x1``; ``fused/modules``; and ``rule``,
 what ``torchsan.ops.should_fuse`` decides for the shape (``fused`` or ``modules``). A row where the rule picks the
-slower route is marked ``<-``. A measurement, not a test.
+slower route is marked ``<-``. ``--mode eval`` measures inference instead: an eval-mode BatchNorm2d (its running
+statistics, so ``torchsan.ops.affine_relu_conv1x1``), forward only, under ``torch.inference_mode``. A measurement,
+not a test.
 """
 
 from __future__ import annotations
@@ -66,6 +69,34 @@ def best_ms(fn, repeats: int) -> float:
     return 1e3 * min(times)
 
 
+def measure_eval(shape: tuple[int, ...], c_out: int, repeats: int) -> dict:
+    """Forward only, eval-mode BN (running statistics), under torch.inference_mode."""
+    c_in = shape[1]
+    x = torch.randn(shape)
+    w, b = torch.randn(c_out, c_in, 1, 1) / c_in**0.5, torch.randn(c_out)
+    bn_w, bn_b = torch.rand(c_in) + 0.5, 0.1 * torch.randn(c_in)
+    mean, var = 0.1 * torch.randn(c_in), torch.rand(c_in) + 0.5
+    scale = bn_w / (var + 1e-5).sqrt()
+    shift = bn_b - mean * scale
+
+    def conv() -> None:
+        with torch.inference_mode():
+            F.conv2d(x, w, b)
+
+    def modules() -> None:
+        with torch.inference_mode():
+            F.conv2d(torch.relu(F.batch_norm(x, mean, var, bn_w, bn_b, False, 0.1, 1e-5)), w, b)
+
+    def fused() -> None:
+        with torch.inference_mode():
+            ops.affine_relu_conv1x1(x, scale, shift, w.flatten(1), b)
+
+    row = dict(shape=list(shape), c_in=c_in, c_out=c_out, conv_ms=best_ms(conv, repeats),
+               modules_ms=best_ms(modules, repeats), fused_ms=best_ms(fused, repeats))
+    row["rule"] = "fused" if ops.should_fuse("affine_relu_conv1x1", x, out_channels=c_out) else "modules"
+    return row
+
+
 def measure(shape: tuple[int, ...], c_out: int, repeats: int) -> dict:
     c_in = shape[1]
     x = torch.randn(shape, requires_grad=True)
@@ -92,9 +123,13 @@ def measure(shape: tuple[int, ...], c_out: int, repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", default=str(_common.RESULTS / "fusion.json"))
+    p.add_argument("--mode", choices=("train", "eval"), default="train",
+                   help="train: training-mode BN, forward + backward; eval: running statistics, forward only")
+    p.add_argument("--json", help="default benchmarks/results/fusion.json (fusion.eval.json with --mode eval)")
     _common.add_malloc_flag(p)
     args = p.parse_args()
+    if args.json is None:
+        args.json = str(_common.RESULTS / ("fusion.json" if args.mode == "train" else "fusion.eval.json"))
     start, machine = time.perf_counter(), _common.machine_info()
     malloc = _common.apply_malloc(args.malloc)
     torch.manual_seed(0)
@@ -102,7 +137,7 @@ def main() -> None:
         raise SystemExit("the cpu backend is not available here; nothing to measure")
     records, rows = [], []
     for what, shape, c_out in SHAPES:
-        row = dict(what=what, **measure(shape, c_out, args.repeats))
+        row = dict(what=what, **(measure if args.mode == "train" else measure_eval)(shape, c_out, args.repeats))
         records.append(row)
         ratio = row["fused_ms"] / row["modules_ms"]
         wrong = (ratio < 1) != (row["rule"] == "fused")
@@ -112,7 +147,8 @@ def main() -> None:
         print("  ".join(rows[-1]), flush=True)
     text = _common.table(["what", "input", "in->out", "conv ms", "modules ms", "fused ms", "fused/modules", "rule"],
                          rows, left=2)
-    _common.finish("fusion", args.json, machine, dict(repeats=args.repeats, malloc=malloc), records, text, start)
+    _common.finish("fusion", args.json, machine, dict(repeats=args.repeats, mode=args.mode, malloc=malloc), records,
+                   text, start)
 
 
 if __name__ == "__main__":

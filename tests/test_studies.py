@@ -224,6 +224,12 @@ def test_ablate_reuses_a_run_that_trained_a_variant_and_the_report_pairs_it(imag
                                                     model_kwargs={**cfg.model_kwargs, "relation": "subtraction"}))
     assert not same_experiment(cfg, dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, "relation": "dot"}))
     assert not same_experiment(cfg, load_config(other / "config.yaml"))
+    # a depth's layers come from the model's name: SAN15 with SAN10's layers is another model
+    s15 = dataclasses.replace(cfg, model="san15_pairwise", model_kwargs={"small_input": True})
+    with_layers = dataclasses.replace(s15, model_kwargs={"small_input": True, "layers": [3, 2, 3, 5, 2]})
+    assert same_experiment(s15, with_layers)
+    assert not same_experiment(s15, dataclasses.replace(with_layers, model_kwargs={"layers": [2, 1, 2, 4, 1],
+                                                                                     "small_input": True}))
     # the study folder moved elsewhere still reports: the ablation's runs are found relative to its table
     moved = tmp_path / "moved"
     study.rename(moved)

@@ -341,7 +341,7 @@ def _export(args: argparse.Namespace) -> int:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as err:
-        raise ImportError(f"torchsan export needs onnx and onnxscript ({err}): pip install 'torchsan[onnx]'") from None
+        raise RuntimeError(f"torchsan export needs onnx and onnxscript ({err}): pip install 'torchsan[onnx]'") from None
     result = export_checkpoint(args.checkpoint, args.output, image_size=args.image_size, batch=args.batch,
                                dynamic_batch=not args.fixed_batch, include_normalization=args.pixels,
                                check=not args.no_check)
@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base: YAML file, packaged config or SAN model name (default fashion_mnist/san10_pairwise)")
     p.add_argument("--reuse", nargs="+", metavar="RUN",
                    help="run folders that stand for the variant whose config they trained (same recipe and model; "
-                        "an option left out counts as its default) instead of training it again")
+                        "an option left out counts as its default) instead of training it again; give it after "
+                        "STUDY and CONFIG")
     _config_flags(p)
     p.set_defaults(func=_ablate)
     p = sub.add_parser("export", help="a checkpoint as an ONNX file (standard operators only), checked in ONNX Runtime",
@@ -507,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_freed_memory()  # large tensors are reused instead of faulted in afresh every step (allocator.py)
     try:
         return args.func(args)
-    except (ValueError, TypeError, KeyError, RuntimeError, OSError, FloatingPointError, ImportError) as err:
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError, FloatingPointError) as err:
         if os.environ.get("TORCHSAN_DEBUG"):
             raise
         # A data loader worker re-raises with its traceback in the message: keep the original last line.

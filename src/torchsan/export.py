@@ -70,7 +70,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example: torch.T
     stored in the file. ``check``: run the file in ONNX Runtime (when installed) on ``example`` and on a batch of
     another size, and compare with eager PyTorch (ValueError beyond 1e-4 relative to the logits' size).
     """
-    import onnx  # noqa: F401 (a clear ImportError before any work: pip install 'torchsan[onnx]')
+    import onnx  # before any work: a missing extra fails here (pip install 'torchsan[onnx]')
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +86,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example: torch.T
         raise RuntimeError(f"torch.onnx.export failed: {type(cause).__name__}: {first.strip()}") from err
     program.save(str(tmp))
     if metadata:
-        import onnx
-
         proto = onnx.load(str(tmp))
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
@@ -132,6 +130,8 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], output: str | os.PathL
     ``include_normalization`` it takes pixels in [0, 1] and normalises them itself. The file's metadata records the
     model, the size, the classes and the normalisation.
     """
+    if batch < 1 or (image_size is not None and image_size < 1):
+        raise ValueError(f"the batch and the image size must be positive, got {batch} and {image_size}")
     model, info = load_trained_model(checkpoint)
     size = image_size or info["image_size"]
     if include_normalization:

@@ -25,6 +25,7 @@ import inspect
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,14 @@ _HOW_IT_RAN = frozenset({"output", "threads", "workers", "device", "progress", "
 def _option_default(model: str, key: str) -> Any:
     """The value a SAN model option takes when its config leaves it out (the model's, else its attention layer's)."""
     from ..layers import PairwiseSelfAttention, PatchwiseSelfAttention
-    from ..models.san import SAN
+    from ..models.san import SAN, SAN_LAYERS
 
-    layer = PairwiseSelfAttention if "pairwise" in model else PatchwiseSelfAttention
+    sa_type = "pairwise" if "pairwise" in model else "patchwise"
+    if key == "sa_type":  # set by the model name, like the depth's layers
+        return sa_type
+    if key == "layers":
+        return list(SAN_LAYERS[int(model.removeprefix("san").split("_")[0])])
+    layer = PairwiseSelfAttention if sa_type == "pairwise" else PatchwiseSelfAttention
     for cls in (SAN, layer):
         param = inspect.signature(cls.__init__).parameters.get(key)
         if param is not None and param.default is not inspect.Parameter.empty and param.default is not None:
@@ -86,7 +92,8 @@ def _option_default(model: str, key: str) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # tuples and lists compare equal
+    """``value`` as JSON gives it back, so that tuples and lists compare equal."""
+    return json.loads(json.dumps(value))
 
 
 def same_experiment(a: Any, b: Any) -> bool:
@@ -106,7 +113,7 @@ def _finished(folder: Path, epochs: int) -> bool:
 
 
 def ablate(study: str, base: Any, output: str | os.PathLike[str],
-           reuse: list[str | os.PathLike[str]] | tuple[()] = ()) -> list[dict[str, Any]]:
+           reuse: Sequence[str | os.PathLike[str]] = ()) -> list[dict[str, Any]]:
     """Train (or resume, or just read) every variant of ``study`` from the TrainConfig ``base``; write the tables.
 
     ``reuse``: run folders (each with its ``config.yaml``) that may stand for a variant whose config they trained.
@@ -129,7 +136,8 @@ def ablate(study: str, base: Any, output: str | os.PathLike[str],
         match = next(((run, run_cfg) for run, run_cfg in candidates if same_experiment(cfg, run_cfg)), None)
         if match is not None and not (folder / "config.yaml").exists():
             folder = match[0]  # that run is this variant: finish it if it was stopped, never train it twice
-            cfg = dataclasses.replace(match[1], output=str(folder).replace("{", "{{").replace("}", "}}"))
+            how = {k: getattr(cfg, k) for k in _HOW_IT_RAN if k != "output"}  # resumed as this study runs
+            cfg = dataclasses.replace(match[1], **how, output=str(folder).replace("{", "{{").replace("}", "}}"))
         if not _finished(folder, cfg.epochs):
             train(cfg, resume="auto")
         summary_path = folder / "summary.json"
@@ -138,7 +146,8 @@ def ablate(study: str, base: Any, output: str | os.PathLike[str],
         row = dict(study=study, variant=label, model=model, changes=changes, top1=final.get("val_top1"),
                    top5=final.get("val_top5"), best_top1=summary.get("best_val_top1"), params=summary.get("params"),
                    gmacs=summary.get("gmacs"), epochs=summary.get("epochs"), images=final.get("val_images"),
-                   run=Path(os.path.relpath(folder, out)).as_posix())  # relative: the study folder can move
+                   run=Path(os.path.relpath(os.path.realpath(folder), os.path.realpath(out))).as_posix())
+        # (relative to the table, through any symlinks: the study folder can move)
         store.results[label] = row
         rows.append(row)
     store.write(f"ablate-{study}.json", json.dumps(store.results, indent=1))

@@ -156,9 +156,13 @@ def _ablation_section(root: Path, page: Path) -> list[str]:
 
 
 def _run_folder(result_file: Path, row: dict[str, Any]) -> Path:
-    """An ablation row's run folder: relative to the result file's folder (as ``torchsan ablate`` records it)."""
+    """An ablation row's run folder: relative to the result file's folder (as ``torchsan ablate`` records it), else
+    as recorded (tables written before, relative to the working folder), else beside the result file."""
     run = Path(row.get("run", ""))
-    return result_file.parent / run if not run.is_absolute() else run
+    for candidate in (result_file.parent / run, run, result_file.parent / run.parent.name / run.name):
+        if candidate.is_dir():
+            return candidate
+    return result_file.parent / run
 
 
 def _rotate_section(root: Path, page: Path) -> list[str]:

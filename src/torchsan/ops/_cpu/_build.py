@@ -7,7 +7,7 @@ compiler, no ninja), :func:`available` is False and the dispatcher falls back to
 
 The kernels are compiled for the machine they run on (``-march=native``), with 256-bit vectors where it has AVX
 (AVX-512 machines included) and 128-bit ones elsewhere (SSE2, NEON). ``TORCHSAN_CPU_ARCH`` asks for another
-target: ``avx512`` (512-bit vectors; needs AVX-512), ``avx2`` (x86 only: no AVX-512 instructions at all) or
+target: ``avx512`` (512-bit vectors; needs AVX-512), ``avx2`` (x86-64-v3: AVX2 and FMA, no AVX-512) or
 ``generic`` (the architecture's baseline: x86-64 with SSE2 only, or Armv8-A), which CI builds to keep the
 portable path compiled and tested.
 """
@@ -65,7 +65,7 @@ def _arch_flags(arch: str) -> list[str]:
     if arch == "avx2":
         if not x86:
             raise ValueError(f"TORCHSAN_CPU_ARCH=avx2 applies to x86 machines, this one is {machine}")
-        return ["-march=native", "-mno-avx512f"]
+        return ["-march=x86-64-v3", "-mtune=native"]  # AVX2 and FMA; no AVX-512 (nor AVX10) instructions
     if arch == "generic":
         if x86:
             return ["-march=x86-64", "-mtune=generic"]
