@@ -14,6 +14,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,onnx]'
+	# torchattacks, the cross-check of our PGD in the tests: alone, since its metadata pins requests 2.25, which it
+	# never imports
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt torchattacks
 	touch $@
 
 data:

@@ -121,6 +121,35 @@ def test_one_pgd_step_is_the_formula():
     assert torch.equal(adversarial, expected)
 
 
+def test_pgd_agrees_with_torchattacks():
+    """Our targeted PGD and torchattacks' (a well-kept library, fed the same model behind its normalisation) give
+    the same images after 1 and 6 steps (float64: no sign of a gradient flips on a rounding difference)."""
+    torchattacks = pytest.importorskip("torchattacks")
+    from torchsan.studies import pgd
+
+    model = _tiny_model().double()
+    mean, std = MEAN.double(), STD.double()
+
+    class OnPixels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model((x - mean) / std)
+
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 3, 16, 16, dtype=torch.float64, generator=generator)
+    targets = torch.tensor([1, 4, 2, 0])
+    for steps in (1, 6):
+        attack = torchattacks.PGD(OnPixels().eval(), eps=8 / 255, alpha=2 / 255, steps=steps, random_start=False)
+        attack.set_mode_targeted_by_label(quiet=True)
+        theirs = attack(images, targets)
+        ours, _ = pgd(model, images, targets, mean, std, 8 / 255, 2 / 255, steps=steps)
+        assert (ours - images).abs().max() >= min(2 * steps, 8) / 255 - 1e-12  # it moved them (to the ball's edge)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
 def test_pgd_stays_in_the_ball_raises_the_target_and_leaves_bn_alone():
     from torchsan.studies import pgd
 
