@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUNS := runs/fashion_mnist
 
-.PHONY: setup data run study summary test test-portable lint clean
+.PHONY: setup data run study summary test test-slow test-portable lint clean
 
 setup: $(VENV)/.installed
 
@@ -55,8 +55,12 @@ summary: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The test suite without the tests marked slow (the deeper models' ONNX exports and MAC counts); CI runs those too.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 # The C++ kernels built for the architecture's baseline (x86-64 with SSE2 only, or Armv8-A), the portable path that
 # machines without AVX run, then (on a CPU with AVX-512) with 512-bit vectors: each against the reference. CI runs
