@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 __all__ = ["RunFolderLock", "RunFolderBusy", "remove_stale_temp_files", "LOCK_NAME"]
@@ -123,10 +124,15 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _read_holder(fd: int) -> str:
-    """What the holder wrote into the lock file: "pid N on HOST" (or a placeholder while it is still writing)."""
-    try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-    except (OSError, AttributeError):
-        text = ""
-    return text or "a process that has not yet written its id"
+def _read_holder(fd: int, wait_s: float = 2.0) -> str:
+    """What the holder wrote into the lock file: "pid N on HOST". A holder writes it right after taking the lock, so
+    an empty file is waited on for up to ``wait_s`` seconds (a busy machine may pause the holder in between)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        except (OSError, AttributeError):  # (no pread on Windows)
+            return "another process"
+        if text or time.monotonic() >= deadline:
+            return text or "a process that has not yet written its id"
+        time.sleep(0.02)
