@@ -47,7 +47,8 @@ study: setup data
 	    --reuse $(STUDY)/san10_pairwise $(STUDY)/san10_patchwise  # their relations' runs: not trained twice
 	$(BIN)/torchsan robustness rotate $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness
 	$(BIN)/torchsan robustness attack $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness
-	$(BIN)/torchsan report $(STUDY) --collect docs/study --output docs/results.md --title "The mini-study"
+	$(BIN)/torchsan report $(STUDY) --collect docs/study --output docs/results.md --title "The mini-study" \
+	    --claims configs/fashion_mnist/study-claims.yaml
 
 summary: setup
 	$(BIN)/torchsan summary

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from _cli import train_args
@@ -367,3 +368,102 @@ def test_predictions_and_report_from_real_results(tiny_checkpoint, tmp_path):
     assert page.count("- rotated 90 cw, ") == 1 and "no paired test" not in page
     assert "![an image under every transform](rotate/rotate.png)" in page
     assert "![attack success against steps](attack/attack.png)" in page
+
+
+# --- the claims ---------------------------------------------------------------------------------------------------
+
+def test_paired_comparison_and_verdicts_by_hand():
+    from torchsan.studies.claims import compare
+
+    a = [1] * 60 + [0] * 40  # A right on 10 images where B is wrong, and on none where B is right alone
+    b = [1] * 50 + [0] * 50
+    c = compare(a, b)
+    # d = 1 on 10 of 100 images: mean 0.1, sample variance 9/99, 90% half-width 1.6449 * sqrt(9/99/100)
+    half = 1.6448536269514722 * (9 / 99 / 100) ** 0.5
+    assert (c.better_a, c.better_b) == (10, 0) and c.p == pytest.approx(2 / 2**10)
+    assert c.gap == pytest.approx(10.0) and c.low == pytest.approx(100 * (0.1 - half))
+    assert c.high == pytest.approx(100 * (0.1 + half)) and 4.9 < c.low < 5.1
+    assert c.verdict(">", 0) == "agrees" and c.verdict(">=", 1.0) == "agrees"
+    assert c.verdict("=", 1.0) == "disagrees" and c.verdict("=", 20.0) == "agrees"
+    r = compare(b, a)
+    assert r.verdict(">", 0) == "disagrees" and r.verdict(">=", 1.0) == "disagrees"
+    assert r.verdict(">=", 10.0) == "not resolved"  # the interval straddles -10
+    close = compare([1, 0] * 10 + [1] * 80, [0, 1] * 10 + [1] * 80)  # 10 each way: no gap, wide interval
+    assert close.gap == 0 and close.p == 1.0
+    assert close.verdict(">", 0) == "not resolved" and close.verdict("=", 1.0) == "not resolved"
+    with pytest.raises(ValueError, match="equal, non-zero lengths"):
+        compare([1], [1, 0])
+
+
+def _claims_file(path, claims, preface="Ran here."):
+    path.write_text(yaml.safe_dump(dict(preface=preface, claims=claims)))
+    return path
+
+
+def test_claims_page_from_stored_files(tmp_path):
+    from torchsan.studies._store import pack_bits
+
+    labels = [i % 3 for i in range(100)]
+    wrong = lambda n: [(t + 1) % 3 if i < n else t for i, t in enumerate(labels)]  # noqa: E731
+    root = tmp_path / "study"
+    _fake_run(root / "san", "san10_pairwise", labels, wrong(10), 90.0)   # 90% right
+    _fake_run(root / "cnn", "san_resnet26", labels, wrong(40), 60.0)     # 60% right, same images
+    _fake_run(root / "twin", "san10_pairwise", labels, wrong(10), 90.0)  # identical to san
+
+    def rotate_result(name, given, turned):
+        bits = lambda n: pack_bits([i >= n for i in range(100)])  # noqa: E731
+        return dict(checkpoint=f"runs/{name}/model_best.pth", model=name, images=100, results={
+            "as given": dict(top1=100 - given, top5=100.0, images=100, hits=bits(given)),
+            "flipped up-down": dict(top1=100 - turned, top5=100.0, images=100, hits=bits(turned))})
+    (root / "robustness").mkdir()
+    # san drops 5 points, cnn 40: san more robust
+    (root / "robustness" / "rotate.json").write_text(json.dumps(dict(
+        k1=rotate_result("san", 10, 15), k2=rotate_result("cnn", 40, 80))))
+
+    def attack_result(name, succeeded):
+        return dict(checkpoint=f"runs/{name}/model_best.pth", model=name, images=100, epsilon=0.03, step_size=0.01,
+                    seed=0, clean_top1=90.0, rows=[dict(steps=8, success=float(succeeded), top1=50.0)],
+                    success_bits=pack_bits([i < succeeded for i in range(100)]))
+    (root / "robustness" / "attack.json").write_text(json.dumps(dict(
+        k1=attack_result("san", 90), k2=attack_result("cnn", 30))))  # san attacked more often: disagrees
+
+    spec = _claims_file(tmp_path / "claims.yaml", [
+        dict(claim="SAN beats the CNN", runs=["san", "cnn"], expect=">"),
+        dict(claim="twins are equal", runs=["san", "twin"], expect="=", margin=1.0),
+        dict(claim="the CNN matches SAN", runs=["cnn", "san"], expect=">=", margin=1.0),
+        dict(claim="SAN is robust to flips", rotate=["san", "cnn"], expect=">"),
+        dict(claim="SAN resists attack", attack=["san", "cnn"], expect=">"),
+        dict(claim="a run not trained yet", runs=["san", "absent"], expect=">"),
+        dict(claim="mapping", not_run="not in this study"),
+    ])
+    page_path = tmp_path / "page.md"
+    assert main(["report", str(root), "--claims", str(spec), "--output", str(page_path)]) == 0
+    page = page_path.read_text()
+    rows = {line.split(" | ")[0][2:]: line for line in page.splitlines() if line.startswith("| ")}
+    assert page.index("## The paper's claims") < page.index("## Runs") and "Ran here." in page
+    assert rows["SAN beats the CNN"].endswith("| **agrees** |") and "90.00 vs 60.00 top-1" in rows["SAN beats the CNN"]
+    assert rows["twins are equal"].endswith("| **agrees** |")  # identical predictions: a zero-width interval
+    assert rows["the CNN matches SAN"].endswith("| **disagrees** |")
+    assert "flipped up-down: drop 5.00 vs 40.00" in rows["SAN is robust to flips"]
+    assert rows["SAN is robust to flips"].endswith("| **agrees** |")
+    assert rows["SAN resists attack"].endswith("| **disagrees** |")
+    assert "not measured: run 'absent' has no results | not run |" in rows["a run not trained yet"]
+    assert rows["mapping"].endswith("| not in this study | not run |")
+
+
+def test_bad_claims_file_is_one_clear_line(tmp_path, capsys):
+    labels = [0, 1, 2]
+    _fake_run(tmp_path / "study" / "a", "san10_pairwise", labels, labels, 100.0)
+    bad = [
+        ("claims: nope", "a list under 'claims'"),
+        (yaml.safe_dump(dict(claims=[dict(claim="x", runs=["a", "b"])])), "'expect' must be one of"),
+        (yaml.safe_dump(dict(claims=[dict(claim="x", runs=["a", "b"], expect="=")])), "needs a 'margin'"),
+        (yaml.safe_dump(dict(claims=[dict(claim="x", runs=["a"], expect=">")])), "names two results"),
+        (yaml.safe_dump(dict(claims=[dict(claim="x", runs=["a", "b"], attack=["a", "b"], expect=">")])),
+         "exactly one of"),
+    ]
+    for text, message in bad:
+        (tmp_path / "c.yaml").write_text(text)
+        assert main(["report", str(tmp_path / "study"), "--claims", str(tmp_path / "c.yaml")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "study" / "report.md").exists()

@@ -297,7 +297,7 @@ def _results(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .studies.report import report
 
-    print(f"wrote {report(args.dir, args.output, args.title, collect=args.collect)}")
+    print(f"wrote {report(args.dir, args.output, args.title, collect=args.collect, claims=args.claims)}")
     return 0
 
 
@@ -498,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collect", metavar="FOLDER",
                    help="first copy the result files (no checkpoints or TensorBoard logs) to FOLDER, keeping their "
                         "layout, and build the page from there: a copy small enough to commit beside the page")
+    p.add_argument("--claims", metavar="FILE",
+                   help="a YAML file of claims, each a comparison of two results with an expectation: the page "
+                        "opens with each claim's verdict (agrees, disagrees, not resolved); see "
+                        "torchsan.studies.claims")
     p.set_defaults(func=_report)
     return parser
 

@@ -19,7 +19,6 @@ A gap with p >= 0.05 is written "not resolved": the data cannot tell the two apa
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ._store import unpack_bits
+from .claims import claims_section, load_claims, sign_test
 
 __all__ = ["ALPHA", "RESULT_FILES", "collect_results", "mcnemar", "report", "verdict"]
 
@@ -43,11 +43,7 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> tuple[int, int, float]:
         raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
     only_a = sum(1 for x, y in zip(a, b) if x and not y)
     only_b = sum(1 for x, y in zip(a, b) if y and not x)
-    n = only_a + only_b
-    if n == 0:
-        return only_a, only_b, 1.0
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))  # exact integers: no underflow
-    return only_a, only_b, min(1.0, 2 * tail / 2**n)
+    return only_a, only_b, sign_test(only_a, only_b)
 
 
 def verdict(name_a: str, name_b: str, a: Sequence[bool], b: Sequence[bool], what: str = "right") -> str:
@@ -253,16 +249,19 @@ def collect_results(folder: str | os.PathLike[str], to: str | os.PathLike[str]) 
 
 
 def report(folder: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
-           title: str = "torchsan results", collect: str | os.PathLike[str] | None = None) -> Path:
+           title: str = "torchsan results", collect: str | os.PathLike[str] | None = None,
+           claims: str | os.PathLike[str] | None = None) -> Path:
     """Build the page from the result files under ``folder``; write it to ``output`` (default folder/report.md).
 
     ``collect``: first copy the result files to this folder (see :func:`collect_results`) and build from the copy.
+    ``claims``: a claims file (:mod:`torchsan.studies.claims`): the page opens with each claim's verdict.
     """
     from ..train.checkpoint import write_text_atomic
 
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{str(root)!r} is not a folder")
+    spec = load_claims(claims) if claims is not None else None
     if collect is not None:
         collect_results(root, collect)
         root = Path(collect)
@@ -274,7 +273,7 @@ def report(folder: str | os.PathLike[str], output: str | os.PathLike[str] | None
                          f"attack.json)")
     text = "\n".join([f"# {title}", "", f"Built by `torchsan report` from the result files under `{root}`. "
                       f"Comparisons: McNemar's exact test; a gap with p >= {ALPHA} is \"not resolved\".", "",
-                      *sections])
+                      *(claims_section(root, spec) if spec is not None else []), *sections])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
     return path
