@@ -48,7 +48,7 @@ study: setup data
 	$(BIN)/torchsan robustness rotate $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness
 	$(BIN)/torchsan robustness attack $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness
 	$(BIN)/torchsan report $(STUDY) --collect docs/study --output docs/results.md --title "The mini-study" \
-	    --claims configs/fashion_mnist/study-claims.yaml
+	    --claims src/torchsan/studies/mini_study_claims.yaml
 
 summary: setup
 	$(BIN)/torchsan summary
@@ -56,9 +56,10 @@ summary: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The test suite without the tests marked slow (the deeper models' ONNX exports and MAC counts); CI runs those too.
+# The test suite without the tests marked slow (the deeper models' ONNX exports and MAC counts, the pipeline through
+# Triton's interpreter); CI runs those too.
 test: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

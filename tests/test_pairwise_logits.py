@@ -265,10 +265,11 @@ def test_layer_keeps_no_k_times_tensor():
 
 
 # --- the pipeline ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the whole pipeline through Triton's interpreter
 def test_train_and_eval_bf16_channels_last(image_folder, tmp_path, monkeypatch):
-    monkeypatch.undo()  # the default blocks: the model's maps are larger
     """``torchsan train --amp bf16 --channels-last`` and ``torchsan eval`` end to end on the triton backend (a GPU's
     CUDA tensors; here the interpreter's CPU tensors), the pairwise layers through ``pairwise_logits``."""
+    monkeypatch.undo()  # the default blocks: the model's maps are larger
     from _cli import train_args
     from torchsan.cli import main
 
