@@ -269,6 +269,8 @@ def _threads_cases():
         "unfold": (lambda a: ops.unfold(a, 5, stride=2), (x,)),
         "tap_softmax": (ops.tap_softmax, (torch.randn(3, 5, 49, 300),)),
         "affine_relu_conv1x1": (ops.affine_relu_conv1x1, (z, *brc)),
+        # one image: the forward's pixel chunks shrink with the thread count, to give every thread work
+        "affine_relu_conv1x1, one image": (ops.affine_relu_conv1x1, (z[:1, :, :, :1000].contiguous(), *brc)),
         "batchnorm_relu_conv1x1": (lambda *t: ops.batchnorm_relu_conv1x1(t[0], t[1], t[2], 1e-5, *t[3:])[0],
                                    (z, *brc)),
         "affine_relu_maxpool2x2": (ops.affine_relu_maxpool2x2, (torch.randn(4, 6, 50, 52), torch.randn(6),

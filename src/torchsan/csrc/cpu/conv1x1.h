@@ -71,15 +71,24 @@ inline void stage_affine_relu_row(const T* x_row, T a, T b, T* staged, int64_t m
   std::fill(staged + m, staged + kSubBlock, T(0));
 }
 
+// Pixels per task of the forward: kPixelChunk, or fewer (whole sub-blocks) where N * P gives too few tasks to keep
+// every thread busy (a batch of one image). Each output pixel is computed the same way whatever its task, so the
+// result does not depend on this choice.
+inline int64_t forward_chunk(int64_t N, int64_t P) {
+  const int64_t per_image = (4 * at::get_num_threads() + N - 1) / std::max<int64_t>(N, 1);
+  const int64_t sub_blocks = (P + kSubBlock - 1) / kSubBlock;
+  return kSubBlock * std::clamp<int64_t>((sub_blocks + per_image - 1) / per_image, 1, kPixelChunk / kSubBlock);
+}
+
 template <typename T, int R, typename Rows>
 void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T* shift, const T* w, const T* bias,
                                         T* y, int64_t N, int64_t Cin, int64_t Cout, int64_t P) {
-  const int64_t chunks = (P + kPixelChunk - 1) / kPixelChunk, blocks = round_up(Cout, R) / R;
+  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk, blocks = round_up(Cout, R) / R;
   const std::vector<T> w_packed = pack_row_blocks<T, R>(w, Cout, Cin, false);
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> relu_rows(Cin * kSubBlock), scratch(kSubBlock);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
+      const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(P, p0 + chunk);
       for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
         const int64_t m = std::min(kSubBlock, p1 - q0);
         for (int64_t ci = 0; ci < Cin; ++ci)
