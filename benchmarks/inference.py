@@ -58,6 +58,8 @@ def main() -> None:
                               dynamic_shapes=({0: dim},), report=False)
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
+            # ONNX Runtime's threads otherwise spin for a while after each run, taking the cores from the next call
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             feed = session.get_inputs()[0].name
             for b, x in inputs.items():

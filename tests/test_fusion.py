@@ -230,6 +230,8 @@ def _signature(name, args, kwargs):
         return args[0].shape[1] + (0 if append is None else append.shape[1]), args[5].shape[0]
     if name in ("softmax_aggregation", "tap_softmax"):
         return args[0].shape[1]
+    if name == "pairwise_logits":  # (z's channels, gamma's hidden and output channels)
+        return args[3].shape[1], args[3].shape[0], args[5].shape[0]
     assert name == "subtraction2"
     append = kwargs.get("append")
     return None if append is None else (args[0].shape[1], append.shape[1])
@@ -237,7 +239,7 @@ def _signature(name, args, kwargs):
 
 FUSED_FUNCTIONS = ("affine_relu_conv1x1", "batchnorm_relu_conv1x1", "affine_relu_maxpool2x2",
                    "batchnorm_relu_maxpool2x2", "subtraction2_batchnorm_relu_conv1x1", "softmax_aggregation",
-                   "tap_softmax", "subtraction2")
+                   "tap_softmax", "subtraction2", "pairwise_logits")
 
 
 class FusedCalls:
@@ -470,8 +472,9 @@ def test_hooks_send_each_part_of_a_layer_through_its_modules(calls):
         (layer.aggregation, {"softmax_aggregation"}, {"tap_softmax": [4]}),  # the softmax alone, fused
         (layer.softmax, {"softmax_aggregation", "tap_softmax"}, {}),
         (layer.phi, {"stacked_conv1x1"}, {}),
-        (layer.gamma[1], set(), {"affine_relu_conv1x1": [(4, 4)]}),  # the first triple not, the second fused
-        (layer.subtraction2, {"subtraction2_append"}, {}),
+        # gamma not as one op: its first triple through the modules, the second fused
+        (layer.gamma[1], {"pairwise_logits"}, {"affine_relu_conv1x1": [(4, 4)]}),
+        (layer.subtraction2, {"subtraction2_append", "pairwise_logits"}, {}),
     ]:
         seen = []
         handle = module.register_forward_hook(lambda *args, seen=seen: seen.append(1))
@@ -489,8 +492,9 @@ def test_hooks_send_each_part_of_a_layer_through_its_modules(calls):
     calls.clear()
     with torch.no_grad():
         layer(x)
-    assert calls.summary().keys() == {"softmax_aggregation", "stacked_conv1x1", "subtraction2_append",
-                                      "affine_relu_conv1x1"}
+    # inference: gamma, with the relation gathered into it, is one op
+    assert calls.summary().keys() == {"softmax_aggregation", "stacked_conv1x1", "pairwise_logits"}
+    assert calls.summary()["pairwise_logits"] == [(6, 4, 4)]
 
 
 @needs_cpu_kernels

@@ -163,7 +163,10 @@ def _opcheck_cases():
         fp = (3, 1, 1, 1, True)
         cases += [("subtraction2_affine_relu_conv1x1_backward", (_t(2, 4, 9, 56), *det, append, _t(c), _t(c),
                                                                   _t(4, c), *fp)),
-                  ("subtraction2_var_mean_backward", (_t(2, c, 9, 56), *det, append, _t(c), _t(c), _t(c), *fp))]
+                  ("subtraction2_var_mean_backward", (_t(2, c, 9, 56), *det, append, _t(c), _t(c), _t(c), *fp)),
+                  ("conv1x1_affine_relu_maxpool2x2", (_t(2, 3, 6, 7), _t(4, 3), _t(4), _t(4))),
+                  ("pairwise_logits_inference", (*det, append, _t(c), _t(c), _t(4, c), _t(4), _t(4), _t(3, 4),
+                                                 _t(3), *fp))]
     return cases
 
 

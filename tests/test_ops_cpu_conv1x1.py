@@ -191,3 +191,101 @@ def test_subtraction2_batchnorm_relu_conv1x1_rejects_bad_input():
     with pytest.raises(ValueError, match="more than 1 value per channel"):  # z (1, 2, 1, 1): one value per channel
         ops.subtraction2_batchnorm_relu_conv1x1(x[:1, :, :1, :1], x[:1, :, :1, :1], None, None, 1e-5,
                                                 torch.randn(3, 2), kernel_size=1)
+
+
+# --- pairwise_logits for inference: the whole mapping gamma, z and the hidden layer never written ---------------------
+def _logits_inputs(case, dtype, c=3, e=2, c_mid=7, c_out=5):
+    """x1, x2, append (or None) as for the relation cases, and two eval-mode BNs (running statistics) with gamma's
+    convolutions: (x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias), footprint kwargs."""
+    tensors, fp = _relation_inputs(case, dtype, c=c, e=e, c_out=c_mid)
+    x1, x2 = tensors[:2]
+    append = tensors[2] if case[6] is not None else None
+    ct = c + (0 if append is None else e)
+
+    def norm(channels, mean_scale):
+        return (torch.rand(channels, dtype=dtype) + 0.5, torch.randn(channels, dtype=dtype), 1e-5,
+                mean_scale * torch.randn(channels, dtype=dtype), torch.rand(channels, dtype=dtype) + 0.5)
+
+    return (x1, x2, append, norm(ct, 1.0), torch.randn(c_mid, ct, dtype=dtype) / ct**0.5, norm(c_mid, 0.5),
+            torch.randn(c_out, c_mid, dtype=dtype) / c_mid**0.5, torch.randn(c_out, dtype=dtype)), fp
+
+
+def _logits(args, mode, fp, backend):
+    x1, x2, append, norm1, w1, norm2, w2, b2 = args
+    with ops.use_backend(backend):
+        return ops.pairwise_logits(x1, x2, norm1, w1, norm2, w2, b2, pad_mode=mode, append=append, **fp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", RELATION_CASES, ids=lambda c: case_id(c) + f"_append{c[6]}")
+def test_pairwise_logits_inference_matches_reference(case, mode, dtype):
+    args, fp = _logits_inputs(case, dtype)
+    with torch.no_grad():
+        ours, ref = _logits(args, mode, fp, "cpu"), _logits(args, mode, fp, "reference")
+    assert ours[1:] == (None,) * 4 and ref[1:] == (None,) * 4  # running statistics: none returned
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(ours[0], ref[0], **tol)
+    assert ref[0].abs().max() > 1 and (ref[0] > 0).any() and (ref[0] < 0).any()  # not a trivial output
+
+
+def test_pairwise_logits_inference_runs_the_kernel_only_where_no_gradient_or_batch_statistics(monkeypatch):
+    from torchsan.ops._cpu import subtraction2_conv1x1 as module
+
+    args, fp = _logits_inputs((3, 2, 1, None, 9, 8, 1), torch.float64)
+    calls = []
+    original = module.pairwise_logits_inference_op
+    monkeypatch.setattr(module, "pairwise_logits_inference_op", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        expected = _logits(args, "reflect", fp, "reference")[0]
+        assert torch.equal(_logits(args, "reflect", fp, "cpu")[0], _logits(args, "reflect", fp, "cpu")[0])
+    assert len(calls) == 2
+    # a gradient wanted: the reference composition, differentiable, the same values
+    w1 = args[4].clone().requires_grad_(True)
+    out = _logits((*args[:4], w1, *args[5:]), "reflect", fp, "cpu")[0]
+    torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
+    out.sum().backward()
+    assert w1.grad is not None and len(calls) == 2
+    # batch statistics (training mode): the reference composition, which returns them
+    norm1 = (*args[3][:3], None, None)
+    with torch.no_grad():
+        out = _logits((*args[:3], norm1, *args[4:]), "reflect", fp, "cpu")
+    assert out[1] is not None and len(calls) == 2
+
+
+def test_pairwise_logits_inference_same_bits_with_1_and_2_threads():
+    from _helpers import num_threads
+
+    args, fp = _logits_inputs((7, 1, 1, None, 30, 31, 1), torch.float32, c=6, c_mid=16, c_out=8)
+    with torch.no_grad():
+        outs = []
+        for threads in (1, 2):
+            with num_threads(threads):
+                outs.append(_logits(args, "reflect", fp, "cpu")[0])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_pairwise_layer_in_eval_runs_gamma_as_one_op_and_matches_its_modules(monkeypatch):
+    from torchsan.layers import PairwiseSelfAttention
+    from torchsan.ops._cpu import subtraction2_conv1x1 as module
+
+    torch.manual_seed(0)
+    layer = PairwiseSelfAttention(16, 4, 16, share_planes=4, kernel_size=5).double()
+    for m in layer.modules():  # running statistics other than the initial ones
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 1.5)
+    layer.eval()
+    x = torch.randn(2, 16, 11, 9, dtype=torch.float64)
+    calls = []
+    original = module.pairwise_logits_inference_op
+    monkeypatch.setattr(module, "pairwise_logits_inference_op", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad(), ops.use_backend("cpu"):
+        fused = layer(x)
+        with ops.fusion(False):
+            modules = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(fused, modules, rtol=1e-11, atol=1e-11)
+    with ops.use_backend("cpu"):  # a gradient wanted (say an attack on the input): not the inference op
+        layer(x.requires_grad_(True)).sum().backward()
+    assert calls == [1] and x.grad is not None

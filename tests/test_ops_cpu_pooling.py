@@ -85,3 +85,96 @@ def test_pooling_ops_reject_bad_input(backend):
             ops.batchnorm_relu_maxpool2x2(torch.randn(2, 3, 4, 1), None, None, 1e-5)
         with pytest.raises(ValueError, match="eps must be positive"):
             ops.batchnorm_relu_maxpool2x2(x, None, None, -1.0)
+
+
+# --- conv1x1_affine_relu_maxpool2x2: SAN's stem, for inference ---------------------------------------------------------
+def _stem_inputs(shape, c_out, dtype):
+    x = torch.randn(shape, dtype=dtype)
+    weight = torch.randn(c_out, shape[1], dtype=dtype)
+    scale = torch.randn(c_out, dtype=dtype).abs() + 0.1
+    scale[::2] *= -1  # some negative: the pool sees the flipped order
+    return x, weight, scale, torch.randn(c_out, dtype=dtype)
+
+
+def _stem(backend, *tensors):
+    with torch.no_grad(), ops.use_backend(backend):
+        return ops.conv1x1_affine_relu_maxpool2x2(*tensors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,c_out", [((2, 3, 8, 10), 16), ((1, 1, 7, 9), 5), ((3, 5, 2, 3), 7),
+                                         ((2, 3, 33, 17), 64)])
+def test_conv1x1_affine_relu_maxpool2x2_matches_reference(dtype, shape, c_out):
+    tensors = _stem_inputs(shape, c_out, dtype)
+    ours, ref = _stem("cpu", *tensors), _stem("reference", *tensors)
+    # the reference, spelled out: the modules' own functions
+    by_hand = F.max_pool2d(torch.relu(F.conv2d(tensors[0], tensors[1][:, :, None, None]) * tensors[2][:, None, None]
+                                      + tensors[3][:, None, None]), 2, 2)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ref, by_hand, **tol)
+    torch.testing.assert_close(ours, ref, **tol)
+    assert ours.shape == (shape[0], c_out, shape[2] // 2, shape[3] // 2) and (ref > 0).any()
+    assert ref.numel() < 50 or (ref == 0).any()  # the ReLU cuts somewhere
+
+
+def test_conv1x1_affine_relu_maxpool2x2_propagates_nan_and_keeps_gradients_on_the_reference():
+    x, weight, scale, shift = _stem_inputs((2, 3, 6, 8), 4, torch.float64)
+    x[1, 2, 3, 5] = float("nan")
+    ours, ref = _stem("cpu", x, weight, scale, shift), _stem("reference", x, weight, scale, shift)
+    assert torch.equal(ours.isnan(), ref.isnan()) and ours.isnan().sum() == 4  # every channel's window (1, 1, 2)
+    torch.testing.assert_close(ours.nan_to_num(), ref.nan_to_num())
+    # a gradient wanted: the differentiable reference composition, no kernel without a backward
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.conv1x1_affine_relu_maxpool2x2, (x, weight, scale, shift))
+
+
+def test_conv1x1_affine_relu_maxpool2x2_same_bits_with_1_and_2_threads():
+    from _helpers import num_threads
+
+    tensors = _stem_inputs((3, 3, 40, 38), 16, torch.float32)
+    outs = []
+    for threads in (1, 2):
+        with num_threads(threads):
+            outs.append(_stem("cpu", *tensors))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_conv1x1_affine_relu_maxpool2x2_rejects_bad_input(backend):
+    x, weight, scale, shift = _stem_inputs((2, 3, 6, 8), 4, torch.float32)
+    bad = [((x[0], weight, scale, shift), ValueError, "x must be 4-D|4 dimensions|\\(N, C, H, W\\)"),
+           ((x, weight[:, :2], scale, shift), ValueError, r"weight must have shape \(Cout, 3\)"),
+           ((x, weight, scale[:3], shift), ValueError, r"scale must have shape \(4,\), one value per output channel"),
+           ((x[:, :, :1], weight, scale, shift), ValueError, "at least 2x2 pixels"),
+           ((x, weight.double(), scale, shift), (TypeError, ValueError), "dtype|float64")]
+    for args, exc, match in bad:
+        with ops.use_backend(backend), pytest.raises(exc, match=match):
+            ops.conv1x1_affine_relu_maxpool2x2(*args)
+
+
+def test_san_stem_in_inference_is_one_op_and_matches_its_modules(monkeypatch):
+    import timm
+
+    import torchsan  # noqa: F401
+    from torchsan.ops._cpu import pooling
+
+    model = timm.create_model("san10_pairwise", width=0.25, num_classes=10).double().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 1.5)
+    calls = []
+    original = pooling.conv1x1_affine_relu_maxpool2x2_op
+    monkeypatch.setattr(pooling, "conv1x1_affine_relu_maxpool2x2_op", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad(), ops.use_backend("cpu"):
+        fused = model.stem(x)
+        with ops.fusion(False):
+            modules = model.stem(x)
+    assert calls == [1]
+    torch.testing.assert_close(fused, modules, rtol=1e-12, atol=1e-12)
+    with ops.use_backend("cpu"):  # gradients wanted (training, an attack): the modules
+        model.stem(x).sum().backward()
+        model.stem.train()(x).sum().backward()  # training mode: batch statistics
+    assert calls == [1]

@@ -119,6 +119,21 @@ def norm_act_pool(bn: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Tenso
     return pool(act(bn(x)))
 
 
+def conv_norm_act_pool(conv: nn.Module, bn: nn.Module, act: nn.Module, pool: nn.Module,
+                       x: torch.Tensor) -> torch.Tensor:
+    """``pool(act(bn(conv(x))))``, SAN's stem: for inference (an eval-mode BN, no gradient) one op that writes only
+    the pooled map where allowed; else the conv, then BN, ReLU and the pool (:func:`norm_act_pool`)."""
+    if (is_conv1x1(conv) and _is_bn_relu(bn, act) and not _uses_batch_stats(bn) and _is_maxpool2x2(pool)
+            and x.dim() == 4 and min(x.shape[2:]) >= 2
+            and ops.should_fuse("conv1x1_affine_relu_maxpool2x2", x, conv, bn, act, pool,
+                                in_channels=conv.in_channels)):
+        scale, shift = batchnorm_affine(bn)
+        if conv.bias is not None:
+            shift = shift + scale * conv.bias
+        return ops.conv1x1_affine_relu_maxpool2x2(x, conv.weight.flatten(1), scale, shift)
+    return norm_act_pool(bn, act, pool, conv(x))
+
+
 def run_mapping(gamma: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
     """``gamma(z)`` for a mapping built by :func:`torchsan.layers.build_mapping`, z (N, C, K, L), with each
     BN-ReLU-conv1x1 triple as one op where allowed."""
@@ -152,7 +167,9 @@ def subtraction2_mapping(subtraction2: nn.Module, gamma: nn.Sequential, q: torch
     encoding p (1, 2, K, L) appended (or None). Where allowed, the whole of gamma runs as one op that writes only
     its output (``pairwise_logits``); else z is gathered straight into gamma's first training-mode BN-ReLU-conv1x1
     and never written; else written in one pass; else subtraction2, then torch.cat."""
-    if _is_pairwise_gamma(gamma) and ops.should_fuse("pairwise_logits", q, subtraction2, *gamma):
+    if _is_pairwise_gamma(gamma) and ops.should_fuse(
+            "pairwise_logits", q, subtraction2, *gamma,
+            batch_statistics=_uses_batch_stats(gamma[0]) or _uses_batch_stats(gamma[3])):
         bn1, _, conv1, bn2, _, conv2 = gamma
         logits, mean1, var1, mean2, var2 = ops.pairwise_logits(
             q, k, _norm_args(bn1), conv1.weight.flatten(1), _norm_args(bn2), conv2.weight.flatten(1), conv2.bias,

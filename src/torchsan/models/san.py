@@ -33,7 +33,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..layers import SelfAttentionBlock
-from ..layers.fused import norm_act_pool
+from ..layers.fused import conv_norm_act_pool, norm_act_pool
 from ..ops import default_padding
 from ._width import scale_channels
 
@@ -45,7 +45,8 @@ SAN_LAYERS = {10: (2, 1, 2, 4, 1), 15: (3, 2, 3, 5, 2), 19: (3, 3, 4, 6, 3)}
 
 
 class SANStem(nn.Module):
-    """conv1x1 (no bias) -> BN -> ReLU at full resolution, then the first stage's 2x2 max-pool (if it pools)."""
+    """conv1x1 (no bias) -> BN -> ReLU at full resolution, then the first stage's 2x2 max-pool (if it pools); for
+    inference, one op that writes only the pooled map (``torchsan.layers.fused.conv_norm_act_pool``)."""
 
     def __init__(self, in_chans: int, width: int, pool: bool) -> None:
         super().__init__()
@@ -55,7 +56,7 @@ class SANStem(nn.Module):
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2) if pool else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return norm_act_pool(self.bn, self.act, self.pool, self.conv(x))
+        return conv_norm_act_pool(self.conv, self.bn, self.act, self.pool, x)
 
 
 class SANStage(nn.Module):

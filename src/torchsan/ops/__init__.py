@@ -36,6 +36,7 @@ __all__ = [
     "batchnorm_relu_maxpool2x2",
     "centre",
     "channel_var_mean",
+    "conv1x1_affine_relu_maxpool2x2",
     "default_padding",
     "fusion",
     "fusion_enabled",
@@ -401,6 +402,30 @@ def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Te
     _checks.check_channel_vectors(x, x.shape[1], scale=scale, shift=shift)
     _checks.check_pool2x2(x)
     return implementation(x).affine_relu_maxpool2x2(x, scale, shift)
+
+
+def conv1x1_affine_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                                   shift: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(relu(scale * conv1x1(x, weight) + shift), 2, 2)``: a 1x1 convolution without bias, an eval-mode
+    BatchNorm as its affine map, ReLU and a 2x2 stride-2 max-pool (floor mode): SAN's stem, for inference. The
+    ``cpu`` kernel writes only the pooled output and has no backward: where a gradient is wanted it runs the
+    reference composition.
+
+    Args:
+        x: (N, Cin, H, W), H, W >= 2; weight: (C, Cin); scale, shift: (C,).
+    Returns:
+        (N, C, H // 2, W // 2).
+    """
+    _checks.check_feature_map("x", x)
+    x, weight, scale, shift = _autocast(x, weight, scale, shift)
+    _checks.check_conv1x1("x", x, x.shape[1], weight, None, "weight")
+    for name, t in (("scale", scale), ("shift", shift)):
+        _checks.check_same_kind("x", x, name, t)
+        if tuple(t.shape) != (weight.shape[0],):
+            raise ValueError(f"{name} must have shape ({weight.shape[0]},), one value per output channel of weight, "
+                             f"got {tuple(t.shape)}")
+    _checks.check_pool2x2(x)
+    return implementation(x).conv1x1_affine_relu_maxpool2x2(x, weight, scale, shift)
 
 
 def batchnorm_relu_maxpool2x2(

@@ -32,6 +32,7 @@ FUSED_OPS = {
     "batchnorm_relu_conv1x1": "a training-mode BatchNorm2d, ReLU and a 1x1 Conv2d",
     "affine_relu_maxpool2x2": "an eval-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d",
     "batchnorm_relu_maxpool2x2": "a training-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d",
+    "conv1x1_affine_relu_maxpool2x2": "a 1x1 Conv2d, an eval-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d, no gradient",
     "subtraction2_batchnorm_relu_conv1x1": "subtraction2 and gamma's first training-mode BN-ReLU-conv1x1",
     "pairwise_logits": "subtraction2 and the whole mapping gamma (BN-ReLU-conv1x1-BN-ReLU-conv1x1)",
     "subtraction2_append": "subtraction2 followed by torch.cat of the position encoding",
@@ -86,7 +87,9 @@ def should_fuse(op: str, x: torch.Tensor, *modules: nn.Module, **shape: int) -> 
     """Whether to run fused ``op`` on input ``x`` instead of ``modules`` one by one (see the module docstring).
 
     ``shape`` gives what ``x`` does not: ``out_channels`` for the conv1x1 ops; ``in_channels`` (z's) and
-    ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``.
+    ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``; ``batch_statistics``
+    (whether a BN normalises with the batch's statistics) for ``pairwise_logits``; ``in_channels`` (the conv's) for
+    ``conv1x1_affine_relu_maxpool2x2``.
     """
     if op not in FUSED_OPS:
         raise ValueError(f"unknown fused op {op!r}; one of {tuple(FUSED_OPS)}")

@@ -95,6 +95,11 @@ def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Te
     return y.view(*x.shape[:2], *y.shape[2:])
 
 
+def conv1x1_affine_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                                   shift: torch.Tensor) -> torch.Tensor:
+    return affine_relu_maxpool2x2(F.conv2d(x, weight[:, :, None, None]), scale, shift)
+
+
 def batchnorm_scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
                           var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm as a per-channel affine map: scale = weight / sqrt(var + eps), shift = bias - mean * scale.

@@ -39,12 +39,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_relu_conv1x1_backward", &cpu::affine_relu_conv1x1_backward);
   m.def("affine_relu_maxpool2x2_forward", &cpu::affine_relu_maxpool2x2_forward);
   m.def("affine_relu_maxpool2x2_backward", &cpu::affine_relu_maxpool2x2_backward);
+  m.def("conv1x1_affine_relu_maxpool2x2_forward", &cpu::conv1x1_affine_relu_maxpool2x2_forward);
   m.def("channel_var_mean", &cpu::channel_var_mean);
   m.def("channel_var_mean_backward", &cpu::channel_var_mean_backward);
   m.def("subtraction2_var_mean", &cpu::subtraction2_var_mean);
   m.def("subtraction2_var_mean_backward", &cpu::subtraction2_var_mean_backward);
   m.def("subtraction2_affine_relu_conv1x1_forward", &cpu::subtraction2_affine_relu_conv1x1_forward);
   m.def("subtraction2_affine_relu_conv1x1_backward", &cpu::subtraction2_affine_relu_conv1x1_backward);
+  m.def("subtraction2_affine_relu_conv1x1_twice_forward", &cpu::subtraction2_affine_relu_conv1x1_twice_forward);
   m.def("kernel_constants", &cpu::kernel_constants);
   m.def("vector_isa", [] { return std::string(TORCHSAN_VECTOR_ISA); });
 }

@@ -110,6 +110,65 @@ void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T
   });
 }
 
+// Two triples in one pass, for inference: y = W2 relu(scale2 * (W1 relu(scale1 * x + shift1)) + shift2) + bias2
+// over (N, Cin, P) -> (N, Cout, P), the hidden (N, Cmid, P) never written: per sub-block, the first product's
+// epilogue applies the second affine map and ReLU and stages the rows the second product reads. (A bias of the first
+// convolution folds into shift2.)
+template <typename T, int R1, int R2, typename Rows>
+void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, const T* shift1, const T* w1,
+                                              const T* scale2, const T* shift2, const T* w2, const T* bias2, T* y,
+                                              int64_t N, int64_t Cin, int64_t Cmid, int64_t Cout, int64_t P) {
+  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
+  const int64_t blocks1 = round_up(Cmid, R1) / R1, blocks2 = round_up(Cout, R2) / R2;
+  const std::vector<T> w1_packed = pack_row_blocks<T, R1>(w1, Cmid, Cin, false);
+  const std::vector<T> w2_packed = pack_row_blocks<T, R2>(w2, Cout, Cmid, false);
+  parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> relu_rows(Cin * kSubBlock), hidden_rows(Cmid * kSubBlock), scratch(kSubBlock);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(P, p0 + chunk);
+      for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
+        const int64_t m = std::min(kSubBlock, p1 - q0);
+        for (int64_t ci = 0; ci < Cin; ++ci)
+          stage_affine_relu_row(src.row(n, ci, q0, m, scratch.data()), scale1[ci], shift1[ci],
+                                relu_rows.data() + ci * kSubBlock, m);
+        for (int64_t b = 0; b < blocks1; ++b) {
+          gemm_block<T, R1>(w1_packed.data() + b * Cin * R1, Cin, relu_rows.data(), m,
+                            [&](int64_t j, int64_t q, const V<T>* acc) {
+                              const int64_t cm = b * R1 + j;
+                              if (cm >= Cmid) return;
+                              T* row = hidden_rows.data() + cm * kSubBlock + q;
+                              for (int64_t c = 0; c < kColumnVectors; ++c) {
+                                V<T> pre = acc[c] * scale2[cm] + shift2[cm];
+                                pre = pre <= 0 ? V<T>{} : pre;  // NaN passes through, like torch.relu
+                                std::memcpy(row + c * VW<T>, &pre, sizeof(V<T>));
+                              }
+                            });
+        }
+        for (int64_t b = 0; b < blocks2; ++b) {
+          gemm_block<T, R2>(w2_packed.data() + b * Cmid * R2, Cmid, hidden_rows.data(), m,
+                            [&](int64_t j, int64_t q, const V<T>* acc) {
+                              const int64_t co = b * R2 + j;
+                              if (co >= Cout) return;
+                              const T bv = bias2 ? bias2[co] : T(0);
+                              V<T> out[kColumnVectors];
+                              for (int64_t c = 0; c < kColumnVectors; ++c) out[c] = acc[c] + bv;
+                              store_columns<T>(y + (n * Cout + co) * P + q0, q, m, out);
+                            });
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename Rows>
+auto affine_relu_conv1x1_twice_forward_for(int64_t Cmid, int64_t Cout) {
+  const bool mid6 = pick_block_rows(Cmid) == 6, out6 = pick_block_rows(Cout) == 6;
+  return mid6 ? (out6 ? affine_relu_conv1x1_twice_forward_kernel<T, 6, 6, Rows>
+                      : affine_relu_conv1x1_twice_forward_kernel<T, 6, 4, Rows>)
+              : (out6 ? affine_relu_conv1x1_twice_forward_kernel<T, 4, 6, Rows>
+                      : affine_relu_conv1x1_twice_forward_kernel<T, 4, 4, Rows>);
+}
+
 // Gradients: gx (N, Cin, P); and per-task partial sums of gscale, gshift (Cin), gw (Cout x Cin), gbias (Cout),
 // reduced in task order at the end. Per sub-block: stage relu(pre) and grad rows, then
 //   gw += G R^T (register blocks of R x kInputTile channel pairs), gR = W^T G (gemm_block), gpre = gR * (pre > 0).

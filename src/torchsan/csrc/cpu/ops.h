@@ -47,6 +47,10 @@ std::vector<at::Tensor> affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x
                                                      at::Tensor weight);
 
 // pooling.cpp ------------------------------------------------------------------------------------------------------
+// Inference: x (N, Cin, H, W) -> (N, C, H / 2, W / 2): maxpool2x2(relu(scale * (weight x) + shift)), weight (C, Cin)
+// a 1x1 convolution; scale, shift (C). No backward.
+at::Tensor conv1x1_affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor weight, at::Tensor scale,
+                                                  at::Tensor shift);
 // x (N, C, H, W) -> (N, C, H / 2, W / 2): maxpool2x2(relu(scale * x + shift)); scale, shift (C).
 at::Tensor affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor scale, at::Tensor shift);
 // Returns {grad x, grad scale, grad shift}.
@@ -70,6 +74,14 @@ at::Tensor subtraction2_affine_relu_conv1x1_forward(at::Tensor x1, at::Tensor x2
                                                     at::Tensor scale, at::Tensor shift, at::Tensor weight,
                                                     c10::optional<at::Tensor> bias, int64_t k, int64_t s, int64_t p,
                                                     int64_t d, bool reflect);
+// Inference: the whole pairwise mapping on z, two affine-ReLU-1x1-convs, neither z nor the hidden layer written:
+// (N, Cout, K, L). No backward.
+at::Tensor subtraction2_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2,
+                                                          c10::optional<at::Tensor> append, at::Tensor scale1,
+                                                          at::Tensor shift1, at::Tensor weight1, at::Tensor scale2,
+                                                          at::Tensor shift2, at::Tensor weight2,
+                                                          c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
+                                                          int64_t p, int64_t d, bool reflect);
 // Returns {grad z (holding scale and shift fixed) (N, C + E, K, L), grad scale, grad shift, grad weight, grad bias}.
 std::vector<at::Tensor> subtraction2_affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x1, at::Tensor x2,
                                                                   c10::optional<at::Tensor> append, at::Tensor scale,

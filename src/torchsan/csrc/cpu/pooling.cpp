@@ -106,6 +106,51 @@ void affine_relu_maxpool2x2_backward_kernel(const T* gy, const T* x, const T* sc
   }
 }
 
+// The stem for inference: y = maxpool2x2(relu(scale * (W x) + shift)), W a 1x1 convolution (C, Cin) with a
+// narrow input (an image's channels). Per output row, each channel's conv values for the two input rows it pools
+// are computed into a buffer and pooled at once; the full-resolution conv, BN and ReLU outputs are never written.
+template <typename T>
+void conv1x1_affine_relu_maxpool2x2_forward_kernel(const T* x, const T* w, const T* scale, const T* shift, T* y,
+                                                   int64_t N, int64_t Cin, int64_t C, int64_t H, int64_t W) {
+  const int64_t Ho = H / 2, Wo = W / 2, span = 2 * Wo, plane = H * W;
+  parallel_range(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(2 * span);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / Ho, i = t % Ho;
+      const T* x0 = x + n * Cin * plane + 2 * i * W;  // channel ci's two rows: x0 + ci * plane (+ W)
+      T* r0 = rows.data();
+      T* r1 = r0 + span;
+      for (int64_t c = 0; c < C; ++c) {
+        const T* wc = w + c * Cin;
+        {
+          const T a = wc[0];
+#pragma omp simd
+          for (int64_t j = 0; j < span; ++j) {
+            r0[j] = a * x0[j];
+            r1[j] = a * x0[W + j];
+          }
+        }
+        for (int64_t ci = 1; ci < Cin; ++ci) {
+          const T a = wc[ci];
+          const T* xc = x0 + ci * plane;
+#pragma omp simd
+          for (int64_t j = 0; j < span; ++j) {
+            r0[j] += a * xc[j];
+            r1[j] += a * xc[W + j];
+          }
+        }
+        const T a = scale[c], b = shift[c];
+        T* yr = y + ((n * C + c) * Ho + i) * Wo;
+#pragma omp simd
+        for (int64_t j = 0; j < Wo; ++j) {
+          T arg, xarg;
+          yr[j] = window_max(r0 + 2 * j, r1 + 2 * j, a, b, arg, xarg);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor scale, at::Tensor shift) {
@@ -141,6 +186,28 @@ std::vector<at::Tensor> affine_relu_maxpool2x2_backward(at::Tensor gy, at::Tenso
         gx.data_ptr<scalar_t>(), gscale.data_ptr<scalar_t>(), gshift.data_ptr<scalar_t>(), N, C, H, W);
   });
   return {gx, gscale, gshift};
+}
+
+at::Tensor conv1x1_affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor weight, at::Tensor scale,
+                                                  at::Tensor shift) {
+  check_cpu(x, "x");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 2, "conv1x1_affine_relu_maxpool2x2: x (N, Cin, H, W), weight (C, Cin)");
+  const int64_t N = x.size(0), Cin = x.size(1), C = weight.size(0), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(weight.size(1) == Cin && scale.numel() == C && shift.numel() == C,
+              "conv1x1_affine_relu_maxpool2x2: shape mismatch");
+  TORCH_CHECK(H >= 2 && W >= 2, "conv1x1_affine_relu_maxpool2x2: a 2x2 max-pool needs at least 2x2 pixels, got ", H,
+              "x", W);
+  auto y = at::empty({N, C, H / 2, W / 2}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_affine_relu_maxpool2x2_forward", [&] {
+    conv1x1_affine_relu_maxpool2x2_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                                            scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
+                                                            y.data_ptr<scalar_t>(), N, Cin, C, H, W);
+  });
+  return y;
 }
 
 }  // namespace cpu

@@ -186,6 +186,35 @@ at::Tensor subtraction2_affine_relu_conv1x1_forward(at::Tensor x1, at::Tensor x2
   return y;
 }
 
+at::Tensor subtraction2_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2,
+                                                          c10::optional<at::Tensor> append, at::Tensor scale1,
+                                                          at::Tensor shift1, at::Tensor weight1, at::Tensor scale2,
+                                                          at::Tensor shift2, at::Tensor weight2,
+                                                          c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
+                                                          int64_t p, int64_t d, bool reflect) {
+  const Subtraction2Inputs in(x1, x2, append, k, s, p, d, reflect);
+  scale1 = scale1.contiguous();
+  shift1 = shift1.contiguous();
+  weight1 = weight1.contiguous();
+  scale2 = scale2.contiguous();
+  shift2 = shift2.contiguous();
+  weight2 = weight2.contiguous();
+  at::Tensor b2 = bias2.has_value() ? bias2->contiguous() : at::Tensor();
+  const int64_t Cmid = weight1.size(0), Cout = weight2.size(0);
+  TORCH_CHECK(weight1.dim() == 2 && weight1.size(1) == in.Ct && scale1.numel() == in.Ct && shift1.numel() == in.Ct &&
+                  weight2.dim() == 2 && weight2.size(1) == Cmid && scale2.numel() == Cmid && shift2.numel() == Cmid &&
+                  (!b2.defined() || b2.numel() == Cout),
+              "subtraction2_affine_relu_conv1x1_twice: shape mismatch");
+  auto y = at::empty({in.N, Cout, in.g.K(), in.g.L()}, in.x1.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x1.scalar_type(), "subtraction2_affine_relu_conv1x1_twice_forward", [&] {
+    auto kernel = affine_relu_conv1x1_twice_forward_for<scalar_t, Subtraction2Rows<scalar_t>>(Cmid, Cout);
+    kernel(in.rows<scalar_t>(), scale1.data_ptr<scalar_t>(), shift1.data_ptr<scalar_t>(), weight1.data_ptr<scalar_t>(),
+           scale2.data_ptr<scalar_t>(), shift2.data_ptr<scalar_t>(), weight2.data_ptr<scalar_t>(),
+           b2.defined() ? b2.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), in.N, in.Ct, Cmid, Cout, in.P);
+  });
+  return y;
+}
+
 std::vector<at::Tensor> subtraction2_affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x1, at::Tensor x2,
                                                                   c10::optional<at::Tensor> append, at::Tensor scale,
                                                                   at::Tensor shift, at::Tensor weight, int64_t k,

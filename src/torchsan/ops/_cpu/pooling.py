@@ -3,7 +3,8 @@
 
 ``affine_relu_maxpool2x2``: ``max_pool2d(relu(scale * x + shift), 2, 2)``, a BatchNorm given as its per-channel
 affine map (eval mode); ``batchnorm_relu_maxpool2x2``: the same with a training-mode BatchNorm. Only the pooled
-output is written; ties and NaN follow ``torch.nn.functional.max_pool2d``.
+output is written; ties and NaN follow ``torch.nn.functional.max_pool2d``. For inference,
+``conv1x1_affine_relu_maxpool2x2`` puts the 1x1 convolution before them too (SAN's stem).
 """
 
 from __future__ import annotations
@@ -69,3 +70,21 @@ def affine_relu_maxpool2x2(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 def batchnorm_relu_maxpool2x2(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                               eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return batchnorm_relu_maxpool2x2_op(x, weight, bias, eps)
+
+
+def _conv1x1_affine_relu_maxpool2x2(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """(N, Cin, H, W) -> (N, C, H // 2, W // 2): max_pool2d(relu(scale * conv1x1(x, weight) + shift), 2, 2). No
+    backward: only for calls that need no gradient."""
+    return kernels().conv1x1_affine_relu_maxpool2x2_forward(x, weight, scale, shift)
+
+
+conv1x1_affine_relu_maxpool2x2_op = custom_op(
+    "conv1x1_affine_relu_maxpool2x2", _conv1x1_affine_relu_maxpool2x2,
+    lambda x, weight, scale, shift: x.new_empty((x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)))
+
+
+def conv1x1_affine_relu_maxpool2x2(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """The inference kernel where nothing needs a gradient; else the reference composition."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, scale, shift)):
+        return reference.conv1x1_affine_relu_maxpool2x2(x, weight, scale, shift)
+    return conv1x1_affine_relu_maxpool2x2_op(x, weight, scale, shift)

@@ -35,6 +35,7 @@ from ..reference import (  # not written for the GPU: torch's own kernels (cuDNN
     batchnorm_relu_maxpool2x2,
     centre,
     channel_var_mean,
+    conv1x1_affine_relu_maxpool2x2,
     subtraction2_batchnorm_relu_conv1x1,
     tap_softmax,
     tap_softmax_backward,
@@ -42,9 +43,9 @@ from ..reference import (  # not written for the GPU: torch's own kernels (cuDNN
 
 __all__ = [
     "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
-    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "fuses", "interpreting", "pairwise_logits",
-    "softmax_aggregation", "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax",
-    "tap_softmax_backward", "unavailable_reason", "unfold",
+    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "conv1x1_affine_relu_maxpool2x2", "fuses",
+    "interpreting", "pairwise_logits", "softmax_aggregation", "subtraction", "subtraction2",
+    "subtraction2_batchnorm_relu_conv1x1", "tap_softmax", "tap_softmax_backward", "unavailable_reason", "unfold",
 ]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
