@@ -87,7 +87,7 @@ def test_pooling_ops_reject_bad_input(backend):
             ops.batchnorm_relu_maxpool2x2(x, None, None, -1.0)
 
 
-# --- conv1x1_affine_relu_maxpool2x2: SAN's stem, for inference ---------------------------------------------------------
+# --- conv1x1_affine_relu_maxpool2x2: SAN's stem, for inference --------------------------------------------------------
 def _stem_inputs(shape, c_out, dtype):
     x = torch.randn(shape, dtype=dtype)
     weight = torch.randn(c_out, shape[1], dtype=dtype)

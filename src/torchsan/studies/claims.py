@@ -289,7 +289,8 @@ def claims_section(root: Path, spec: dict[str, Any]) -> list[str]:
         except _Missing as missing:
             lines.append(f"| {_cell(claim['claim'])} | {pair} | not measured: {_cell(str(missing))} | not run |")
             continue
-        how = _EXPECT[expect] + (f" (margin {margin:g} points)" if expect != ">" else "")
+        unit = "point" if margin == 1 else "points"
+        how = _EXPECT[expect] + (f" (margin {margin:g} {unit})" if expect != ">" else "")
         verdict = _overall([c.verdict(expect, margin) for c in comparisons], names)
         lines.append(f"| {_cell(claim['claim'])} | {pair}; tested: {how} | "
                      + "<br>".join(_cell(m) for m in measured) + f" | {verdict} |")
