@@ -129,6 +129,14 @@ def test_conv1x1_affine_relu_maxpool2x2_propagates_nan_and_keeps_gradients_on_th
         assert torch.autograd.gradcheck(ops.conv1x1_affine_relu_maxpool2x2, (x, weight, scale, shift))
 
 
+@pytest.mark.parametrize("shape,c_out", [((0, 3, 6, 8), 4), ((2, 0, 6, 8), 4), ((2, 3, 6, 8), 0)])
+def test_conv1x1_affine_relu_maxpool2x2_empty_batch_and_channels(shape, c_out):
+    tensors = _stem_inputs(shape, c_out, torch.float64)  # Cin = 0: the conv is 0, the output relu(shift) pooled
+    ours, ref = _stem("cpu", *tensors), _stem("reference", *tensors)
+    assert ours.shape == ref.shape == (shape[0], c_out, 3, 4)
+    torch.testing.assert_close(ours, ref)
+
+
 def test_conv1x1_affine_relu_maxpool2x2_same_bits_with_1_and_2_threads():
     from _helpers import num_threads
 

@@ -343,6 +343,7 @@ def test_public_ops_serve_meta_tensors():
         "subtraction2": (ops.subtraction2(x, x, 3, append=append), (2, 10, 9, 63)),
         "affine_relu_conv1x1": (ops.affine_relu_conv1x1(x, s, s, c), (2, 3, 9, 7)),
         "affine_relu_maxpool2x2": (ops.affine_relu_maxpool2x2(x, s, s), (2, 8, 4, 3)),
+        "conv1x1_affine_relu_maxpool2x2": (ops.conv1x1_affine_relu_maxpool2x2(x, c, s[:3], s[:3]), (2, 3, 4, 3)),
         "batchnorm_relu_maxpool2x2": (ops.batchnorm_relu_maxpool2x2(x, s, s, 1e-5)[0], (2, 8, 4, 3)),
     }
     for name, (out, shape) in shapes.items():
@@ -375,6 +376,7 @@ def _meta_calls(device: str, requires_grad: bool) -> dict:
         "subtraction2_batchnorm_relu_conv1x1": lambda: ops.subtraction2_batchnorm_relu_conv1x1(
             x, x2, v2, v2, 1e-5, conv2, kernel_size=3, append=append),
         "affine_relu_maxpool2x2": lambda: ops.affine_relu_maxpool2x2(x, v, v),
+        "conv1x1_affine_relu_maxpool2x2": lambda: ops.conv1x1_affine_relu_maxpool2x2(x, conv, t(3), t(3)),
         "batchnorm_relu_maxpool2x2": lambda: ops.batchnorm_relu_maxpool2x2(x, v, v, 1e-5),
         "pairwise_logits": lambda: ops.pairwise_logits(  # (its batch statistics are not differentiable)
             x, x2, (v2, v2, 1e-5, None, None), conv2, (t(3), t(3), 1e-5, None, None), t(4, 3), t(4), kernel_size=3,
@@ -460,6 +462,8 @@ def _empty_case_ops(shape: tuple[int, ...], k: int, s: int, d: int, mode: str) -
     if min(h, w) >= 2:
         cases["affine_relu_maxpool2x2"] = ((t(*shape), t(c), t(c)), ops.affine_relu_maxpool2x2,
                                            [(n, c, h // 2, w // 2)])
+        cases["conv1x1_affine_relu_maxpool2x2"] = ((t(*shape), t(3, c), t(3), t(3)), ops.conv1x1_affine_relu_maxpool2x2,
+                                                   [(n, 3, h // 2, w // 2)])
     return cases
 
 

@@ -122,15 +122,8 @@ void conv1x1_affine_relu_maxpool2x2_forward_kernel(const T* x, const T* w, const
       T* r1 = r0 + span;
       for (int64_t c = 0; c < C; ++c) {
         const T* wc = w + c * Cin;
-        {
-          const T a = wc[0];
-#pragma omp simd
-          for (int64_t j = 0; j < span; ++j) {
-            r0[j] = a * x0[j];
-            r1[j] = a * x0[W + j];
-          }
-        }
-        for (int64_t ci = 1; ci < Cin; ++ci) {
+        std::fill(rows.begin(), rows.end(), T(0));  // (Cin = 0: the conv is 0)
+        for (int64_t ci = 0; ci < Cin; ++ci) {
           const T a = wc[ci];
           const T* xc = x0 + ci * plane;
 #pragma omp simd
