@@ -80,10 +80,34 @@ inline int64_t forward_chunk(int64_t N, int64_t P) {
   return kSubBlock * std::clamp<int64_t>((sub_blocks + per_image - 1) / per_image, 1, kPixelChunk / kSubBlock);
 }
 
+// staged[ci][0 .. kSubBlock) <- relu(scale[ci] * x[n, ci, q0 .. q0 + m) + shift[ci]) for the Cin rows of src.
+template <typename T, typename Rows>
+inline void stage_affine_relu_rows(const Rows& src, int64_t n, int64_t q0, int64_t m, const T* scale, const T* shift,
+                                   int64_t Cin, T* staged, T* scratch) {
+  for (int64_t ci = 0; ci < Cin; ++ci)
+    stage_affine_relu_row(src.row(n, ci, q0, m, scratch), scale[ci], shift[ci], staged + ci * kSubBlock, m);
+}
+
+// y0[co * P + (0 .. m)] <- (W staged)[co] + bias[co] for the Cout rows of W (packed in blocks of R, inner columns).
+template <typename T, int R>
+inline void product_to_output(const T* w_packed, int64_t inner, const T* staged, int64_t m, const T* bias,
+                              int64_t Cout, T* y0, int64_t P) {
+  for (int64_t b = 0; b < round_up(Cout, R) / R; ++b) {
+    gemm_block<T, R>(w_packed + b * inner * R, inner, staged, m, [&](int64_t j, int64_t q, const V<T>* acc) {
+      const int64_t co = b * R + j;
+      if (co >= Cout) return;
+      const T bv = bias ? bias[co] : T(0);
+      V<T> out[kColumnVectors];
+      for (int64_t c = 0; c < kColumnVectors; ++c) out[c] = acc[c] + bv;
+      store_columns<T>(y0 + co * P, q, m, out);
+    });
+  }
+}
+
 template <typename T, int R, typename Rows>
 void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T* shift, const T* w, const T* bias,
                                         T* y, int64_t N, int64_t Cin, int64_t Cout, int64_t P) {
-  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk, blocks = round_up(Cout, R) / R;
+  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
   const std::vector<T> w_packed = pack_row_blocks<T, R>(w, Cout, Cin, false);
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> relu_rows(Cin * kSubBlock), scratch(kSubBlock);
@@ -91,20 +115,8 @@ void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T
       const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(P, p0 + chunk);
       for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
         const int64_t m = std::min(kSubBlock, p1 - q0);
-        for (int64_t ci = 0; ci < Cin; ++ci)
-          stage_affine_relu_row(src.row(n, ci, q0, m, scratch.data()), scale[ci], shift[ci],
-                                relu_rows.data() + ci * kSubBlock, m);
-        for (int64_t b = 0; b < blocks; ++b) {
-          gemm_block<T, R>(w_packed.data() + b * Cin * R, Cin, relu_rows.data(), m,
-                           [&](int64_t j, int64_t q, const V<T>* acc) {
-                             const int64_t co = b * R + j;
-                             if (co >= Cout) return;
-                             const T bv = bias ? bias[co] : T(0);
-                             V<T> out[kColumnVectors];
-                             for (int64_t c = 0; c < kColumnVectors; ++c) out[c] = acc[c] + bv;
-                             store_columns<T>(y + (n * Cout + co) * P + q0, q, m, out);
-                           });
-        }
+        stage_affine_relu_rows(src, n, q0, m, scale, shift, Cin, relu_rows.data(), scratch.data());
+        product_to_output<T, R>(w_packed.data(), Cin, relu_rows.data(), m, bias, Cout, y + n * Cout * P + q0, P);
       }
     }
   });
@@ -118,8 +130,7 @@ template <typename T, int R1, int R2, typename Rows>
 void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, const T* shift1, const T* w1,
                                               const T* scale2, const T* shift2, const T* w2, const T* bias2, T* y,
                                               int64_t N, int64_t Cin, int64_t Cmid, int64_t Cout, int64_t P) {
-  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
-  const int64_t blocks1 = round_up(Cmid, R1) / R1, blocks2 = round_up(Cout, R2) / R2;
+  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk, blocks1 = round_up(Cmid, R1) / R1;
   const std::vector<T> w1_packed = pack_row_blocks<T, R1>(w1, Cmid, Cin, false);
   const std::vector<T> w2_packed = pack_row_blocks<T, R2>(w2, Cout, Cmid, false);
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -128,9 +139,7 @@ void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, 
       const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(P, p0 + chunk);
       for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
         const int64_t m = std::min(kSubBlock, p1 - q0);
-        for (int64_t ci = 0; ci < Cin; ++ci)
-          stage_affine_relu_row(src.row(n, ci, q0, m, scratch.data()), scale1[ci], shift1[ci],
-                                relu_rows.data() + ci * kSubBlock, m);
+        stage_affine_relu_rows(src, n, q0, m, scale1, shift1, Cin, relu_rows.data(), scratch.data());
         for (int64_t b = 0; b < blocks1; ++b) {
           gemm_block<T, R1>(w1_packed.data() + b * Cin * R1, Cin, relu_rows.data(), m,
                             [&](int64_t j, int64_t q, const V<T>* acc) {
@@ -144,17 +153,8 @@ void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, 
                               }
                             });
         }
-        for (int64_t b = 0; b < blocks2; ++b) {
-          gemm_block<T, R2>(w2_packed.data() + b * Cmid * R2, Cmid, hidden_rows.data(), m,
-                            [&](int64_t j, int64_t q, const V<T>* acc) {
-                              const int64_t co = b * R2 + j;
-                              if (co >= Cout) return;
-                              const T bv = bias2 ? bias2[co] : T(0);
-                              V<T> out[kColumnVectors];
-                              for (int64_t c = 0; c < kColumnVectors; ++c) out[c] = acc[c] + bv;
-                              store_columns<T>(y + (n * Cout + co) * P + q0, q, m, out);
-                            });
-        }
+        product_to_output<T, R2>(w2_packed.data(), Cmid, hidden_rows.data(), m, bias2, Cout, y + n * Cout * P + q0,
+                                 P);
       }
     }
   });
