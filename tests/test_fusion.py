@@ -438,6 +438,30 @@ def test_block(sa_type, size, train, calls):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_block_in_inference_adds_the_shortcut_in_the_projections_epilogue(sa_type, monkeypatch):
+    """Eval under no_grad: norm2-act2-proj and the shortcut x + ... as one op (the residual added as the output is
+    stored); the same output as the modules (float64)."""
+    block = randomise(SelfAttentionBlock(32, sa_type, kernel_size=3, share_planes=4)).double().eval()
+    x = torch.randn(2, 32, 9, 8, dtype=torch.float64)
+    residuals = []
+    original = ops.affine_relu_conv1x1
+
+    def spy(*args, residual=None):
+        residuals.append(residual)
+        return original(*args, residual=residual)
+
+    monkeypatch.setattr(ops, "affine_relu_conv1x1", spy)
+    with torch.no_grad():
+        with ops.use_backend("cpu"):
+            fused = block(x)
+        assert sum(r is x for r in residuals) == 1
+        with ops.fusion(False), ops.use_backend("reference"):
+            modules = block(x)
+    torch.testing.assert_close(fused, modules)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("pool", [True, False])
 def test_stem(pool, train, calls):

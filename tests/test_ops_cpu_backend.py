@@ -136,6 +136,7 @@ def _opcheck_cases():
     xs, s, b = _t(2, 3, 4, 5, grad=True), _t(3, grad=True), _t(3, grad=True)
     cw, cb = _t(2, 3, grad=True), _t(2, grad=True)
     cases += [("affine_relu_conv1x1", (xs, s, b, cw, cb)), ("affine_relu_conv1x1", (xs, s, b, cw, None)),
+              ("affine_relu_conv1x1_add", (xs.detach(), s.detach(), b.detach(), cw.detach(), None, _t(2, 2, 4, 5))),
               ("affine_relu_conv1x1_backward", (_t(2, 2, 4, 5), xs.detach(), s.detach(), b.detach(), cw.detach())),
               ("batchnorm_relu_conv1x1", (xs, s, b, 1e-5, cw, cb)),
               ("batchnorm_relu_conv1x1", (xs, None, None, 1e-5, cw, None)),

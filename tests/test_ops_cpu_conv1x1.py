@@ -42,6 +42,49 @@ def test_affine_relu_conv1x1_gradcheck_and_gradgradcheck(bias):
         assert torch.autograd.gradgradcheck(ops.affine_relu_conv1x1, args)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,cin,cout,spatial,bias", [(2, 18, 16, (9, 23), False), (3, 16, 13, (49, 97), True),
+                                                     (1, 5, 3, (1, 7), True), (2, 7, 6, (3, 300), True),
+                                                     (2, 6, 5, (4099,), False), (0, 4, 3, (5, 6), True),
+                                                     (2, 0, 3, (5, 6), True)])
+def test_affine_relu_conv1x1_adds_a_residual_in_its_epilogue(dtype, n, cin, cout, spatial, bias):
+    """Without gradients: the inference kernel, the residual added as the output is stored (odd widths: the partial
+    vectors at each sub-block's end); with gradients: the op's output plus the residual, gradients for all."""
+    gen = torch.Generator().manual_seed(n * cin + cout)
+    x, residual = torch.randn(n, cin, *spatial, dtype=dtype, generator=gen), torch.randn(
+        n, cout, *spatial, dtype=dtype, generator=gen)
+    params = [torch.randn(cin, dtype=dtype, generator=gen), torch.randn(cin, dtype=dtype, generator=gen),
+              torch.randn(cout, cin, dtype=dtype, generator=gen), torch.randn(cout, dtype=dtype, generator=gen)
+              if bias else None]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        with ops.use_backend("reference"):
+            expected = ops.affine_relu_conv1x1(x, *params) + residual
+        with ops.use_backend("cpu"):
+            fused = ops.affine_relu_conv1x1(x, *params, residual=residual)
+            # the kernel's epilogue adds the residual to the same sum the op without it stores: the same bits
+            assert torch.equal(fused, ops.affine_relu_conv1x1(x, *params) + residual)
+    torch.testing.assert_close(fused, expected, **tol)
+
+    def with_gradients(x, scale, shift, weight, *rest):  # rest: (bias,) residual
+        return ops.affine_relu_conv1x1(x, scale, shift, weight, rest[0] if bias else None, residual=rest[-1])
+
+    assert_matches_reference(with_gradients, x, *(p for p in params if p is not None), residual, **tol)
+
+
+def test_affine_relu_conv1x1_residual_gradcheck_and_rejects_a_bad_residual():
+    args = [torch.randn(2, 3, 4, 5, **F64), torch.randn(3, **F64), torch.randn(3, **F64), torch.randn(2, 3, **F64),
+            torch.randn(2, **F64), torch.randn(2, 2, 4, 5, **F64)]
+    args = [t.requires_grad_(True) for t in args]
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda *t: ops.affine_relu_conv1x1(*t[:-1], residual=t[-1]), args)
+        x, scale, shift, w, b, _ = (t.detach() for t in args)
+        for bad, match in [(torch.randn(2, 3, 4, 5, **F64), "residual must have the output's shape"),
+                           (torch.randn(2, 2, 4, 5), "residual dtype"), ([0.0], "residual must be a torch.Tensor")]:
+            with pytest.raises((ValueError, TypeError), match=match):
+                ops.affine_relu_conv1x1(x, scale, shift, w, b, residual=bad)
+
+
 def test_affine_relu_conv1x1_propagates_nan_like_relu():
     x = torch.randn(2, 3, 4, 5, **F64)
     x[0, 0, 0, 0] = float("nan")

@@ -342,6 +342,8 @@ def test_public_ops_serve_meta_tensors():
         "softmax_aggregation": (ops.softmax_aggregation(x, weight, 3), (2, 8, 9, 7)),
         "subtraction2": (ops.subtraction2(x, x, 3, append=append), (2, 10, 9, 63)),
         "affine_relu_conv1x1": (ops.affine_relu_conv1x1(x, s, s, c), (2, 3, 9, 7)),
+        "affine_relu_conv1x1 residual": (ops.affine_relu_conv1x1(x, s, s, c, residual=torch.empty(2, 3, 9, 7, **meta)),
+                                         (2, 3, 9, 7)),
         "affine_relu_maxpool2x2": (ops.affine_relu_maxpool2x2(x, s, s), (2, 8, 4, 3)),
         "conv1x1_affine_relu_maxpool2x2": (ops.conv1x1_affine_relu_maxpool2x2(x, c, s[:3], s[:3]), (2, 3, 4, 3)),
         "batchnorm_relu_maxpool2x2": (ops.batchnorm_relu_maxpool2x2(x, s, s, 1e-5)[0], (2, 8, 4, 3)),
@@ -447,6 +449,8 @@ def _empty_case_ops(shape: tuple[int, ...], k: int, s: int, d: int, mode: str) -
         "centre": ((t(*shape),), lambda x: ops.centre(x, *fp), [(n, c, 1, length)]),
         "tap_softmax": ((t(n, c, kk, length),), ops.tap_softmax, [(n, c, kk, length)]),
         "affine_relu_conv1x1": ((t(*shape), t(c), t(c), t(3, c), t(3)), ops.affine_relu_conv1x1, [(n, 3, h, w)]),
+        "affine_relu_conv1x1 residual": ((t(*shape), t(c), t(c), t(3, c), t(3), t(n, 3, h, w)),
+                                         lambda *a: ops.affine_relu_conv1x1(*a[:-1], residual=a[-1]), [(n, 3, h, w)]),
     }
     if n > 0:  # a training BN needs values: with C = 0 the appended channels still have them
         cases["subtraction2_batchnorm_relu_conv1x1 append"] = (

@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops._fusion import has_hooks
+from .cache import reuse
 from .fused import is_conv1x1, run_mapping, softmax_aggregation, subtraction2_mapping
 from .mapping import build_mapping
 from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
@@ -107,10 +109,16 @@ class _SelfAttention(nn.Module):
         return ops.should_fuse("stacked_conv1x1", x, *convs)
 
     def stacked_transform(self) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-        """phi, psi and beta as one 1x1 convolution: (weight (out, in, 1, 1), bias, split sizes)."""
+        """phi, psi and beta as one 1x1 convolution: (weight (out, in, 1, 1), bias, split sizes). Kept between calls
+        where no gradient is wanted (see :func:`torchsan.layers.cache.reuse`)."""
         convs = (self.phi, self.psi, self.beta)
-        bias = torch.cat([c.bias for c in convs]) if self.phi.bias is not None else None
-        return torch.cat([c.weight for c in convs]), bias, [c.out_channels for c in convs]
+
+        def stack() -> tuple[torch.Tensor, torch.Tensor | None]:
+            bias = torch.cat([c.bias for c in convs]) if self.phi.bias is not None else None
+            return torch.cat([c.weight for c in convs]), bias
+
+        sources = [t for c in convs for t in (c.weight, c.bias)]
+        return *reuse(self, "stacked_transform", sources, stack), [c.out_channels for c in convs]
 
     def _transforms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """phi(x), psi(x), beta(x)."""
@@ -232,8 +240,18 @@ class PairwiseSelfAttention(_SelfAttention):
         return torch.cat([qi.expand_as(kj), kj], dim=1)  # concatenation
 
     def _position_difference(self, like: torch.Tensor) -> torch.Tensor:
-        """p_i - p_j over the footprint, p the linearly mapped normalised coordinates: (1, 2, K, L)."""
-        return self.subtraction(self.pos_proj(position_grid(like.shape[2], like.shape[3], like)))
+        """p_i - p_j over the footprint, p the linearly mapped normalised coordinates: (1, 2, K, L). It depends on the
+        map's size and pos_proj alone, so it is kept between calls where no gradient is wanted (unless a hook, a
+        MAC counter say, must see the modules run)."""
+        height, width = like.shape[2], like.shape[3]
+
+        def build() -> torch.Tensor:
+            return self.subtraction(self.pos_proj(position_grid(height, width, like)))
+
+        if has_hooks(self.pos_proj, self.subtraction):
+            return build()
+        return reuse(self, "position_difference", [self.pos_proj.weight, self.pos_proj.bias], build,
+                     extra=(height, width, like.dtype, like.device))
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """gamma(delta(x_i, x_j)) for every j in R(i), eq. (2), with p_i - p_j appended to delta when position

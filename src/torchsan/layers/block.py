@@ -60,7 +60,7 @@ class SelfAttentionBlock(nn.Module):
         self.proj = nn.Conv2d(mid, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + norm_act_conv(self.norm2, self.act2, self.proj, self._attention(x))
+        return norm_act_conv(self.norm2, self.act2, self.proj, self._attention(x), residual=x)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         """attn(act1(norm1(x))). With phi, psi and beta stacked into one convolution, norm1, act1 and that

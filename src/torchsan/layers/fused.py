@@ -19,6 +19,7 @@ from ..ops.reference import batchnorm_scale_shift
 
 __all__ = [
     "batchnorm_affine",
+    "conv1x1",
     "fuses_norm_act_conv1x1",
     "is_conv1x1",
     "norm_act_conv",
@@ -102,11 +103,33 @@ def norm_act_conv1x1(bn: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor,
                            lambda t, scale, shift: ops.affine_relu_conv1x1(t, scale, shift, w, bias))
 
 
-def norm_act_conv(bn: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(act(bn(x)))``: BN, ReLU and a 1x1 conv as one op where allowed."""
+def conv1x1(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a plain 1x1 ``conv`` (x (N, Cin, H, W)): as one matrix product per image where the backend
+    says that beats its convolution (inference on large maps), else the module."""
+    if not (is_conv1x1(conv) and x.dim() == 4 and ops.should_fuse(
+            "conv1x1_matmul", x, conv, in_channels=conv.in_channels, out_channels=conv.out_channels)):
+        return conv(x)
+    n, _, h, w = x.shape
+    weight = conv.weight.flatten(1).expand(n, -1, -1)
+    if conv.bias is None:
+        y = torch.bmm(weight, x.flatten(2))
+    else:
+        y = torch.baddbmm(conv.bias[None, :, None], weight, x.flatten(2))
+    return y.view(n, conv.out_channels, h, w)
+
+
+def norm_act_conv(bn: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tensor,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(act(bn(x)))`` (``+ residual``, a tensor of the output's shape): BN, ReLU and a 1x1 conv as one op where
+    allowed, and with an eval-mode BN that op adds the residual too; else the modules, the conv by :func:`conv1x1`."""
     if is_conv1x1(conv) and fuses_norm_act_conv1x1(bn, act, x, conv.out_channels, conv):
-        return norm_act_conv1x1(bn, x, conv.weight, conv.bias)
-    return conv(act(bn(x)))
+        if residual is not None and not _uses_batch_stats(bn):
+            scale, shift = batchnorm_affine(bn)
+            return ops.affine_relu_conv1x1(x, scale, shift, conv.weight.flatten(1), conv.bias, residual=residual)
+        y = norm_act_conv1x1(bn, x, conv.weight, conv.bias)
+    else:
+        y = conv1x1(conv, act(bn(x)))
+    return y if residual is None else y + residual
 
 
 def norm_act_pool(bn: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..layers import SelfAttentionBlock
-from ..layers.fused import conv_norm_act_pool, norm_act_pool
+from ..layers.fused import conv1x1, conv_norm_act_pool, norm_act_pool
 from ..ops import default_padding
 from ._width import scale_channels
 
@@ -90,7 +90,7 @@ class SANStage(nn.Module):
 
     def forward_body(self, x: torch.Tensor) -> torch.Tensor:
         """Transition and blocks."""
-        x = self.transition(x)
+        x = conv1x1(self.transition, x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)

@@ -250,21 +250,27 @@ def affine_relu_conv1x1(
     shift: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``weight @ relu(scale * x + shift) + bias`` at every position: a BatchNorm given as its per-channel affine
-    map (an eval-mode BN: scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale), ReLU and a
-    1x1 convolution in one op. The ``cpu`` kernel never writes the BN and ReLU outputs.
+    """``weight @ relu(scale * x + shift) + bias (+ residual)`` at every position: a BatchNorm given as its
+    per-channel affine map (an eval-mode BN: scale = weight / sqrt(running_var + eps), shift = bias - running_mean *
+    scale), ReLU and a 1x1 convolution in one op, and a residual block's shortcut added to its output. The ``cpu``
+    kernel never writes the BN and ReLU outputs, and adds the residual as it stores the output where no gradient is
+    wanted.
 
     Args:
-        x: (N, Cin, *spatial); scale, shift: (Cin,); weight: (Cout, Cin); bias: (Cout,) or None.
+        x: (N, Cin, *spatial); scale, shift: (Cin,); weight: (Cout, Cin); bias: (Cout,) or None;
+        residual: (N, Cout, *spatial) or None.
     Returns:
         (N, Cout, *spatial).
     """
     _checks.check_tensor("x", x, min_dim=2)
-    x, scale, shift, weight, bias = _autocast(x, scale, shift, weight, bias)
+    x, scale, shift, weight, bias, residual = _autocast(x, scale, shift, weight, bias, residual)
     _checks.check_channel_vectors(x, x.shape[1], scale=scale, shift=shift)
     _checks.check_conv1x1("x", x, x.shape[1], weight, bias, "weight", "bias")
-    return implementation(x).affine_relu_conv1x1(x, scale, shift, weight, bias)
+    if residual is not None:
+        _checks.check_residual(residual, x, (x.shape[0], weight.shape[0], *x.shape[2:]))
+    return implementation(x).affine_relu_conv1x1(x, scale, shift, weight, bias, residual)
 
 
 def batchnorm_relu_conv1x1(

@@ -286,6 +286,14 @@ def check_conv1x1(name: str, x: torch.Tensor, c_in: int, weight: torch.Tensor, b
             raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+def check_residual(residual: object, x: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """A residual added to an op's output: a tensor of the output's shape, of x's dtype and device."""
+    check_tensor("residual", residual)
+    check_same_kind("x", x, "residual", residual)
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"residual must have the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
+
+
 def check_pool2x2(x: torch.Tensor) -> None:
     """A 2x2 max-pool needs at least 2x2 pixels."""
     if x.shape[2] < 2 or x.shape[3] < 2:

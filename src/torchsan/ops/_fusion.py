@@ -39,6 +39,7 @@ FUSED_OPS = {
     "softmax_aggregation": "the softmax over the footprint and the aggregation",
     "tap_softmax": "nn.Softmax(dim=2) over the footprint taps",
     "stacked_conv1x1": "phi, psi and beta as three 1x1 convolutions (one convolution with stacked weights)",
+    "conv1x1_matmul": "a 1x1 Conv2d, no gradient (one matrix product per image instead of the convolution)",
 }
 
 _state = threading.local()
@@ -87,7 +88,8 @@ def should_fuse(op: str, x: torch.Tensor, *modules: nn.Module, **shape: int) -> 
     """Whether to run fused ``op`` on input ``x`` instead of ``modules`` one by one (see the module docstring).
 
     ``shape`` gives what ``x`` does not: ``out_channels`` for the conv1x1 ops; ``in_channels`` (z's) and
-    ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``; ``batch_statistics``
+    ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``; ``in_channels`` and
+    ``out_channels`` for ``conv1x1_matmul``; ``batch_statistics``
     (whether a BN normalises with the batch's statistics) for ``pairwise_logits``; ``in_channels`` (the conv's) for
     ``conv1x1_affine_relu_maxpool2x2``.
     """

@@ -65,11 +65,12 @@ def subtraction2(x1: torch.Tensor, x2: torch.Tensor, fp: Footprint, h_out: int, 
 
 
 def affine_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
+                        bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
     shape = (1, -1) + (1,) * (x.dim() - 2)
     r = torch.relu(x * scale.view(shape) + shift.view(shape))
     y = torch.einsum("oc,nc...->no...", weight, r)
-    return y if bias is None else y + bias.view(shape)
+    y = y if bias is None else y + bias.view(shape)
+    return y if residual is None else y + residual
 
 
 def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ static int64_t positions(const at::Tensor& x) {
 }
 
 at::Tensor affine_relu_conv1x1_forward(at::Tensor x, at::Tensor scale, at::Tensor shift, at::Tensor weight,
-                                       c10::optional<at::Tensor> bias) {
+                                       c10::optional<at::Tensor> bias, c10::optional<at::Tensor> residual) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "x must be a CPU tensor (N, Cin, ...)");
   x = x.contiguous();
   scale = scale.contiguous();
@@ -28,12 +28,15 @@ at::Tensor affine_relu_conv1x1_forward(at::Tensor x, at::Tensor scale, at::Tenso
   auto sizes = x.sizes().vec();
   sizes[1] = Cout;
   auto y = at::empty(sizes, x.options());
+  at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  TORCH_CHECK(!r.defined() || (r.sizes() == y.sizes() && r.scalar_type() == y.scalar_type() && r.device().is_cpu()),
+              "affine_relu_conv1x1: the residual must be a CPU tensor of the output's shape and dtype");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_relu_conv1x1_forward", [&] {
     using Rows = DenseRows<scalar_t>;
     auto kernel = affine_relu_conv1x1_forward_for<scalar_t, Rows>(Cout);
     kernel(Rows{x.data_ptr<scalar_t>(), Cin, P}, scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),
            weight.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, Cin,
-           Cout, P);
+           Cout, P, r.defined() ? r.data_ptr<scalar_t>() : nullptr);
   });
   return y;
 }

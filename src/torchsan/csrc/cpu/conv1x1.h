@@ -88,10 +88,11 @@ inline void stage_affine_relu_rows(const Rows& src, int64_t n, int64_t q0, int64
     stage_affine_relu_row(src.row(n, ci, q0, m, scratch), scale[ci], shift[ci], staged + ci * kSubBlock, m);
 }
 
-// y0[co * P + (0 .. m)] <- (W staged)[co] + bias[co] for the Cout rows of W (packed in blocks of R, inner columns).
+// y0[co * P + (0 .. m)] <- (W staged)[co] + bias[co] (+ r0[co * P + (0 .. m)], a residual, unless null) for the
+// Cout rows of W (packed in blocks of R, inner columns).
 template <typename T, int R>
 inline void product_to_output(const T* w_packed, int64_t inner, const T* staged, int64_t m, const T* bias,
-                              int64_t Cout, T* y0, int64_t P) {
+                              int64_t Cout, T* y0, int64_t P, const T* r0 = nullptr) {
   for (int64_t b = 0; b < round_up(Cout, R) / R; ++b) {
     gemm_block<T, R>(w_packed + b * inner * R, inner, staged, m, [&](int64_t j, int64_t q, const V<T>* acc) {
       const int64_t co = b * R + j;
@@ -99,14 +100,21 @@ inline void product_to_output(const T* w_packed, int64_t inner, const T* staged,
       const T bv = bias ? bias[co] : T(0);
       V<T> out[kColumnVectors];
       for (int64_t c = 0; c < kColumnVectors; ++c) out[c] = acc[c] + bv;
+      if (r0) {
+        for (int64_t c = 0; c < kColumnVectors; ++c) {
+          const int64_t lanes = std::min(VW<T>, m - q - c * VW<T>);
+          if (lanes > 0) out[c] += load_partial(r0 + co * P + q + c * VW<T>, lanes);
+        }
+      }
       store_columns<T>(y0 + co * P, q, m, out);
     });
   }
 }
 
+// residual: null, or (N, Cout, P) added to the output in the product's epilogue (a residual block's shortcut).
 template <typename T, int R, typename Rows>
 void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T* shift, const T* w, const T* bias,
-                                        T* y, int64_t N, int64_t Cin, int64_t Cout, int64_t P) {
+                                        T* y, int64_t N, int64_t Cin, int64_t Cout, int64_t P, const T* residual) {
   const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
   const std::vector<T> w_packed = pack_row_blocks<T, R>(w, Cout, Cin, false);
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -116,7 +124,8 @@ void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T
       for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
         const int64_t m = std::min(kSubBlock, p1 - q0);
         stage_affine_relu_rows(src, n, q0, m, scale, shift, Cin, relu_rows.data(), scratch.data());
-        product_to_output<T, R>(w_packed.data(), Cin, relu_rows.data(), m, bias, Cout, y + n * Cout * P + q0, P);
+        product_to_output<T, R>(w_packed.data(), Cin, relu_rows.data(), m, bias, Cout, y + n * Cout * P + q0, P,
+                                residual ? residual + n * Cout * P + q0 : nullptr);
       }
     }
   });

@@ -41,7 +41,7 @@ std::vector<at::Tensor> gather_backward(at::Tensor gout, int64_t H, int64_t W, i
 // y = weight relu(scale * x + shift) + bias: x (N, Cin, *) -> (N, Cout, *); scale, shift (Cin); weight (Cout, Cin);
 // bias (Cout) or not given. The affine map is a BatchNorm's, per channel.
 at::Tensor affine_relu_conv1x1_forward(at::Tensor x, at::Tensor scale, at::Tensor shift, at::Tensor weight,
-                                       c10::optional<at::Tensor> bias);
+                                       c10::optional<at::Tensor> bias, c10::optional<at::Tensor> residual);
 // Returns {grad x, grad scale, grad shift, grad weight, grad bias}.
 std::vector<at::Tensor> affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x, at::Tensor scale, at::Tensor shift,
                                                      at::Tensor weight);

@@ -181,7 +181,7 @@ at::Tensor subtraction2_affine_relu_conv1x1_forward(at::Tensor x1, at::Tensor x2
   AT_DISPATCH_FLOATING_TYPES(in.x1.scalar_type(), "subtraction2_affine_relu_conv1x1_forward", [&] {
     auto kernel = affine_relu_conv1x1_forward_for<scalar_t, Subtraction2Rows<scalar_t>>(Cout);
     kernel(in.rows<scalar_t>(), scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-           b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), in.N, in.Ct, Cout, in.P);
+           b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), in.N, in.Ct, Cout, in.P, nullptr);
   });
   return y;
 }

@@ -59,6 +59,9 @@ SUBTRACTION2_CONV1X1_MIN_POSITIONS = 49
 # The stem's conv1x1 + BN + ReLU + max-pool (inference): its product is not register-blocked, so only for inputs
 # as narrow as an image's channels.
 CONV1X1_POOL_MAX_IN_CHANNELS = 8
+# A plain 1x1 convolution for inference: oneDNN's convolution reorders large NCHW maps to its blocked layout and back,
+# and a batched matrix product (at::bmm, the layout as it is) beats it from this many positions per image.
+CONV1X1_MATMUL_MIN_POSITIONS = 784
 _ALWAYS = frozenset({"affine_relu_maxpool2x2", "batchnorm_relu_maxpool2x2", "subtraction2_append",
                      "softmax_aggregation", "tap_softmax", "stacked_conv1x1"})
 
@@ -84,6 +87,8 @@ def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int =
         return not batch_statistics and not (torch.is_grad_enabled() and x.requires_grad)
     if op == "conv1x1_affine_relu_maxpool2x2":  # an inference kernel for narrow inputs (an image: the stem)
         return not torch.is_grad_enabled() and in_channels <= CONV1X1_POOL_MAX_IN_CHANNELS
+    if op == "conv1x1_matmul":
+        return not torch.is_grad_enabled() and math.prod(x.shape[2:]) >= CONV1X1_MATMUL_MIN_POSITIONS
     if op in ("affine_relu_conv1x1", "batchnorm_relu_conv1x1"):
         return _conv1x1_pays(x.shape[1], out_channels, math.prod(x.shape[2:]))
     if op == "subtraction2_batchnorm_relu_conv1x1":

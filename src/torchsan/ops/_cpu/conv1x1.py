@@ -1,7 +1,8 @@
 """BatchNorm, ReLU and a 1x1 convolution as one op (C++: ``csrc/cpu/conv1x1.cpp``).
 
 ``affine_relu_conv1x1``: ``weight @ relu(scale * x + shift) + bias`` at every position, a BatchNorm given as its
-per-channel affine map (eval mode); ``batchnorm_relu_conv1x1``: the same with a training-mode BatchNorm (batch
+per-channel affine map (eval mode), plus a residual where one is given (added in the product's epilogue where no
+gradient is wanted); ``batchnorm_relu_conv1x1``: the same with a training-mode BatchNorm (batch
 statistics, gradients through them). The building block of the mapping gamma, and of the block's BN-ReLU-conv pairs:
 the BN and ReLU outputs are never written.
 """
@@ -36,7 +37,7 @@ affine_relu_conv1x1_backward_op = custom_op(
 
 def _affine_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """(N, Cin, ...) -> (N, Cout, ...): weight @ relu(scale * x + shift) + bias, per position."""
-    return kernels().affine_relu_conv1x1_forward(x, scale, shift, weight, bias)
+    return kernels().affine_relu_conv1x1_forward(x, scale, shift, weight, bias, None)
 
 
 def _affine_relu_conv1x1_setup(ctx, inputs, output):
@@ -55,17 +56,36 @@ affine_relu_conv1x1_op = custom_op(
     "affine_relu_conv1x1", _affine_relu_conv1x1, lambda x, scale, shift, weight, bias: _output_like(x, weight),
     backward=_affine_relu_conv1x1_grad, setup=_affine_relu_conv1x1_setup)
 
+
+
+def _affine_relu_conv1x1_add(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None,
+                             residual: Tensor) -> Tensor:
+    """weight @ relu(scale * x + shift) + bias + residual, the residual added in the product's epilogue. No
+    backward: only for calls that need no gradient."""
+    return kernels().affine_relu_conv1x1_forward(x, scale, shift, weight, bias, residual)
+
+
+affine_relu_conv1x1_add_op = custom_op(
+    "affine_relu_conv1x1_add", _affine_relu_conv1x1_add,
+    lambda x, scale, shift, weight, bias, residual: _output_like(x, weight))
+
 batchnorm_relu_conv1x1_op = batchnorm_op(
     "batchnorm_relu_conv1x1", "Tensor conv_weight, Tensor? conv_bias",
-    lambda x, scale, shift, w, b: kernels().affine_relu_conv1x1_forward(x, scale, shift, w, b),
+    lambda x, scale, shift, w, b: kernels().affine_relu_conv1x1_forward(x, scale, shift, w, b, None),
     lambda grad, x, scale, shift, w, b: affine_relu_conv1x1_backward_op(grad, x, scale, shift, w),
     reference.batchnorm_relu_conv1x1,
     lambda x, weight, bias, eps, w, b: (_output_like(x, w), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])))
 
 
 # --- backend interface ----------------------------------------------------------------------------------------------
-def affine_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return affine_relu_conv1x1_op(x, scale, shift, weight, bias)
+def affine_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None,
+                        residual: Tensor | None = None) -> Tensor:
+    if residual is None:
+        return affine_relu_conv1x1_op(x, scale, shift, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, scale, shift, weight, bias, residual)):
+        return affine_relu_conv1x1_op(x, scale, shift, weight, bias) + residual
+    return affine_relu_conv1x1_add_op(x, scale, shift, weight, bias, residual)
 
 
 def batchnorm_relu_conv1x1(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, conv_weight: Tensor,
