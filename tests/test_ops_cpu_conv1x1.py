@@ -308,12 +308,14 @@ def test_pairwise_logits_inference_same_bits_with_1_and_2_threads():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_pairwise_layer_in_eval_runs_gamma_as_one_op_and_matches_its_modules(monkeypatch):
-    from torchsan.layers import PairwiseSelfAttention
+@pytest.mark.parametrize("sa_type,kernel_op", [("pairwise", "pairwise_logits_inference_op"),
+                                               ("patchwise", "patchwise_weights_inference_op")])
+def test_layer_in_eval_runs_gamma_as_one_op_and_matches_its_modules(sa_type, kernel_op, monkeypatch):
+    from torchsan.layers import ATTENTION_TYPES
     from torchsan.ops._cpu import subtraction2_conv1x1 as module
 
     torch.manual_seed(0)
-    layer = PairwiseSelfAttention(16, 4, 16, share_planes=4, kernel_size=5).double()
+    layer = ATTENTION_TYPES[sa_type](16, 4, 16, share_planes=4, kernel_size=5).double()
     for m in layer.modules():  # running statistics other than the initial ones
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_()
@@ -321,8 +323,8 @@ def test_pairwise_layer_in_eval_runs_gamma_as_one_op_and_matches_its_modules(mon
     layer.eval()
     x = torch.randn(2, 16, 11, 9, dtype=torch.float64)
     calls = []
-    original = module.pairwise_logits_inference_op
-    monkeypatch.setattr(module, "pairwise_logits_inference_op", lambda *a: calls.append(1) or original(*a))
+    original = getattr(module, kernel_op)
+    monkeypatch.setattr(module, kernel_op, lambda *a: calls.append(1) or original(*a))
     with torch.no_grad(), ops.use_backend("cpu"):
         fused = layer(x)
         with ops.fusion(False):
@@ -332,3 +334,71 @@ def test_pairwise_layer_in_eval_runs_gamma_as_one_op_and_matches_its_modules(mon
     with ops.use_backend("cpu"):  # a gradient wanted (say an attack on the input): not the inference op
         layer(x.requires_grad_(True)).sum().backward()
     assert calls == [1] and x.grad is not None
+
+
+# --- patchwise_weights for inference: the concatenation relation's whole mapping, z and the hidden layer never written
+def _patchwise_inputs(case, dtype, c=3, c_mid=6, c_out=10, n=2):
+    """x1, x2 and two eval-mode BNs (running statistics) with gamma's convolutions:
+    (x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias), footprint kwargs."""
+    k, s, d, p, h, w, _ = case
+    gen = torch.Generator().manual_seed(k * 100 + h)
+    ct = c * (k * k + 1)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, generator=gen)
+
+    def norm(channels, mean_scale):
+        return (rand(channels).abs() + 0.5, rand(channels), 1e-5, mean_scale * rand(channels),
+                rand(channels).abs() + 0.5)
+
+    args = (rand(n, c, h, w), rand(n, c, h, w), norm(ct, 1.0), rand(c_mid, ct) / ct**0.5, norm(c_mid, 0.5),
+            rand(c_out, c_mid) / c_mid**0.5, rand(c_out))
+    return args, dict(kernel_size=k, stride=s, padding=p, dilation=d)
+
+
+def _patchwise(args, mode, fp, backend):
+    with ops.use_backend(backend):
+        return ops.patchwise_weights(*args, pad_mode=mode, **fp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", RELATION_CASES, ids=case_id)
+def test_patchwise_weights_inference_matches_reference(case, mode, dtype):
+    args, fp = _patchwise_inputs(case, dtype)
+    with torch.no_grad():
+        ours, ref = _patchwise(args, mode, fp, "cpu"), _patchwise(args, mode, fp, "reference")
+    assert ours[1:] == (None,) * 4 and ref[1:] == (None,) * 4
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(ours[0], ref[0], **tol)
+    assert ref[0].abs().max() > 1 and (ref[0] > 0).any() and (ref[0] < 0).any()  # not a trivial output
+
+
+@pytest.mark.parametrize("n,c", [(0, 3), (2, 0)])
+def test_patchwise_weights_inference_takes_empty_inputs(n, c):
+    args, fp = _patchwise_inputs((3, 1, 1, None, 5, 6, 1), torch.float64, c=c, n=n)
+    with torch.no_grad():
+        ours, ref = _patchwise(args, "reflect", fp, "cpu")[0], _patchwise(args, "reflect", fp, "reference")[0]
+    assert ours.shape == ref.shape == (n, 10, 1, 30)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_patchwise_weights_inference_runs_the_kernel_only_where_no_gradient_or_batch_statistics(monkeypatch):
+    from torchsan.ops._cpu import subtraction2_conv1x1 as module
+
+    args, fp = _patchwise_inputs((3, 1, 1, None, 9, 8, 1), torch.float64)
+    calls = []
+    original = module.patchwise_weights_inference_op
+    monkeypatch.setattr(module, "patchwise_weights_inference_op", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        expected = _patchwise(args, "reflect", fp, "reference")[0]
+        assert torch.equal(_patchwise(args, "reflect", fp, "cpu")[0], _patchwise(args, "reflect", fp, "cpu")[0])
+    assert len(calls) == 2
+    w1 = args[3].clone().requires_grad_(True)  # a gradient wanted: the reference composition
+    out = _patchwise((*args[:3], w1, *args[4:]), "reflect", fp, "cpu")[0]
+    torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
+    out.sum().backward()
+    assert w1.grad is not None and len(calls) == 2
+    with torch.no_grad():  # batch statistics (training mode): the reference composition, which returns them
+        out = _patchwise((*args[:2], (*args[2][:3], None, None), *args[3:]), "reflect", fp, "cpu")
+    assert out[1] is not None and len(calls) == 2

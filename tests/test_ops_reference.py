@@ -362,6 +362,9 @@ def _meta_calls(device: str, requires_grad: bool) -> dict:
     def t(*size):
         return torch.randn(*size, device=device).requires_grad_(requires_grad)
 
+    def running(size):  # a BN's running mean and variance
+        return torch.randn(size, device=device), torch.rand(size, device=device) + 0.5
+
     x, x2, logits, append = t(2, 8, 9, 7), t(2, 8, 9, 7), t(2, 4, 9, 63), t(1, 2, 9, 63)
     v, v2, conv, conv2 = t(8), t(10), t(3, 8), t(3, 10)
     return {
@@ -383,6 +386,9 @@ def _meta_calls(device: str, requires_grad: bool) -> dict:
         "pairwise_logits": lambda: ops.pairwise_logits(  # (its batch statistics are not differentiable)
             x, x2, (v2, v2, 1e-5, None, None), conv2, (t(3), t(3), 1e-5, None, None), t(4, 3), t(4), kernel_size=3,
             append=append)[0],
+        "patchwise_weights": lambda: ops.patchwise_weights(  # running statistics: leaves without gradients
+            x, x2, (v2.repeat(8), t(80), 1e-5, *running(80)), t(3, 80), (t(3), t(3), 1e-5, *running(3)), t(12, 3),
+            t(12), kernel_size=3)[0],
         "backend_for": lambda: ops.backend_for(x),
         "should_fuse": lambda: ops.should_fuse("softmax_aggregation", x),
     }
@@ -463,6 +469,13 @@ def _empty_case_ops(shape: tuple[int, ...], k: int, s: int, d: int, mode: str) -
             lambda a, b, e, w1, b1, c1, w2, b2, c2, bias: ops.pairwise_logits(
                 a, b, (w1, b1, 1e-5, None, None), c1, (w2, b2, 1e-5, None, None), c2, bias, *fp, append=e)[0],
             [(n, 2, kk, length)])
+    cz = c * (kk + 1)  # patchwise: eval-mode BNs (running statistics), which take empty inputs
+    cases["patchwise_weights"] = (
+        (t(*shape), t(*shape), t(cz), t(cz), t(3, cz), t(3), t(3), t(2, 3), t(2)),
+        lambda a, b, w1, b1, c1, w2, b2, c2, bias: ops.patchwise_weights(
+            a, b, (w1, b1, 1e-5, torch.zeros(cz, dtype=a.dtype), torch.ones(cz, dtype=a.dtype)), c1,
+            (w2, b2, 1e-5, torch.zeros(3, dtype=a.dtype), torch.ones(3, dtype=a.dtype)), c2, bias, *fp)[0],
+        [(n, 2, 1, length)])
     if min(h, w) >= 2:
         cases["affine_relu_maxpool2x2"] = ((t(*shape), t(c), t(c)), ops.affine_relu_maxpool2x2,
                                            [(n, c, h // 2, w // 2)])

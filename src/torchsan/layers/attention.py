@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..ops._fusion import has_hooks
 from .cache import reuse
-from .fused import is_conv1x1, run_mapping, softmax_aggregation, subtraction2_mapping
+from .fused import is_conv1x1, patchwise_concat_mapping, run_mapping, softmax_aggregation, subtraction2_mapping
 from .mapping import build_mapping
 from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
 
@@ -310,14 +310,11 @@ class PatchwiseSelfAttention(_SelfAttention):
         self.gamma = build_mapping(mapping, rel_out, self.weight_channels, area * self.weight_channels)
 
     def _relation(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """delta(x_R(i)): (N, rel, H, W) x 2 -> (N, D, 1, L)."""
+        """delta(x_R(i)) for the star and clique relations: (N, rel, H, W) x 2 -> (N, D, 1, L). (Concatenation is
+        gathered into gamma: :func:`torchsan.layers.fused.patchwise_concat_mapping`.)"""
         # Every reshape here spells out its sizes: with N = 0 a -1 is ambiguous and torch refuses it.
-        n, rel = q.shape[:2]
         kj = self.unfold(k)  # (N, rel, K, L)
-        area, positions = kj.shape[2], kj.shape[3]
-        if self.relation == "concatenation":
-            qi = self.centre(q)  # (N, rel, 1, L)
-            return torch.cat([qi, kj.reshape(n, rel * area, 1, positions)], dim=1)
+        n, area, positions = kj.shape[0], kj.shape[2], kj.shape[3]
         if self.relation == "star":
             return (self.centre(q) * kj).sum(dim=1).unsqueeze(2)
         qj = self.unfold(q)
@@ -326,5 +323,8 @@ class PatchwiseSelfAttention(_SelfAttention):
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """gamma(delta(x_R(i))), eq. (4): (N, K * out / share_planes, 1, L) read as (N, out / share_planes, K, L)."""
-        w = run_mapping(self.gamma, self._relation(q, k))
+        if self.relation == "concatenation":  # delta gathered straight into gamma where fused (never written)
+            w = patchwise_concat_mapping(self.centre, self.unfold, self.gamma, q, k)
+        else:
+            w = run_mapping(self.gamma, self._relation(q, k))
         return w.view(q.shape[0], self.weight_channels, self.kernel_size**2, w.shape[-1])  # no -1: N may be 0

@@ -25,6 +25,7 @@ __all__ = [
     "norm_act_conv",
     "norm_act_conv1x1",
     "norm_act_pool",
+    "patchwise_concat_mapping",
     "softmax_aggregation",
     "subtraction2_mapping",
     "run_mapping",
@@ -218,6 +219,29 @@ def subtraction2_mapping(subtraction2: nn.Module, gamma: nn.Sequential, q: torch
     else:
         z = torch.cat([subtraction2(q, k), p.expand(q.shape[0], -1, -1, -1)], dim=1)
     return run_mapping(gamma, z)
+
+
+def patchwise_concat_mapping(centre: nn.Module, unfold: nn.Module, gamma: nn.Sequential, q: torch.Tensor,
+                             k: torch.Tensor) -> torch.Tensor:
+    """``gamma(z)`` with z = [centre(q), unfold(k)] (N, C (K + 1), 1, L), the patchwise concatenation relation (k's
+    neighbours channel-major, c * K + k). Where allowed the whole of gamma runs as one op that gathers z's rows where
+    it needs them and writes only its output (``patchwise_weights``); else z is written and gamma runs module by
+    module."""
+    if _is_pairwise_gamma(gamma) and ops.should_fuse(
+            "patchwise_weights", q, centre, unfold, *gamma,
+            batch_statistics=_uses_batch_stats(gamma[0]) or _uses_batch_stats(gamma[3])):
+        bn1, _, conv1, bn2, _, conv2 = gamma
+        w, mean1, var1, mean2, var2 = ops.patchwise_weights(
+            q, k, _norm_args(bn1), conv1.weight.flatten(1), _norm_args(bn2), conv2.weight.flatten(1), conv2.bias,
+            *unfold.args)
+        count = w.shape[0] * w.shape[3]
+        for bn, mean, var in ((bn1, mean1, var1), (bn2, mean2, var2)):
+            if mean is not None:
+                update_running_stats(bn, mean, var, count)
+        return w
+    n, c = q.shape[:2]
+    kj = unfold(k)  # (N, C, K, L); every size spelled out: with N = 0 a -1 is ambiguous
+    return run_mapping(gamma, torch.cat([centre(q), kj.reshape(n, c * kj.shape[2], 1, kj.shape[3])], dim=1))
 
 
 def softmax_aggregation(softmax: nn.Module, aggregation: nn.Module, v: torch.Tensor,

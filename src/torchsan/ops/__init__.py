@@ -43,6 +43,7 @@ __all__ = [
     "get_backend",
     "output_size",
     "pairwise_logits",
+    "patchwise_weights",
     "resolve_footprint",
     "set_backend",
     "set_fusion",
@@ -391,6 +392,48 @@ def pairwise_logits(
     norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
     return implementation(x1).pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias,
                                               fp)
+
+
+def patchwise_weights(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    norm1: tuple[Any, ...],
+    conv1_weight: torch.Tensor,
+    norm2: tuple[Any, ...],
+    conv2_weight: torch.Tensor,
+    conv2_bias: torch.Tensor | None = None,
+    kernel_size: int = 7,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The patchwise attention's weights from its concatenation relation: the mapping gamma =
+    BN-ReLU-conv1x1-BN-ReLU-conv1x1 (the authors' ``R-L-R-L``) of z = [x1_i, x2_j for j in R(i)], as one op.
+
+    z is ``torch.cat([centre(x1), unfold(x2).reshape(N, C * K, 1, L)], 1)``, (N, C (K + 1), 1, L), channel
+    C + c * K + k the k-th neighbour of channel c. The ``cpu`` backend's inference kernel (running statistics, no
+    gradient) gathers z's rows where it needs them and writes neither z nor gamma's hidden layer; otherwise, and on
+    the other backends, the composition.
+
+    Args:
+        x1, x2: (N, C, H, W).
+        norm1, norm2: each BN as ``(weight, bias, eps, running_mean, running_var)``, as in :func:`pairwise_logits`.
+        conv1_weight: (Cm, C (K + 1)); conv2_weight: (Cout, Cm); conv2_bias: (Cout,) or None.
+        kernel_size, stride, padding, dilation, pad_mode: the footprint, as in :func:`unfold`.
+    Returns:
+        weights (N, Cout, 1, L), then BN1's and BN2's batch (mean, biased var), each None for a BN given running ones.
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    x1, x2, conv1_weight, conv2_weight, conv2_bias = _autocast(x1, x2, conv1_weight, conv2_weight, conv2_bias)
+    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
+    c = x1.shape[1] * (fp.area + 1)
+    _checks.check_conv1x1("x1", x1, c, conv1_weight, None, "conv1_weight")
+    _checks.check_conv1x1("x1", x1, conv1_weight.shape[0], conv2_weight, conv2_bias, "conv2_weight", "conv2_bias")
+    shape = (x1.shape[0], c, 1, h_out * w_out)
+    norm1 = _checks.check_norm("norm1", x1, norm1, shape)
+    norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
+    return implementation(x1).patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)
 
 
 def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

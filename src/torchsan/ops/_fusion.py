@@ -35,6 +35,7 @@ FUSED_OPS = {
     "conv1x1_affine_relu_maxpool2x2": "a 1x1 Conv2d, an eval-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d, no gradient",
     "subtraction2_batchnorm_relu_conv1x1": "subtraction2 and gamma's first training-mode BN-ReLU-conv1x1",
     "pairwise_logits": "subtraction2 and the whole mapping gamma (BN-ReLU-conv1x1-BN-ReLU-conv1x1)",
+    "patchwise_weights": "the patchwise concatenation relation and the whole mapping gamma",
     "subtraction2_append": "subtraction2 followed by torch.cat of the position encoding",
     "softmax_aggregation": "the softmax over the footprint and the aggregation",
     "tap_softmax": "nn.Softmax(dim=2) over the footprint taps",
@@ -89,8 +90,8 @@ def should_fuse(op: str, x: torch.Tensor, *modules: nn.Module, **shape: int) -> 
 
     ``shape`` gives what ``x`` does not: ``out_channels`` for the conv1x1 ops; ``in_channels`` (z's) and
     ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``; ``in_channels`` and
-    ``out_channels`` for ``conv1x1_matmul``; ``batch_statistics``
-    (whether a BN normalises with the batch's statistics) for ``pairwise_logits``; ``in_channels`` (the conv's) for
+    ``out_channels`` for ``conv1x1_matmul``; ``batch_statistics`` (whether a BN normalises with the batch's
+    statistics) for ``pairwise_logits`` and ``patchwise_weights``; ``in_channels`` (the conv's) for
     ``conv1x1_affine_relu_maxpool2x2``.
     """
     if op not in FUSED_OPS:

@@ -130,6 +130,10 @@ def subtraction2_batchnorm_relu_conv1x1(x1, x2, append, weight, bias, eps, conv_
 
 def _batchnorm(x: torch.Tensor, weight, bias, eps: float, running_mean, running_var):
     """BN of (N, C, K, L) x with batch statistics (running_mean None: also returns them, var biased) or running ones."""
+    if x.shape[1] == 0:  # torch's batch_norm refuses a tensor without channels: its affine map, on nothing
+        for t, op in ((weight, torch.mul), (bias, torch.add)):
+            x = x if t is None else op(x, t.view(1, 0, 1, 1))
+        return x, *((None, None) if running_mean is not None else (x.new_empty(0), x.new_empty(0)))
     if running_mean is not None:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps), None, None
     with torch.no_grad():
@@ -144,6 +148,20 @@ def pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, co
     z = subtraction2(x1, x2, fp, *fp.out_hw(x1.shape[2], x1.shape[3]), append=append)
     z, mean1, var1 = _batchnorm(z, *norm1)
     y = F.conv2d(F.relu(z), conv1_weight[:, :, None, None])
+    y, mean2, var2 = _batchnorm(y, *norm2)
+    return F.conv2d(F.relu(y), conv2_weight[:, :, None, None], conv2_bias), mean1, var1, mean2, var2
+
+
+def patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp: Footprint):
+    """gamma(z) = conv2(relu(bn2(conv1(relu(bn1(z)))))) of the patchwise concatenation relation
+    z = [centre(x1), unfold(x2) as C * K channels (c * K + k)] (N, C (K + 1), 1, L), each norm as in
+    :func:`pairwise_logits`. Returns (weights (N, Cout, 1, L), mean1, var1, mean2, var2)."""
+    n, c = x1.shape[:2]
+    h_out, w_out = fp.out_hw(x1.shape[2], x1.shape[3])
+    kj = unfold(x2, fp)
+    z = torch.cat([centre(x1, fp, h_out, w_out), kj.reshape(n, c * fp.area, 1, h_out * w_out)], dim=1)
+    z, mean1, var1 = _batchnorm(z, *norm1)
+    y = torch.einsum("oc,nc...->no...", conv1_weight, F.relu(z))  # (F.conv2d mishandles C = 0)
     y, mean2, var2 = _batchnorm(y, *norm2)
     return F.conv2d(F.relu(y), conv2_weight[:, :, None, None], conv2_bias), mean1, var1, mean2, var2
 

@@ -47,6 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("subtraction2_affine_relu_conv1x1_forward", &cpu::subtraction2_affine_relu_conv1x1_forward);
   m.def("subtraction2_affine_relu_conv1x1_backward", &cpu::subtraction2_affine_relu_conv1x1_backward);
   m.def("subtraction2_affine_relu_conv1x1_twice_forward", &cpu::subtraction2_affine_relu_conv1x1_twice_forward);
+  m.def("patchwise_concat_affine_relu_conv1x1_twice_forward",
+        &cpu::patchwise_concat_affine_relu_conv1x1_twice_forward);
   m.def("kernel_constants", &cpu::kernel_constants);
   m.def("vector_isa", [] { return std::string(TORCHSAN_VECTOR_ISA); });
 }

@@ -1,7 +1,8 @@
 // The pairwise mapping's first stage on z = cat([subtraction2(x1, x2), append]) (N, C + E, K, L) without writing z
 // (K times larger than x1): its channel statistics, the affine-ReLU-1x1-conv forward and backward, and the
 // statistics' backward. Each reads z's rows through Subtraction2Rows, gathered on the fly; the results are those of
-// the dense ops on the written z, bit for bit.
+// the dense ops on the written z, bit for bit. For inference, both of gamma's triples in one pass on the pairwise z,
+// and on the patchwise concatenation relation's z (PatchwiseConcatRows).
 #include "conv1x1.h"
 #include "gathers.h"
 #include "ops.h"
@@ -65,6 +66,37 @@ struct Subtraction2Rows {
         ho = 0;
         if (++kw == g.k) kw = 0, ++kh;
       }
+    }
+    return scratch;
+  }
+};
+
+// The rows of the patchwise concatenation relation z = [x1_i, x2_j for j in R(i)] (C + C K rows of L values; row
+// C + c K + k is channel c's k-th neighbour), read from padded copies of x1 and x2 (N, C, Hp, Wp): the values
+// torch.cat([centre(x1), unfold(x2).reshape(N, C K, 1, L)], 1) writes, without writing them.
+template <typename T>
+struct PatchwiseConcatRows {
+  const T* x1_planes;
+  const T* x2_planes;
+  int64_t C;
+  Geometry g;
+  const T* row(int64_t n, int64_t ci, int64_t q0, int64_t m, T* scratch) const {
+    const bool centre = ci < C;
+    const int64_t c = centre ? ci : (ci - C) / g.K(), tap = centre ? 0 : (ci - C) % g.K(), c0 = (g.k / 2) * g.d;
+    const int64_t dh = centre ? c0 : (tap / g.k) * g.d, dw = centre ? c0 : (tap % g.k) * g.d;
+    const T* plane = (centre ? x1_planes : x2_planes) + (n * C + c) * g.plane();
+    int64_t ho = q0 / g.Wo, wo = q0 % g.Wo;
+    T* out = scratch;
+    for (int64_t left = m; left > 0; wo = 0, ++ho) {
+      const int64_t len = std::min(g.Wo - wo, left);
+      const T* src = plane + (ho * g.s + dh) * g.Wp + dw + wo * g.s;
+      if (g.s == 1) {
+        std::memcpy(out, src, sizeof(T) * len);
+      } else {
+        for (int64_t i = 0; i < len; ++i) out[i] = src[i * g.s];
+      }
+      out += len;
+      left -= len;
     }
     return scratch;
   }
@@ -186,13 +218,13 @@ at::Tensor subtraction2_affine_relu_conv1x1_forward(at::Tensor x1, at::Tensor x2
   return y;
 }
 
-at::Tensor subtraction2_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2,
-                                                          c10::optional<at::Tensor> append, at::Tensor scale1,
-                                                          at::Tensor shift1, at::Tensor weight1, at::Tensor scale2,
-                                                          at::Tensor shift2, at::Tensor weight2,
-                                                          c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
-                                                          int64_t p, int64_t d, bool reflect) {
-  const Subtraction2Inputs in(x1, x2, append, k, s, p, d, reflect);
+// Both of gamma's triples in one pass (affine_relu_conv1x1_twice_forward_kernel) on the rows make_rows(T{}) gives,
+// Cin rows of P values per image: y (N, Cout, *tail).
+template <typename MakeRows>
+at::Tensor affine_relu_conv1x1_twice(MakeRows&& make_rows, const at::Tensor& x, int64_t N, int64_t Cin, int64_t P,
+                                     std::vector<int64_t> tail, at::Tensor scale1, at::Tensor shift1, at::Tensor weight1,
+                                     at::Tensor scale2, at::Tensor shift2, at::Tensor weight2,
+                                     const c10::optional<at::Tensor>& bias2, const char* name) {
   scale1 = scale1.contiguous();
   shift1 = shift1.contiguous();
   weight1 = weight1.contiguous();
@@ -201,18 +233,55 @@ at::Tensor subtraction2_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Ten
   weight2 = weight2.contiguous();
   at::Tensor b2 = bias2.has_value() ? bias2->contiguous() : at::Tensor();
   const int64_t Cmid = weight1.size(0), Cout = weight2.size(0);
-  TORCH_CHECK(weight1.dim() == 2 && weight1.size(1) == in.Ct && scale1.numel() == in.Ct && shift1.numel() == in.Ct &&
+  TORCH_CHECK(weight1.dim() == 2 && weight1.size(1) == Cin && scale1.numel() == Cin && shift1.numel() == Cin &&
                   weight2.dim() == 2 && weight2.size(1) == Cmid && scale2.numel() == Cmid && shift2.numel() == Cmid &&
                   (!b2.defined() || b2.numel() == Cout),
-              "subtraction2_affine_relu_conv1x1_twice: shape mismatch");
-  auto y = at::empty({in.N, Cout, in.g.K(), in.g.L()}, in.x1.options());
-  AT_DISPATCH_FLOATING_TYPES(in.x1.scalar_type(), "subtraction2_affine_relu_conv1x1_twice_forward", [&] {
-    auto kernel = affine_relu_conv1x1_twice_forward_for<scalar_t, Subtraction2Rows<scalar_t>>(Cmid, Cout);
-    kernel(in.rows<scalar_t>(), scale1.data_ptr<scalar_t>(), shift1.data_ptr<scalar_t>(), weight1.data_ptr<scalar_t>(),
+              name, ": shape mismatch");
+  tail.insert(tail.begin(), {N, Cout});
+  auto y = at::empty(tail, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_relu_conv1x1_twice", [&] {
+    const auto rows = make_rows(scalar_t{});
+    auto kernel = affine_relu_conv1x1_twice_forward_for<scalar_t, std::decay_t<decltype(rows)>>(Cmid, Cout);
+    kernel(rows, scale1.data_ptr<scalar_t>(), shift1.data_ptr<scalar_t>(), weight1.data_ptr<scalar_t>(),
            scale2.data_ptr<scalar_t>(), shift2.data_ptr<scalar_t>(), weight2.data_ptr<scalar_t>(),
-           b2.defined() ? b2.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), in.N, in.Ct, Cmid, Cout, in.P);
+           b2.defined() ? b2.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, Cin, Cmid, Cout, P);
   });
   return y;
+}
+
+at::Tensor subtraction2_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2,
+                                                          c10::optional<at::Tensor> append, at::Tensor scale1,
+                                                          at::Tensor shift1, at::Tensor weight1, at::Tensor scale2,
+                                                          at::Tensor shift2, at::Tensor weight2,
+                                                          c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
+                                                          int64_t p, int64_t d, bool reflect) {
+  const Subtraction2Inputs in(x1, x2, append, k, s, p, d, reflect);
+  return affine_relu_conv1x1_twice([&](auto t) { return in.rows<decltype(t)>(); }, in.x1, in.N, in.Ct, in.P,
+                                   {in.g.K(), in.g.L()}, scale1, shift1, weight1, scale2, shift2, weight2, bias2,
+                                   "subtraction2_affine_relu_conv1x1_twice");
+}
+
+at::Tensor patchwise_concat_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2, at::Tensor scale1,
+                                                              at::Tensor shift1, at::Tensor weight1, at::Tensor scale2,
+                                                              at::Tensor shift2, at::Tensor weight2,
+                                                              c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
+                                                              int64_t p, int64_t d, bool reflect) {
+  x1 = x1.contiguous();
+  x2 = x2.contiguous();
+  check_cpu(x1, "x1");
+  check_cpu(x2, "x2");
+  const Geometry g(x1.size(2), x1.size(3), k, s, p, d, reflect);
+  check_geometry(g);
+  TORCH_CHECK(x1.sizes() == x2.sizes() && x1.scalar_type() == x2.scalar_type(), "x1 and x2 must match");
+  const int64_t C = x1.size(1);
+  const at::Tensor x1_planes = pad_planes(x1, g), x2_planes = pad_planes(x2, g);
+  auto make_rows = [&](auto t) {
+    using T = decltype(t);
+    return PatchwiseConcatRows<T>{x1_planes.data_ptr<T>(), x2_planes.data_ptr<T>(), C, g};
+  };
+  return affine_relu_conv1x1_twice(make_rows, x1, x1.size(0), C * (g.K() + 1), g.L(), {1, g.L()}, scale1, shift1,
+                                   weight1, scale2, shift2, weight2, bias2,
+                                   "patchwise_concat_affine_relu_conv1x1_twice");
 }
 
 std::vector<at::Tensor> subtraction2_affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x1, at::Tensor x2,

@@ -9,7 +9,7 @@ One module per op family, mirroring the C++ sources:
 | ``conv1x1`` | affine_relu_conv1x1, batchnorm_relu_conv1x1 | ``conv1x1.cpp`` |
 | ``pooling`` | affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2, conv1x1_affine_relu_maxpool2x2 | ``pooling.cpp`` |
 | ``statistics`` | channel_var_mean; gradients through a training BN's statistics | ``statistics.cpp`` |
-| ``subtraction2_conv1x1`` | subtraction2_batchnorm_relu_conv1x1, pairwise_logits | ``subtraction2_conv1x1.cpp`` |
+| ``subtraction2_conv1x1`` | subtraction2_batchnorm_relu_conv1x1, pairwise_logits, patchwise_weights | (same) |
 
 The ops live in the ``torchsan`` namespace (``torch.ops.torchsan.aggregation`` ...), with fake implementations for
 shape inference and ``torch.compile``, and autograd formulas whose backward passes are fused kernels too; under
@@ -30,12 +30,13 @@ from .gathers import centre, subtraction, subtraction2, unfold
 from .pooling import affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2, conv1x1_affine_relu_maxpool2x2
 from .softmax_aggregation import aggregation, softmax_aggregation, tap_softmax
 from .statistics import channel_var_mean
-from .subtraction2_conv1x1 import pairwise_logits, subtraction2_batchnorm_relu_conv1x1
+from .subtraction2_conv1x1 import pairwise_logits, patchwise_weights, subtraction2_batchnorm_relu_conv1x1
 
 __all__ = [
     "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
     "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "conv1x1_affine_relu_maxpool2x2", "describe",
-    "extension", "fuses", "kernel_constants", "pairwise_logits", "requested_arch", "softmax_aggregation",
+    "extension", "fuses", "kernel_constants", "pairwise_logits", "patchwise_weights", "requested_arch",
+    "softmax_aggregation",
     "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax", "unavailable_reason",
     "unfold", "vector_isa",
 ]
@@ -83,7 +84,7 @@ def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int =
     the batch's statistics (training mode)."""
     if op in _ALWAYS:
         return True
-    if op == "pairwise_logits":  # an inference kernel: running statistics, no gradient
+    if op in ("pairwise_logits", "patchwise_weights"):  # inference kernels: running statistics, no gradient
         return not batch_statistics and not (torch.is_grad_enabled() and x.requires_grad)
     if op == "conv1x1_affine_relu_maxpool2x2":  # an inference kernel for narrow inputs (an image: the stem)
         return not torch.is_grad_enabled() and in_channels <= CONV1X1_POOL_MAX_IN_CHANNELS

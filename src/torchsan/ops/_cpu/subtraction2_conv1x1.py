@@ -1,6 +1,7 @@
 """The pairwise relation z = [subtraction2(x1, x2), append] and gamma's first training-mode BatchNorm-ReLU-conv1x1
 as one op that never writes z; and, for inference, the whole of gamma as one op (``pairwise_logits``) that writes
-only the logits (C++: ``csrc/cpu/subtraction2_conv1x1.cpp``).
+only the logits, and the same for the patchwise concatenation relation (``patchwise_weights``) (C++:
+``csrc/cpu/subtraction2_conv1x1.cpp``).
 
 z (N, C + E, K, L) is K times the size of x1 and x2. Its batch statistics, the fused BN-ReLU-conv and their
 backward gather z's values from x1, x2 and append as they go, and z is not kept for backward; the statistics'
@@ -161,3 +162,41 @@ def pairwise_logits(x1: Tensor, x2: Tensor, append: Tensor | None, norm1: tuple,
     logits = pairwise_logits_inference_op(x1, x2, append, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight,
                                           conv2_bias, *fp.kernel_args())
     return logits, None, None, None, None
+
+
+# --- inference: the patchwise concatenation relation's whole mapping ------------------------------------------------
+def _patchwise_weights_inference(x1: Tensor, x2: Tensor, scale1: Tensor, shift1: Tensor, conv1_weight: Tensor,
+                                 scale2: Tensor, shift2: Tensor, conv2_weight: Tensor, conv2_bias: Tensor | None,
+                                 kernel_size: int, stride: int, padding: int, dilation: int, reflect: bool) -> Tensor:
+    """gamma of the gathered z = [centre(x1), unfold(x2)]: (N, Cout, 1, L); neither z nor the hidden layer is
+    written. No backward: only for calls that need no gradient."""
+    return kernels().patchwise_concat_affine_relu_conv1x1_twice_forward(
+        x1, x2, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight, conv2_bias, kernel_size, stride, padding,
+        dilation, reflect)
+
+
+def _patchwise_weights_inference_fake(x1, x2, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight, conv2_bias,
+                                      kernel_size, stride, padding, dilation, reflect):
+    fp = Footprint.from_kernel_args(kernel_size, stride, padding, dilation, reflect)
+    ho, wo = fp.out_hw(x1.shape[2], x1.shape[3])
+    return x1.new_empty((x1.shape[0], conv2_weight.shape[0], 1, ho * wo))
+
+
+patchwise_weights_inference_op = custom_op("patchwise_weights_inference", _patchwise_weights_inference,
+                                           _patchwise_weights_inference_fake)
+
+
+def patchwise_weights(x1: Tensor, x2: Tensor, norm1: tuple, conv1_weight: Tensor, norm2: tuple, conv2_weight: Tensor,
+                      conv2_bias: Tensor | None, fp: Footprint) -> tuple:
+    """``ops.patchwise_weights`` on this backend: one inference kernel where both BNs apply running statistics and
+    nothing needs a gradient; else the reference composition."""
+    tensors = (x1, x2, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad or norm1[3] is None or norm2[3] is None:
+        return reference.patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)
+    (w1, b1, eps1, mean1, var1), (w2, b2, eps2, mean2, var2) = norm1, norm2
+    scale1, shift1 = batchnorm_scale_shift(w1, b1, mean1, var1, eps1)
+    scale2, shift2 = batchnorm_scale_shift(w2, b2, mean2, var2, eps2)
+    weights = patchwise_weights_inference_op(x1, x2, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight,
+                                             conv2_bias, *fp.kernel_args())
+    return weights, None, None, None, None
