@@ -6,7 +6,7 @@ Shapes: every 1x1 ``nn.Conv2d`` call the model makes in one eval forward (record
 here, the fused ones included), at each batch size. Implementations, rounds taken in turn, best round shown, under
 ``torch.no_grad()``:
 
-* ``conv``    ``F.conv2d`` (oneDNN, which reorders NCHW maps to its blocked layout and back);
+* ``conv``    ``F.conv2d`` (oneDNN);
 * ``matmul``  ``torch.baddbmm`` / ``torch.bmm`` of the (Cout, Cin) weight and the (N, Cin, H * W) view, what
   ``torchsan.layers.fused.conv1x1`` runs where the ``cpu`` backend's rule (``CONV1X1_MATMUL_MIN_POSITIONS``) says so.
 

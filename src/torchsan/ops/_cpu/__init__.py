@@ -60,8 +60,8 @@ SUBTRACTION2_CONV1X1_MIN_POSITIONS = 49
 # The stem's conv1x1 + BN + ReLU + max-pool (inference): its product is not register-blocked, so only for inputs
 # as narrow as an image's channels.
 CONV1X1_POOL_MAX_IN_CHANNELS = 8
-# A plain 1x1 convolution for inference: oneDNN's convolution reorders large NCHW maps to its blocked layout and back,
-# and a batched matrix product (at::bmm, the layout as it is) beats it from this many positions per image.
+# A plain 1x1 convolution for inference: on large NCHW maps oneDNN's convolution is slower than a batched matrix
+# product on the map as it is (at::bmm), from this many positions per image (benchmarks/conv1x1_route.py).
 CONV1X1_MATMUL_MIN_POSITIONS = 784
 _ALWAYS = frozenset({"affine_relu_maxpool2x2", "batchnorm_relu_maxpool2x2", "subtraction2_append",
                      "softmax_aggregation", "tap_softmax", "stacked_conv1x1"})
