@@ -429,6 +429,9 @@ def test_claims_page_from_stored_files(tmp_path):
 
     spec = _claims_file(tmp_path / "claims.yaml", [
         dict(claim="SAN beats the CNN", runs=["san", "cnn"], expect=">"),
+        dict(claim="SAN beats the CNN by 30", runs=["san", "cnn"], expect=">", paper_gap=30),
+        dict(claim="SAN beats the CNN by 50", runs=["san", "cnn"], expect=">", paper_gap=50),
+        dict(claim="SAN beats the CNN by 5", runs=["san", "cnn"], expect=">", paper_gap=5),
         dict(claim="twins are equal", runs=["san", "twin"], expect="=", margin=1.0),
         dict(claim="the CNN matches SAN", runs=["cnn", "san"], expect=">=", margin=1.0),
         dict(claim="SAN is robust to flips", rotate=["san", "cnn"], expect=">"),
@@ -442,6 +445,13 @@ def test_claims_page_from_stored_files(tmp_path):
     rows = {line.split(" | ")[0][2:]: line for line in page.splitlines() if line.startswith("| ")}
     assert page.index("## The paper's claims") < page.index("## Runs") and "Ran here." in page
     assert rows["SAN beats the CNN"].endswith("| **agrees** |") and "90.00 vs 60.00 top-1" in rows["SAN beats the CNN"]
+    # the paper's gap: inside our interval (about 30 +- 7.6), or outside it on either side
+    assert rows["SAN beats the CNN by 30"].endswith("| **agrees**, in size too |")
+    assert "paper: +30" in rows["SAN beats the CNN by 30"]
+    assert rows["SAN beats the CNN by 50"].endswith(
+        "| **agrees in direction**; the gap is smaller than the paper's 50 points |")
+    assert rows["SAN beats the CNN by 5"].endswith(
+        "| **agrees in direction**; the gap is larger than the paper's 5 points |")
     assert rows["twins are equal"].endswith("| **agrees** |")  # identical predictions: a zero-width interval
     assert rows["the CNN matches SAN"].endswith("| **disagrees** |")
     assert "flipped up-down: drop 5.00 vs 40.00" in rows["SAN is robust to flips"]
@@ -459,6 +469,7 @@ def test_bad_claims_file_is_one_clear_line(tmp_path, capsys):
         (yaml.safe_dump(dict(claims=[dict(claim="x", runs=["a", "b"])])), "'expect' must be one of"),
         (yaml.safe_dump(dict(claims=[dict(claim="x", runs=["a", "b"], expect="=")])), "needs a 'margin'"),
         (yaml.safe_dump(dict(claims=[dict(claim="x", runs=["a"], expect=">")])), "names two results"),
+        (yaml.safe_dump(dict(claims=[dict(claim="x", runs=["a", "b"], expect=">", paper_gap="5")])), "'paper_gap'"),
         (yaml.safe_dump(dict(claims=[dict(claim="x", runs=["a", "b"], attack=["a", "b"], expect=">")])),
          "exactly one of"),
     ]

@@ -14,6 +14,11 @@ A claims file (YAML) lists claims, each a comparison of two results under DIR wi
         variants: [pairwise summation, pairwise subtraction]  # ... and its rows: for "=" every pair is compared,
                                                               # else the first against each of the others
         expect: "="
+      - claim: Without position encoding, top-1 drops by about 5 points
+        runs: [san10_pairwise, san10_pairwise_no_position]
+        expect: ">"
+        paper_gap: 5                           # optional, 'runs' only: the paper's gap in points; full agreement
+                                               # also needs it inside our 90% interval
       - claim: SAN is more robust to rotated images
         rotate: [san10_pairwise, san_resnet26] # the drop from the images as given, under each transform
         expect: ">"
@@ -130,6 +135,8 @@ def load_claims(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ValueError(f"{where}: 'expect' must be one of {', '.join(repr(e) for e in _EXPECT)}")
         if claim["expect"] != ">" and not isinstance(claim.get("margin"), (int, float)):
             raise ValueError(f"{where}: expect {claim['expect']!r} needs a 'margin' in points")
+        if "paper_gap" in claim and (kind != "runs" or not isinstance(claim["paper_gap"], (int, float))):
+            raise ValueError(f"{where}: 'paper_gap' is a number of points, for a 'runs' claim")
         if kind == "ablation":
             if not isinstance(claim.get("variants"), list) or len(claim["variants"]) < 2:
                 raise ValueError(f"{where}: an ablation claim names two or more 'variants'")
@@ -260,6 +267,14 @@ def _overall(verdicts: list[str], names: list[str]) -> str:
     return "**mixed**: " + "; ".join(parts)
 
 
+def _size_verdict(c: Comparison, paper_gap: float) -> str:
+    """A claim that names the paper's gap agrees fully only when that gap lies in our 90% interval."""
+    if c.low <= paper_gap <= c.high:
+        return "**agrees**, in size too"
+    size = "smaller" if c.high < paper_gap else "larger"
+    return f"**agrees in direction**; the gap is {size} than the paper's {paper_gap:g} points"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -292,6 +307,8 @@ def claims_section(root: Path, spec: dict[str, Any]) -> list[str]:
         unit = "point" if margin == 1 else "points"
         how = _EXPECT[expect] + (f" (margin {margin:g} {unit})" if expect != ">" else "")
         verdict = _overall([c.verdict(expect, margin) for c in comparisons], names)
+        if "paper_gap" in claim and verdict == "**agrees**":
+            verdict = _size_verdict(comparisons[0], float(claim["paper_gap"]))
         lines.append(f"| {_cell(claim['claim'])} | {pair}; tested: {how} | "
                      + "<br>".join(_cell(m) for m in measured) + f" | {verdict} |")
     lines += ["", "Each comparison is paired on the same images. *A better than B*: an exact sign test on the images "
