@@ -237,10 +237,10 @@ def test_subtraction2_batchnorm_relu_conv1x1_rejects_bad_input():
 
 
 # --- pairwise_logits for inference: the whole mapping gamma, z and the hidden layer never written ---------------------
-def _logits_inputs(case, dtype, c=3, e=2, c_mid=7, c_out=5):
+def _logits_inputs(case, dtype, c=3, e=2, c_mid=7, c_out=5, n=2):
     """x1, x2, append (or None) as for the relation cases, and two eval-mode BNs (running statistics) with gamma's
     convolutions: (x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias), footprint kwargs."""
-    tensors, fp = _relation_inputs(case, dtype, c=c, e=e, c_out=c_mid)
+    tensors, fp = _relation_inputs(case, dtype, n=n, c=c, e=e, c_out=c_mid)
     x1, x2 = tensors[:2]
     append = tensors[2] if case[6] is not None else None
     ct = c + (0 if append is None else e)
@@ -296,16 +296,18 @@ def test_pairwise_logits_inference_runs_the_kernel_only_where_no_gradient_or_bat
     assert out[1] is not None and len(calls) == 2
 
 
-def test_pairwise_logits_inference_same_bits_with_1_and_2_threads():
-    from _helpers import num_threads
+@pytest.mark.parametrize("case,n", [((7, 1, 1, None, 30, 31, 1), 2), ((3, 1, 1, 1, 5, 5, 1), 1)],
+                         ids=["large", "one_small_image"])
+def test_pairwise_logits_inference_same_bits_with_1_and_2_threads(case, n):
+    # one small image (K L below a sub-block): with 2 threads they share its rows and its products' row blocks
+    from _helpers import per_thread_count
 
-    args, fp = _logits_inputs((7, 1, 1, None, 30, 31, 1), torch.float32, c=6, c_mid=16, c_out=8)
+    args, fp = _logits_inputs(case, torch.float32, c=6, c_mid=16, c_out=8, n=n)
     with torch.no_grad():
-        outs = []
-        for threads in (1, 2):
-            with num_threads(threads):
-                outs.append(_logits(args, "reflect", fp, "cpu")[0])
-    assert torch.equal(outs[0], outs[1])
+        outs = per_thread_count(lambda: _logits(args, "reflect", fp, "cpu")[0])
+        ref = _logits(args, "reflect", fp, "reference")[0]
+    assert outs[0].shape[0] == n and torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1], ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sa_type,kernel_op", [("pairwise", "pairwise_logits_inference_op"),
@@ -381,6 +383,19 @@ def test_patchwise_weights_inference_takes_empty_inputs(n, c):
         ours, ref = _patchwise(args, "reflect", fp, "cpu")[0], _patchwise(args, "reflect", fp, "reference")[0]
     assert ours.shape == ref.shape == (n, 10, 1, 30)
     torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("case", [(7, 1, 1, None, 9, 8, 1), (3, 2, 2, None, 13, 11, 1)], ids=case_id)
+def test_patchwise_weights_inference_on_one_small_image_same_bits_with_1_and_2_threads(case):
+    # One image of fewer pixels than a sub-block: with 2 threads they share its rows and its products' row blocks.
+    from _helpers import per_thread_count
+
+    args, fp = _patchwise_inputs(case, torch.float32, c=5, c_mid=14, c_out=40, n=1)
+    with torch.no_grad():
+        outs = per_thread_count(lambda: _patchwise(args, "reflect", fp, "cpu")[0])
+        ref = _patchwise(args, "reflect", fp, "reference")[0]
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_patchwise_weights_inference_runs_the_kernel_only_where_no_gradient_or_batch_statistics(monkeypatch):

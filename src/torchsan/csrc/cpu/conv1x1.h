@@ -22,12 +22,17 @@ inline int pick_block_rows(int64_t rows) { return round_up(rows, 6) * 10 < round
 
 // A (rows x cols) packed in blocks of R rows, column-major within a block, zero-padded:
 // out[(b * cols + c) * R + j] = A[b * R + j][c]. `transpose` reads A as the transpose of a (cols x rows) src.
+// Packed per call, on every thread for a large weight (packed by one thread, it would keep the others waiting at
+// batch 1).
 template <typename T, int R>
 std::vector<T> pack_row_blocks(const T* src, int64_t rows, int64_t cols, bool transpose) {
   std::vector<T> out(round_up(rows, R) * cols, T(0));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      out[((r / R) * cols + c) * R + r % R] = transpose ? src[c * rows + r] : src[r * cols + c];
+  const int64_t blocks = round_up(rows, R) / R, grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, R * cols));
+  parallel_range(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin * R; r < std::min(rows, end * R); ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        out[((r / R) * cols + c) * R + r % R] = transpose ? src[c * rows + r] : src[r * cols + c];
+  });
   return out;
 }
 
@@ -80,20 +85,21 @@ inline int64_t forward_chunk(int64_t N, int64_t P) {
   return kSubBlock * std::clamp<int64_t>((sub_blocks + per_image - 1) / per_image, 1, kPixelChunk / kSubBlock);
 }
 
-// staged[ci][0 .. kSubBlock) <- relu(scale[ci] * x[n, ci, q0 .. q0 + m) + shift[ci]) for the Cin rows of src.
+// staged[ci][0 .. kSubBlock) <- relu(scale[ci] * x[n, ci, q0 .. q0 + m) + shift[ci]) for the rows [c0, c1) of src.
 template <typename T, typename Rows>
 inline void stage_affine_relu_rows(const Rows& src, int64_t n, int64_t q0, int64_t m, const T* scale, const T* shift,
-                                   int64_t Cin, T* staged, T* scratch) {
-  for (int64_t ci = 0; ci < Cin; ++ci)
+                                   int64_t c0, int64_t c1, T* staged, T* scratch) {
+  for (int64_t ci = c0; ci < c1; ++ci)
     stage_affine_relu_row(src.row(n, ci, q0, m, scratch), scale[ci], shift[ci], staged + ci * kSubBlock, m);
 }
 
 // y0[co * P + (0 .. m)] <- (W staged)[co] + bias[co] (+ r0[co * P + (0 .. m)], a residual, unless null) for the
-// Cout rows of W (packed in blocks of R, inner columns).
+// Cout rows of W (packed in blocks of R, inner columns), or for its row blocks [b0, b1) only.
 template <typename T, int R>
 inline void product_to_output(const T* w_packed, int64_t inner, const T* staged, int64_t m, const T* bias,
-                              int64_t Cout, T* y0, int64_t P, const T* r0 = nullptr) {
-  for (int64_t b = 0; b < round_up(Cout, R) / R; ++b) {
+                              int64_t Cout, T* y0, int64_t P, const T* r0 = nullptr, int64_t b0 = 0,
+                              int64_t b1 = -1) {
+  for (int64_t b = b0; b < (b1 < 0 ? round_up(Cout, R) / R : b1); ++b) {
     gemm_block<T, R>(w_packed + b * inner * R, inner, staged, m, [&](int64_t j, int64_t q, const V<T>* acc) {
       const int64_t co = b * R + j;
       if (co >= Cout) return;
@@ -123,7 +129,7 @@ void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T
       const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(P, p0 + chunk);
       for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
         const int64_t m = std::min(kSubBlock, p1 - q0);
-        stage_affine_relu_rows(src, n, q0, m, scale, shift, Cin, relu_rows.data(), scratch.data());
+        stage_affine_relu_rows(src, n, q0, m, scale, shift, 0, Cin, relu_rows.data(), scratch.data());
         product_to_output<T, R>(w_packed.data(), Cin, relu_rows.data(), m, bias, Cout, y + n * Cout * P + q0, P,
                                 residual ? residual + n * Cout * P + q0 : nullptr);
       }
@@ -134,34 +140,59 @@ void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T
 // Two triples in one pass, for inference: y = W2 relu(scale2 * (W1 relu(scale1 * x + shift1)) + shift2) + bias2
 // over (N, Cin, P) -> (N, Cout, P), the hidden (N, Cmid, P) never written: per sub-block, the first product's
 // epilogue applies the second affine map and ReLU and stages the rows the second product reads. (A bias of the first
-// convolution folds into shift2.)
+// convolution folds into shift2.) Tasks are images' pixel chunks, or each sub-block's channels on a small map at
+// batch 1 (below).
 template <typename T, int R1, int R2, typename Rows>
 void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, const T* shift1, const T* w1,
                                               const T* scale2, const T* shift2, const T* w2, const T* bias2, T* y,
                                               int64_t N, int64_t Cin, int64_t Cmid, int64_t Cout, int64_t P) {
-  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk, blocks1 = round_up(Cmid, R1) / R1;
+  const int64_t blocks1 = round_up(Cmid, R1) / R1, blocks2 = round_up(Cout, R2) / R2;
   const std::vector<T> w1_packed = pack_row_blocks<T, R1>(w1, Cmid, Cin, false);
   const std::vector<T> w2_packed = pack_row_blocks<T, R2>(w2, Cout, Cmid, false);
+  // The first product's row block b: relu(scale2 * acc + shift2) into the hidden rows.
+  auto first = [&](const T* relu_rows, T* hidden_rows, int64_t m, int64_t b) {
+    gemm_block<T, R1>(w1_packed.data() + b * Cin * R1, Cin, relu_rows, m, [&](int64_t j, int64_t q, const V<T>* acc) {
+      const int64_t cm = b * R1 + j;
+      if (cm >= Cmid) return;
+      T* row = hidden_rows + cm * kSubBlock + q;
+      for (int64_t c = 0; c < kColumnVectors; ++c) {
+        V<T> pre = acc[c] * scale2[cm] + shift2[cm];
+        pre = pre <= 0 ? V<T>{} : pre;  // NaN passes through, like torch.relu
+        std::memcpy(row + c * VW<T>, &pre, sizeof(V<T>));
+      }
+    });
+  };
+  if (N * ((P + kSubBlock - 1) / kSubBlock) < at::get_num_threads()) {
+    // Fewer sub-blocks than threads (a small map at batch 1): the threads share each sub-block's work instead, its
+    // staged rows, then the first product's row blocks, then the second's. Every value is computed as below.
+    std::vector<T> relu_rows(Cin * kSubBlock), hidden_rows(Cmid * kSubBlock);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t q0 = 0; q0 < P; q0 += kSubBlock) {
+        const int64_t m = std::min(kSubBlock, P - q0);
+        parallel_range(0, Cin, 64, [&](int64_t begin, int64_t end) {
+          std::vector<T> scratch(kSubBlock);
+          stage_affine_relu_rows(src, n, q0, m, scale1, shift1, begin, end, relu_rows.data(), scratch.data());
+        });
+        parallel_range(0, blocks1, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) first(relu_rows.data(), hidden_rows.data(), m, b);
+        });
+        parallel_range(0, blocks2, 1, [&](int64_t begin, int64_t end) {
+          product_to_output<T, R2>(w2_packed.data(), Cmid, hidden_rows.data(), m, bias2, Cout,
+                                   y + n * Cout * P + q0, P, nullptr, begin, end);
+        });
+      }
+    }
+    return;
+  }
+  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> relu_rows(Cin * kSubBlock), hidden_rows(Cmid * kSubBlock), scratch(kSubBlock);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(P, p0 + chunk);
       for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
         const int64_t m = std::min(kSubBlock, p1 - q0);
-        stage_affine_relu_rows(src, n, q0, m, scale1, shift1, Cin, relu_rows.data(), scratch.data());
-        for (int64_t b = 0; b < blocks1; ++b) {
-          gemm_block<T, R1>(w1_packed.data() + b * Cin * R1, Cin, relu_rows.data(), m,
-                            [&](int64_t j, int64_t q, const V<T>* acc) {
-                              const int64_t cm = b * R1 + j;
-                              if (cm >= Cmid) return;
-                              T* row = hidden_rows.data() + cm * kSubBlock + q;
-                              for (int64_t c = 0; c < kColumnVectors; ++c) {
-                                V<T> pre = acc[c] * scale2[cm] + shift2[cm];
-                                pre = pre <= 0 ? V<T>{} : pre;  // NaN passes through, like torch.relu
-                                std::memcpy(row + c * VW<T>, &pre, sizeof(V<T>));
-                              }
-                            });
-        }
+        stage_affine_relu_rows(src, n, q0, m, scale1, shift1, 0, Cin, relu_rows.data(), scratch.data());
+        for (int64_t b = 0; b < blocks1; ++b) first(relu_rows.data(), hidden_rows.data(), m, b);
         product_to_output<T, R2>(w2_packed.data(), Cmid, hidden_rows.data(), m, bias2, Cout, y + n * Cout * P + q0,
                                  P);
       }
