@@ -70,10 +70,14 @@ def test_rotate_command_end_to_end_and_resumes(tiny_checkpoint, tmp_path, capsys
     plain = json.loads((tmp_path / "eval.json").read_text())
     assert row["results"]["as given"]["top1"] == pytest.approx(plain["top1"])
     assert (out / "rotate.csv").read_text().count("\n") == 1 + len(TRANSFORMS)
-    # a second call finds the checkpoint done and does not evaluate it again
+    # a second call finds the checkpoint done and does not evaluate it again, whatever threads or batch it runs with
     stamp = (out / "rotate.json").stat().st_mtime_ns
-    assert main(["robustness", "rotate", str(tiny_checkpoint), "--output", str(out)]) == 0
+    assert main(["robustness", "rotate", str(tiny_checkpoint), "--output", str(out), "--threads", "1",
+                 "--batch-size", "5"]) == 0
     assert (out / "rotate.json").stat().st_mtime_ns == stamp
+    # other images are another result: kept beside the first
+    assert main(["robustness", "rotate", str(tiny_checkpoint), "--output", str(out), "--val-subset", "6"]) == 0
+    assert sorted(r["images"] for r in json.loads((out / "rotate.json").read_text()).values()) == [6, 12]
 
 
 # --- the targeted attack -----------------------------------------------------------------------------------------
@@ -180,8 +184,8 @@ def test_attack_command_end_to_end_and_resumes(tiny_checkpoint, tmp_path, capsys
     assert [r["steps"] for r in result["rows"]] == [1, 2, 4] and result["images"] == 12
     assert len(result["targets"]) == 12 and all(0 <= r["success"] <= 100 for r in result["rows"])
     stamp = (out / "attack.json").stat().st_mtime_ns
-    assert main(args) == 0
-    assert (out / "attack.json").stat().st_mtime_ns == stamp  # done: not attacked again
+    assert main([*args, "--threads", "1"]) == 0
+    assert (out / "attack.json").stat().st_mtime_ns == stamp  # done: not attacked again, whatever the threads
     assert main([*args[:-4], "--epsilon", "2"]) == 2  # beyond the pixel scale
 
 

@@ -8,7 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultStore", "pack_bits", "unpack_bits"]
+__all__ = ["ResultStore", "pack_bits", "result_settings", "unpack_bits"]
+
+# The evaluation overrides that change what a study measures (which images, at which size). The others (threads,
+# workers, batch size, device) change how it runs, not its result, and stay out of the result's key.
+RESULT_OVERRIDES = ("data", "image_size", "val_subset")
+
+
+def result_settings(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides given (not None) that are part of a result's key (see ``RESULT_OVERRIDES``)."""
+    return {k: v for k, v in overrides.items() if k in RESULT_OVERRIDES and v is not None}
 
 
 def pack_bits(bits: list[bool]) -> str:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train.checkpoint import save_figure_atomic
-from ._store import ResultStore, pack_bits
+from ._store import ResultStore, pack_bits, result_settings
 
 __all__ = ["EPSILON", "STEP_SIZE", "STEPS", "attack", "pgd", "targets_for"]
 
@@ -116,8 +116,7 @@ def attack(checkpoints: Sequence[str], output: str, epsilon: float = EPSILON, st
     steps = sorted(set(steps))
     ResultStore.check_exist(list(checkpoints))
     store = ResultStore(output, "attack.json")
-    settings = dict(epsilon=epsilon, step_size=step_size, steps=steps, seed=seed,
-                    **{k: v for k, v in overrides.items() if v is not None})
+    settings = dict(epsilon=epsilon, step_size=step_size, steps=steps, seed=seed, **result_settings(overrides))
     results = [store.get_or_compute(
         path, lambda path=path: attack_checkpoint(path, epsilon, step_size, steps, seed, **overrides), **settings)
         for path in checkpoints]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..train.checkpoint import save_figure_atomic
-from ._store import ResultStore, pack_bits
+from ._store import ResultStore, pack_bits, result_settings
 
 __all__ = ["TRANSFORMS", "rotate"]
 
@@ -57,8 +57,8 @@ def rotate(checkpoints: Sequence[str], output: str | os.PathLike[str], **overrid
     """
     ResultStore.check_exist(list(checkpoints))
     store = ResultStore(output, "rotate.json")
-    rows = [store.get_or_compute(path, lambda path=path: evaluate_transforms(path, **overrides))
-            for path in checkpoints]
+    rows = [store.get_or_compute(path, lambda path=path: evaluate_transforms(path, **overrides),
+                                 **result_settings(overrides)) for path in checkpoints]
     store.write("rotate.md", table(rows))
     store.write("rotate.csv", _csv(rows))
     if rows:
