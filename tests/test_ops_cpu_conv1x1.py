@@ -129,6 +129,19 @@ def test_batchnorm_relu_conv1x1_gradcheck_and_gradgradcheck(affine):
         assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+def test_conv1x1_ops_take_a_permuted_view():
+    """A strided x (the clique relation hands gamma a permuted view): values and gradients as the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 9, 6, **F64, generator=gen).permute(0, 3, 1, 2)  # (2, 6, 7, 9), not contiguous
+    assert not x.is_contiguous()
+    scale, shift = torch.randn(6, **F64, generator=gen), torch.randn(6, **F64, generator=gen)
+    conv, conv_bias = torch.randn(4, 6, **F64, generator=gen), torch.randn(4, **F64, generator=gen)
+    tol = dict(rtol=1e-9, atol=1e-9)
+    assert_matches_reference(ops.affine_relu_conv1x1, x, scale, shift, conv, conv_bias, **tol)
+    assert_matches_reference(lambda x, *rest: ops.batchnorm_relu_conv1x1(x, *rest[:2], 1e-5, *rest[2:])[0],
+                             x, scale.abs() + 0.5, shift, conv, conv_bias, **tol)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_batchnorm_relu_conv1x1_rejects_bad_input(backend):
     with ops.use_backend(backend):

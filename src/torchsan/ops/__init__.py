@@ -271,6 +271,7 @@ def affine_relu_conv1x1(
     _checks.check_conv1x1("x", x, x.shape[1], weight, bias, "weight", "bias")
     if residual is not None:
         _checks.check_residual(residual, x, (x.shape[0], weight.shape[0], *x.shape[2:]))
+    x = x.contiguous()  # the kernels read NCHW: a strided input (a permuted view) is copied once, not per kernel
     return implementation(x).affine_relu_conv1x1(x, scale, shift, weight, bias, residual)
 
 
@@ -298,6 +299,7 @@ def batchnorm_relu_conv1x1(
     x, weight, bias, conv_weight, conv_bias = _autocast(x, weight, bias, conv_weight, conv_bias)
     _checks.check_batchnorm(x, weight, bias, eps)
     _checks.check_conv1x1("x", x, x.shape[1], conv_weight, conv_bias)
+    x = x.contiguous()  # the kernels read NCHW: a strided input (a permuted view) is copied once, not per kernel
     return implementation(x).batchnorm_relu_conv1x1(x, weight, bias, float(eps), conv_weight, conv_bias)
 
 
