@@ -14,7 +14,9 @@ reflect padding, float32):
 * ``aggregation``  x (N, mid, H, W), weights (N, Cw, K, L) (softmax-normalised random numbers);
 * ``subtraction2`` phi(x), psi(x): (N, rel, H, W) x 2 -> (N, rel, K, L);
 * ``subtraction``  the position grid (1, 2, H, W) -> (1, 2, K, L);
-* ``unfold``       psi(x) (N, rel, H, W) -> (N, rel, K, L) (patchwise attention's patch).
+* ``unfold``       psi(x) (N, rel, H, W) -> (N, rel, K, L) (patchwise attention's patch);
+* ``clique_products`` the unfolded phi(x), psi(x): (N, rel, K, L) x 2 -> (N, K, K, L) (the patchwise clique
+  relation).
 
 Implementations, all measured in the same run on the same tensors:
 
@@ -24,7 +26,8 @@ Implementations, all measured in the same run on the same tensors:
   convolution (groups=C; same multiply-adds as the aggregation, the fused kernel's natural target).
   For the gathers (subtraction2, subtraction, unfold): the depthwise k x k convolution with K
   output channels per input channel, which produces a tensor of exactly the op's output size (an
-  unfold written as a convolution: K times more multiply-adds than a gather needs);
+  unfold written as a convolution: K times more multiply-adds than a gather needs). For clique_products: a
+  1x1 convolution rel -> K * K channels on an (N, rel, L, K) map: the same output size and multiply-adds;
 * ``traffic``    gathers only: the memory traffic any gather must cause, as a yardstick. A Python
   ``torch.autograd.Function`` whose forward writes a tensor of the op's output size (``fill_``) and
   whose backward reads the output gradient once (``sum``) and writes the input-sized gradients
@@ -91,7 +94,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from torchsan import ops  # noqa: E402
 
-OPS = ("aggregation", "subtraction2", "subtraction", "unfold")
+OPS = ("aggregation", "subtraction2", "subtraction", "unfold", "clique_products")
 MODES = ("forward", "forward_backward")
 # SAN10 stages: (block channels C, footprint k); mid = C/4, rel = C/16, Cw = mid/8 (share_planes 8).
 STAGES = ((64, 3), (256, 7), (512, 7), (1024, 7), (2048, 7))
@@ -186,6 +189,17 @@ def build_case(op: str, stage: int, batch: int, image_size: int, conv_layout: st
         impls["depthwise"] = Impl(lambda: F.conv2d(xc, dw, padding=pad, groups=mid), (xc, dw))
         impls["dense3x3"] = Impl(lambda: F.conv2d(xc, dense, padding=1), (xc, dense))
         return Case(op, stage, k, cw, shapes, impls)
+
+    if op == "clique_products":
+        q, kk = _param(batch, rel, area, h * h), _param(batch, rel, area, h * h)
+        shapes = {"q": tuple(q.shape), "k": tuple(kk.shape)}
+        san(lambda: ops.clique_products(q, kk), (q, kk))
+        qc, w = conv_input(q), _param(area * area, rel, 1, 1)  # same output size and multiply-adds
+        impls["depthwise"] = Impl(lambda: F.conv2d(qc, w), (qc, w))
+        inputs = impls["fused"].grad_inputs
+        out_shape = (batch, area, area, h * h)
+        impls["traffic"] = Impl(lambda: _Traffic.apply(out_shape, *inputs), inputs)
+        return Case(op, stage, k, None, shapes, impls)
 
     if op == "subtraction2":
         x1, x2 = _param(batch, rel, h, h), _param(batch, rel, h, h)

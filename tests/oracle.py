@@ -90,6 +90,17 @@ def unfold(x, k, s=1, p=None, d=1, mode="reflect"):
     return out
 
 
+def clique_products(q, k):
+    """out[n, j, kk, l] = sum_c q[n, c, j, l] * k[n, c, kk, l], one tap pair and position at a time."""
+    n, c, taps, length = q.shape
+    out = torch.zeros(n, taps, taps, length, dtype=q.dtype)
+    for j in range(taps):
+        for kk in range(taps):
+            for o in range(length):
+                out[:, j, kk, o] = (q[:, :, j, o] * k[:, :, kk, o]).sum(1)
+    return out
+
+
 # --- compact forms, for whole-model oracles (test_convert.py) -------------------------------------------------------
 def neighbours(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, K, L): x at each pixel's k x k window, reflection-padded by k // 2,

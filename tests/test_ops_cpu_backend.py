@@ -168,6 +168,10 @@ def _opcheck_cases():
                   ("conv1x1_affine_relu_maxpool2x2", (_t(2, 3, 6, 7), _t(4, 3), _t(4), _t(4))),
                   ("pairwise_logits_inference", (*det, append, _t(c), _t(c), _t(4, c), _t(4), _t(4), _t(3, 4),
                                                  _t(3), *fp))]
+    # the clique relation
+    q, k = _t(2, 3, 9, 13, grad=True), _t(2, 3, 9, 13, grad=True)
+    cases += [("clique_products", (q, k)), ("clique_products", (_t(1, 2, 4, 9, grad=True), _t(1, 2, 4, 9))),
+              ("clique_products_backward", (_t(2, 9, 9, 13), q.detach(), k.detach()))]
     cases.append(("patchwise_weights_inference", (*det, _t(30), _t(30), _t(4, 30), _t(4), _t(4), _t(18, 4), None,
                                                   3, 1, 1, 1, True)))
     return cases

@@ -66,6 +66,14 @@ def test_subtraction_ops_match_loop(case, mode):
     torch.testing.assert_close(centre, oracle.unfold(x1, k, s, p, d, mode)[:, :, k * k // 2 : k * k // 2 + 1])
 
 
+def test_clique_products_match_loop():
+    q, k = torch.randn(2, 3, 9, 11, dtype=torch.float64), torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    out = ops.clique_products(q, k)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, oracle.clique_products(q, k))
+    assert torch.autograd.gradcheck(ops.clique_products, (q.requires_grad_(), k.requires_grad_()))
+
+
 def test_float32_batch1_and_noncontiguous():
     x = torch.randn(1, 8, 11, 9).transpose(2, 3)  # non-contiguous (1, 8, 9, 11)
     assert not x.is_contiguous()
@@ -374,6 +382,7 @@ def _meta_calls(device: str, requires_grad: bool) -> dict:
         "subtraction2": lambda: ops.subtraction2(x, x2, 3, append=append),
         "unfold": lambda: ops.unfold(x, 3),
         "centre": lambda: ops.centre(x, 3),
+        "clique_products": lambda: ops.clique_products(logits, t(2, 4, 9, 63)),
         "channel_var_mean": lambda: ops.channel_var_mean(x),
         "tap_softmax": lambda: ops.tap_softmax(logits),
         "affine_relu_conv1x1": lambda: ops.affine_relu_conv1x1(x, v, v, conv),
@@ -453,6 +462,7 @@ def _empty_case_ops(shape: tuple[int, ...], k: int, s: int, d: int, mode: str) -
                                 lambda a, b, e: ops.subtraction2(a, b, *fp, append=e), [(n, c + 2, kk, length)]),
         "unfold": ((t(*shape),), lambda x: ops.unfold(x, *fp), [(n, c, kk, length)]),
         "centre": ((t(*shape),), lambda x: ops.centre(x, *fp), [(n, c, 1, length)]),
+        "clique_products": ((t(n, c, kk, length), t(n, c, kk, length)), ops.clique_products, [(n, kk, kk, length)]),
         "tap_softmax": ((t(n, c, kk, length),), ops.tap_softmax, [(n, c, kk, length)]),
         "affine_relu_conv1x1": ((t(*shape), t(c), t(c), t(3, c), t(3)), ops.affine_relu_conv1x1, [(n, 3, h, w)]),
         "affine_relu_conv1x1 residual": ((t(*shape), t(c), t(c), t(3, c), t(3), t(n, 3, h, w)),

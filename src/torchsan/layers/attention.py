@@ -317,9 +317,8 @@ class PatchwiseSelfAttention(_SelfAttention):
         n, area, positions = kj.shape[0], kj.shape[2], kj.shape[3]
         if self.relation == "star":
             return (self.centre(q) * kj).sum(dim=1).unsqueeze(2)
-        qj = self.unfold(q)
-        clique = torch.einsum("ncjl,nckl->njkl", qj, kj)  # (N, K, K, L)
-        return clique.reshape(n, area * area, 1, positions)
+        clique = ops.clique_products(self.unfold(q), kj)  # (N, K, K, L)
+        return clique.view(n, area * area, 1, positions)
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """gamma(delta(x_R(i))), eq. (4): (N, K * out / share_planes, 1, L) read as (N, out / share_planes, K, L)."""

@@ -36,6 +36,7 @@ __all__ = [
     "batchnorm_relu_maxpool2x2",
     "centre",
     "channel_var_mean",
+    "clique_products",
     "conv1x1_affine_relu_maxpool2x2",
     "default_padding",
     "fusion",
@@ -182,6 +183,24 @@ def subtraction2(
     if append is not None:
         _checks.check_append(append, x1, fp.area, h_out * w_out)
     return implementation(x1).subtraction2(x1, x2, fp, h_out, w_out, append=append)
+
+
+def clique_products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The patchwise clique relation's products of every pair of taps of each footprint:
+    ``out[n, j, k, l] = sum_c q[n, c, j, l] * k[n, c, k, l]``.
+
+    Args:
+        q, k: (N, C, K, L), the unfolded phi(x) and psi(x) (:func:`unfold`).
+    Returns:
+        (N, K, K, L), contiguous (read as gamma's (N, K * K, 1, L) input without a copy).
+    """
+    q, k = _autocast(q, k)
+    _checks.check_feature_map("q", q)
+    _checks.check_feature_map("k", k)
+    _checks.check_same_kind("q", q, "k", k)
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape (N, C, K, L), got {tuple(q.shape)} and {tuple(k.shape)}")
+    return implementation(q).clique_products(q, k)
 
 
 def unfold(

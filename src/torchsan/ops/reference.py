@@ -64,6 +64,12 @@ def subtraction2(x1: torch.Tensor, x2: torch.Tensor, fp: Footprint, h_out: int, 
     return torch.cat([out, append.expand(out.shape[0], -1, -1, -1)], dim=1)
 
 
+def clique_products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Products of every pair of taps: (N, C, K, L) x 2 -> (N, K, K, L), out[n, j, k, l] = sum_c q[n, c, j, l]
+    k[n, c, k, l]. (einsum returns a permuted view; contiguous, as every backend returns it.)"""
+    return torch.einsum("ncjl,nckl->njkl", q, k).contiguous()
+
+
 def affine_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
     shape = (1, -1) + (1,) * (x.dim() - 2)

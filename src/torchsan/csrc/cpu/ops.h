@@ -37,6 +37,12 @@ std::vector<at::Tensor> gather_backward(at::Tensor gout, int64_t H, int64_t W, i
                                         int64_t d, bool reflect, bool subtraction, bool need_x1, bool need_x2,
                                         int64_t channels);
 
+// clique.cpp -------------------------------------------------------------------------------------------------------
+// The clique relation: out[n, j, k, l] = sum_c q[n, c, j, l] * k[n, c, k, l] for q, k (N, C, K, L) -> (N, K, K, L).
+at::Tensor clique_forward(at::Tensor q, at::Tensor k);
+// Returns {grad q, grad k} (each undefined unless asked for).
+std::vector<at::Tensor> clique_backward(at::Tensor gout, at::Tensor q, at::Tensor k, bool need_q, bool need_k);
+
 // conv1x1.cpp ------------------------------------------------------------------------------------------------------
 // y = weight relu(scale * x + shift) + bias: x (N, Cin, *) -> (N, Cout, *); scale, shift (Cin); weight (Cout, Cin);
 // bias (Cout) or not given. The affine map is a BatchNorm's, per channel.

@@ -6,6 +6,7 @@ One module per op family, mirroring the C++ sources:
 |---|---|---|
 | ``softmax_aggregation`` | aggregation, softmax_aggregation, tap_softmax | ``softmax_aggregation.cpp`` |
 | ``gathers`` | subtraction2 (with append), subtraction, unfold | ``gathers.cpp`` |
+| ``clique`` | clique_products (the patchwise clique relation) | ``clique.cpp`` |
 | ``conv1x1`` | affine_relu_conv1x1, batchnorm_relu_conv1x1 | ``conv1x1.cpp`` |
 | ``pooling`` | affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2, conv1x1_affine_relu_maxpool2x2 | ``pooling.cpp`` |
 | ``statistics`` | channel_var_mean; gradients through a training BN's statistics | ``statistics.cpp`` |
@@ -25,6 +26,7 @@ import math
 import torch
 
 from ._build import available, describe, extension, kernel_constants, requested_arch, unavailable_reason, vector_isa
+from .clique import clique_products
 from .conv1x1 import affine_relu_conv1x1, batchnorm_relu_conv1x1
 from .gathers import centre, subtraction, subtraction2, unfold
 from .pooling import affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2, conv1x1_affine_relu_maxpool2x2
@@ -34,7 +36,8 @@ from .subtraction2_conv1x1 import pairwise_logits, patchwise_weights, subtractio
 
 __all__ = [
     "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
-    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "conv1x1_affine_relu_maxpool2x2", "describe",
+    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "clique_products", "conv1x1_affine_relu_maxpool2x2",
+    "describe",
     "extension", "fuses", "kernel_constants", "pairwise_logits", "patchwise_weights", "requested_arch",
     "softmax_aggregation",
     "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax", "unavailable_reason",
