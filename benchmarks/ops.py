@@ -27,7 +27,7 @@ Implementations, all measured in the same run on the same tensors:
   For the gathers (subtraction2, subtraction, unfold): the depthwise k x k convolution with K
   output channels per input channel, which produces a tensor of exactly the op's output size (an
   unfold written as a convolution: K times more multiply-adds than a gather needs). For clique_products: a
-  1x1 convolution rel -> K * K channels on an (N, rel, L, K) map: the same output size and multiply-adds;
+  1x1 convolution rel -> K * K channels of one tap of q, (N, rel, 1, L): the same output size and multiply-adds;
 * ``traffic``    gathers only: the memory traffic any gather must cause, as a yardstick. A Python
   ``torch.autograd.Function`` whose forward writes a tensor of the op's output size (``fill_``) and
   whose backward reads the output gradient once (``sum``) and writes the input-sized gradients
@@ -194,7 +194,7 @@ def build_case(op: str, stage: int, batch: int, image_size: int, conv_layout: st
         q, kk = _param(batch, rel, area, h * h), _param(batch, rel, area, h * h)
         shapes = {"q": tuple(q.shape), "k": tuple(kk.shape)}
         san(lambda: ops.clique_products(q, kk), (q, kk))
-        qc, w = conv_input(q), _param(area * area, rel, 1, 1)  # same output size and multiply-adds
+        qc, w = conv_input(q[:, :, :1]), _param(area * area, rel, 1, 1)  # same output size and multiply-adds
         impls["depthwise"] = Impl(lambda: F.conv2d(qc, w), (qc, w))
         inputs = impls["fused"].grad_inputs
         out_shape = (batch, area, area, h * h)
