@@ -9,44 +9,85 @@ namespace torchsan {
 namespace __attribute__((visibility("hidden"))) cpu {
 namespace {
 
-// out + i * oi: rows of L, out_i[l] = sum_{t < terms} a[t * sa + l] * b[i * bi + t * sb + l] for i < B. The forward
-// and both gradients are this one contraction with different strides; B rows share each load of a, and the sum over
-// t runs in registers in ascending order.
-template <typename T, int B, bool Full>
-inline void products_block(const T* a, int64_t sa, const T* b, int64_t bi, int64_t sb, T* out, int64_t oi,
-                           int64_t terms, int64_t l, int64_t lanes) {
+// The one contraction behind the forward and both gradients, with different strides: for A rows x of a and B rows i
+// of b, out[x * oa + i * oi + l] = sum_{t < terms} a[x * ai + t * sa + l] * b[i * bi + t * sb + l], for one vector of
+// positions l. The A x B sums run in registers, each over t in ascending order, and every load feeds A or B of them.
+struct Strides {
+  int64_t sa, ai, sb, bi, oa, oi;
+};
+
+template <typename T, int A, int B, bool Full>
+inline void products_block(const T* a, const T* b, T* out, const Strides& s, int64_t terms, int64_t l,
+                           int64_t lanes) {
   const int64_t n = Full ? VW<T> : lanes;  // a constant for whole vectors: plain loads, no masks
-  V<T> acc[B] = {};
+  V<T> acc[A][B] = {};
   for (int64_t t = 0; t < terms; ++t) {
-    const V<T> av = load_partial(a + t * sa + l, n);
-    for (int i = 0; i < B; ++i) acc[i] += av * load_partial(b + i * bi + t * sb + l, n);
+    V<T> av[A];
+    for (int x = 0; x < A; ++x) av[x] = load_partial(a + x * s.ai + t * s.sa + l, n);
+    for (int i = 0; i < B; ++i) {
+      const V<T> bv = load_partial(b + i * s.bi + t * s.sb + l, n);
+      for (int x = 0; x < A; ++x) acc[x][i] += av[x] * bv;
+    }
   }
-  for (int i = 0; i < B; ++i) store_partial(out + i * oi + l, acc[i], n);
+  for (int x = 0; x < A; ++x)
+    for (int i = 0; i < B; ++i) store_partial(out + x * s.oa + i * s.oi + l, acc[x][i], n);
 }
 
-// products_block for `count` rows i (b and out stepping by bi and oi), four at a time, at positions [l0, l1).
-template <typename T>
-void products(const T* a, int64_t sa, const T* b, int64_t bi, int64_t sb, T* out, int64_t oi, int64_t count,
-              int64_t terms, int64_t l0, int64_t l1) {
-  for (int64_t i = 0; i < count; i += 4) {
-    const T* bb = b + i * bi;
-    T* o = out + i * oi;
+template <typename T, int A, bool Full>
+inline void products_rows(const T* a, const T* b, T* out, const Strides& s, int64_t count, int64_t terms, int64_t l,
+                          int64_t lanes) {
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) products_block<T, A, 4, Full>(a, b + i * s.bi, out + i * s.oi, s, terms, l, lanes);
+  switch (count - i) {
+    case 3: products_block<T, A, 3, Full>(a, b + i * s.bi, out + i * s.oi, s, terms, l, lanes); break;
+    case 2: products_block<T, A, 2, Full>(a, b + i * s.bi, out + i * s.oi, s, terms, l, lanes); break;
+    case 1: products_block<T, A, 1, Full>(a, b + i * s.bi, out + i * s.oi, s, terms, l, lanes); break;
+    default: break;
+  }
+}
+
+// products_block for one row of a and rows i0 .. i0 + B of b along positions [l0, l1): each output row is written
+// in one sweep.
+template <typename T, int B>
+inline void products_sweep(const T* a, const T* b, T* out, const Strides& s, int64_t terms, int64_t l0, int64_t l1) {
+  int64_t l = l0;
+  for (; l + VW<T> <= l1; l += VW<T>) products_block<T, 1, B, true>(a, b, out, s, terms, l, VW<T>);
+  if (l < l1) products_block<T, 1, B, false>(a, b, out, s, terms, l, l1 - l);
+}
+
+// products_block over `rows` rows of a and `count` rows of b (four at a time), positions [l0, l1). The gradients take
+// the rows of a in pairs (each load of b then feeds eight sums); the forward, bound by writing its K-times-larger
+// output, takes them one by one and writes each group of four output rows in one sweep along the positions.
+template <typename T, bool Pairs>
+void products(const T* a, const T* b, T* out, const Strides& s, int64_t rows, int64_t count, int64_t terms,
+              int64_t l0, int64_t l1) {
+  for (int64_t x = 0; x < rows; x += Pairs ? 2 : 1) {
+    const T* ax = a + x * s.ai;
+    T* o = out + x * s.oa;
+    if (!Pairs) {
+      int64_t i = 0;
+      for (; i + 4 <= count; i += 4) products_sweep<T, 4>(ax, b + i * s.bi, o + i * s.oi, s, terms, l0, l1);
+      switch (count - i) {
+        case 3: products_sweep<T, 3>(ax, b + i * s.bi, o + i * s.oi, s, terms, l0, l1); break;
+        case 2: products_sweep<T, 2>(ax, b + i * s.bi, o + i * s.oi, s, terms, l0, l1); break;
+        case 1: products_sweep<T, 1>(ax, b + i * s.bi, o + i * s.oi, s, terms, l0, l1); break;
+        default: break;
+      }
+      continue;
+    }
+    const bool pair = x + 1 < rows;
     int64_t l = l0;
     for (; l + VW<T> <= l1; l += VW<T>) {
-      switch (std::min<int64_t>(4, count - i)) {
-        case 4: products_block<T, 4, true>(a, sa, bb, bi, sb, o, oi, terms, l, VW<T>); break;
-        case 3: products_block<T, 3, true>(a, sa, bb, bi, sb, o, oi, terms, l, VW<T>); break;
-        case 2: products_block<T, 2, true>(a, sa, bb, bi, sb, o, oi, terms, l, VW<T>); break;
-        default: products_block<T, 1, true>(a, sa, bb, bi, sb, o, oi, terms, l, VW<T>); break;
-      }
+      if (pair)
+        products_rows<T, 2, true>(ax, b, o, s, count, terms, l, VW<T>);
+      else
+        products_rows<T, 1, true>(ax, b, o, s, count, terms, l, VW<T>);
     }
     if (l < l1) {
-      switch (std::min<int64_t>(4, count - i)) {
-        case 4: products_block<T, 4, false>(a, sa, bb, bi, sb, o, oi, terms, l, l1 - l); break;
-        case 3: products_block<T, 3, false>(a, sa, bb, bi, sb, o, oi, terms, l, l1 - l); break;
-        case 2: products_block<T, 2, false>(a, sa, bb, bi, sb, o, oi, terms, l, l1 - l); break;
-        default: products_block<T, 1, false>(a, sa, bb, bi, sb, o, oi, terms, l, l1 - l); break;
-      }
+      if (pair)
+        products_rows<T, 2, false>(ax, b, o, s, count, terms, l, l1 - l);
+      else
+        products_rows<T, 1, false>(ax, b, o, s, count, terms, l, l1 - l);
     }
   }
 }
@@ -72,8 +113,9 @@ template <typename T>
 void clique_forward_kernel(const T* q, const T* kk, T* out, int64_t N, int64_t C, int64_t K, int64_t L) {
   over_position_chunks<T>(N, C, K, L, [&](int64_t n, int64_t l0, int64_t l1) {
     const int64_t image = n * C * K * L;
-    for (int64_t j = 0; j < K; ++j)
-      products(q + image + j * L, K * L, kk + image, L, K * L, out + (n * K + j) * K * L, L, K, C, l0, l1);
+    // rows x: taps j of q (channel step K L); rows i: taps k of kk; terms: channels
+    const Strides s{K * L, L, K * L, L, K * L, L};
+    products<T, false>(q + image, kk + image, out + n * K * K * L, s, K, K, C, l0, l1);
   });
 }
 
@@ -84,10 +126,9 @@ void clique_backward_kernel(const T* g, const T* q, const T* kk, T* gq, T* gk, i
   over_position_chunks<T>(N, C, K, L, [&](int64_t n, int64_t l0, int64_t l1) {
     const int64_t image = n * C * K * L;
     const T* gn = g + n * K * K * L;
-    for (int64_t r = 0; r < K; ++r) {
-      if (gq) products(gn + r * K * L, L, kk + image, K * L, L, gq + image + r * L, K * L, C, K, l0, l1);
-      if (gk) products(gn + r * L, K * L, q + image, K * L, L, gk + image + r * L, K * L, C, K, l0, l1);
-    }
+    // gq: rows x = j of g (terms k), rows i = channels of kk; gk: rows x = k of g (terms j), rows i = channels of q
+    if (gq) products<T, true>(gn, kk + image, gq + image, Strides{L, K * L, L, K * L, L, K * L}, K, C, K, l0, l1);
+    if (gk) products<T, true>(gn, q + image, gk + image, Strides{K * L, L, L, K * L, L, K * L}, K, C, K, l0, l1);
   });
 }
 
