@@ -43,7 +43,7 @@ study: setup data
 	$(BIN)/torchsan train $(STUDY_CFG) --model san_resnet26 --output $(STUDY)/san_resnet26 --resume
 	$(BIN)/torchsan train $(STUDY_CFG) --model-kwargs position_encoding=false \
 	    --output $(STUDY)/san10_pairwise_no_position --resume
-	$(BIN)/torchsan ablate relation $(STUDY_CFG) --output $(STUDY)/ablate \
+	$(BIN)/torchsan ablate relation $(STUDY_CFG) --output $(STUDY)/ablate --jobs 2 \
 	    --reuse $(STUDY)/san10_pairwise $(STUDY)/san10_patchwise  # their relations' runs: not trained twice
 	$(BIN)/torchsan robustness rotate $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness
 	$(BIN)/torchsan robustness attack $(addsuffix /model_best.pth,$(CORE)) --output $(STUDY)/robustness \

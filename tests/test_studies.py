@@ -230,6 +230,31 @@ def test_ablate_changes_only_the_named_option(study, image_folder, tmp_path, cap
     assert stamps == {p: (p / "summary.json").stat().st_mtime_ns for p in (out / study).iterdir()}
 
 
+def test_ablate_trains_variants_side_by_side_with_jobs(image_folder, tmp_path):
+    from conftest import TINY_SAN
+    from torchsan.train import load_config
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\ndata: {image_folder}\n"
+                    "image_size: 16\nbatch_size: 6\nepochs: 1\nlr: 0.05\nprogress: none\ntensorboard: false\n"
+                    "val_subset: 9\nthreads: 2\n")
+    out = tmp_path / "ablate"
+    assert main(["ablate", "position", str(base), "--output", str(out), "--jobs", "2"]) == 0
+    rows = json.loads((out / "ablate-position.json").read_text())
+    assert sorted(rows) == ["with position encoding", "without"]
+    for row in rows.values():
+        run = out / row["run"]
+        assert json.loads((run / "summary.json").read_text())["final"]["val_images"] == 9
+        assert load_config(run / "config.yaml").threads == 1  # each of the 2 at a time on half the threads
+        assert row["top1"] is not None
+    stamps = {name: (out / row["run"] / "summary.json").stat().st_mtime_ns for name, row in rows.items()}
+    assert main(["ablate", "position", str(base), "--output", str(out), "--jobs", "2"]) == 0  # finished: read only
+    assert stamps == {name: (out / row["run"] / "summary.json").stat().st_mtime_ns for name, row in rows.items()}
+    with pytest.raises(SystemExit):
+        main(["ablate", "position", str(base), "--output", str(out), "--jobs", "x"])
+    assert main(["ablate", "position", str(base), "--output", str(out), "--jobs", "0"]) == 2
+
+
 def test_ablate_reuses_a_run_that_trained_a_variant_and_the_report_pairs_it(image_folder, tmp_path):
     from conftest import TINY_SAN
     from torchsan.studies.ablate import same_experiment

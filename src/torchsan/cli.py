@@ -327,7 +327,7 @@ def _ablate(args: argparse.Namespace) -> int:
         overrides.setdefault("model", source)
         source = None
     base = _merge_model_kwargs(source, overrides, args.drop_model_kwarg or [])
-    rows = ablate(args.study, base, output, reuse=args.reuse or [])
+    rows = ablate(args.study, base, output, reuse=args.reuse or [], jobs=args.jobs)
     if _is_rank0():
         print((Path(output) / f"ablate-{args.study}.md").read_text(), end="")
         print(f"wrote {output}/ablate-{args.study}.md, .csv, .json, .png ({len(rows)} runs)")
@@ -455,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folders that stand for the variant whose config they trained (same recipe and model; "
                         "an option left out counts as its default) instead of training it again; give it after "
                         "STUDY and CONFIG")
+    p.add_argument("--jobs", type=int, default=1, metavar="J",
+                   help="train J variants at a time, each in a process of its own on 1/J of the threads (on 2 "
+                        "cores, --jobs 2 trains small models faster than one run on both; default 1)")
     _config_flags(p)
     p.set_defaults(func=_ablate)
     p = sub.add_parser("export", help="a checkpoint as an ONNX file (standard operators only), checked in ONNX Runtime",
@@ -508,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "eval", "summary"):
+    if args.command in ("train", "eval", "summary", "ablate", "robustness"):
         keep_freed_memory()  # large tensors are reused instead of faulted in afresh every step (allocator.py)
     try:
         return args.func(args)

@@ -15,15 +15,21 @@ study continues where it stopped. A run given with ``reuse`` (``--reuse RUN``) t
 config (the same recipe and model; only the output and how it ran may differ) stands for that variant instead, so a
 study does not train its base model twice. The table (``ablate-STUDY.md``, ``.csv``, ``.json``, ``.png``) gives each
 variant's final top-1 and top-5, parameters and multiply-adds.
+
+``jobs`` (``--jobs J``) trains J variants at a time, each in its own process on 1/J of the threads: on a small CPU
+machine several narrow runs use the cores better than one wide run (smaller layers scale poorly across threads).
+A run's digits may then differ from a run on all threads, as with any other thread count.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import inspect
 import io
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,22 +118,61 @@ def _finished(folder: Path, epochs: int) -> bool:
     return path.exists() and json.loads(path.read_text()).get("epochs") == epochs
 
 
+def _train_one(cfg: Any) -> None:
+    """One variant's run in a process of its own (``jobs`` > 1)."""
+    from ..allocator import keep_freed_memory
+    from ..train import train
+
+    keep_freed_memory()
+    train(cfg, resume="auto")
+
+
+def _train_all(cfgs: list[Any], jobs: int) -> None:
+    """Train (or resume) every config: one after another, or ``jobs`` at a time in processes of their own."""
+    from ..train import train
+
+    if jobs <= 1 or len(cfgs) <= 1:
+        for cfg in cfgs:
+            train(cfg, resume="auto")
+        return
+    import torch
+
+    jobs = min(jobs, len(cfgs))
+    total = cfgs[0].threads or torch.get_num_threads()
+    threads = max(1, total // jobs)
+    print(f"ablate: {len(cfgs)} runs, {jobs} at a time, on {threads} of {total} threads each", flush=True)
+    failed = []
+    # spawn, not fork: a forked child inherits the parent's OpenMP thread pool in an unusable state
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = {pool.submit(_train_one, dataclasses.replace(cfg, threads=threads)): cfg for cfg in cfgs}
+        for done in concurrent.futures.as_completed(runs):
+            if done.exception() is not None:
+                failed.append(f"{runs[done].output}: {done.exception()}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(cfgs)} runs failed: " + "; ".join(failed))
+
+
 def ablate(study: str, base: Any, output: str | os.PathLike[str],
-           reuse: Sequence[str | os.PathLike[str]] = ()) -> list[dict[str, Any]]:
+           reuse: Sequence[str | os.PathLike[str]] = (), jobs: int = 1) -> list[dict[str, Any]]:
     """Train (or resume, or just read) every variant of ``study`` from the TrainConfig ``base``; write the tables.
 
     ``reuse``: run folders (each with its ``config.yaml``) that may stand for a variant whose config they trained.
+    ``jobs``: how many variants train at a time (see the module docstring).
     """
-    from ..train import load_config, train
+    from ..train import load_config
 
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("jobs > 1 trains runs side by side in one process each; under torchrun give --jobs 1")
     candidates = []
     for run in map(Path, reuse):
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(f"--reuse {str(run)!r}: not a run folder (no config.yaml)")
         candidates.append((run, load_config(run / "config.yaml")))
-    rows = []
     out = Path(output)
     store = ResultStore(out, f"ablate-{study}.json")
+    plan = []
     for label, model, changes in variants(study, base.model, base.model_kwargs):  # (checks the base first)
         folder = out / study / "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
         cfg = dataclasses.replace(base, model=model, model_kwargs={**base.model_kwargs, **changes},
@@ -138,8 +183,10 @@ def ablate(study: str, base: Any, output: str | os.PathLike[str],
             folder = match[0]  # that run is this variant: finish it if it was stopped, never train it twice
             how = {k: getattr(cfg, k) for k in _HOW_IT_RAN if k != "output"}  # resumed as this study runs
             cfg = dataclasses.replace(match[1], **how, output=str(folder).replace("{", "{{").replace("}", "}}"))
-        if not _finished(folder, cfg.epochs):
-            train(cfg, resume="auto")
+        plan.append((label, model, changes, folder, cfg))
+    _train_all([cfg for *_, folder, cfg in plan if not _finished(folder, cfg.epochs)], jobs)
+    rows = []
+    for label, model, changes, folder, _ in plan:
         summary_path = folder / "summary.json"
         summary = json.loads(summary_path.read_text())
         final = summary.get("final", {})
