@@ -12,9 +12,11 @@ pytestmark = needs_cpu_kernels
 
 
 # (N, C, K, L): rows shorter than a vector, a partial vector at the end, tap counts not a multiple of the four rows a
-# block computes, SAN's 7 x 7 footprint on a 7 x 7 map, no channels, more channels than the kernel takes (einsum).
+# block computes, SAN's 7 x 7 footprint on a 7 x 7 map, no channels, more channels than the kernel takes (einsum),
+# and rows split into several chunks of positions (a chunk's q and k fill half the L2: 32 channels and 49 taps in
+# float64 take 25 KB a position, so even a 4 MB L2 splits 1,500 positions).
 SHAPES = [(2, 3, 9, 13), (1, 5, 49, 49), (3, 2, 25, 3), (2, 7, 6, 17), (1, 1, 1, 1), (2, 16, 9, 40), (2, 0, 9, 5),
-          (2, 32, 9, 21), (1, 40, 9, 10)]
+          (2, 32, 9, 21), (1, 40, 9, 10), (1, 32, 49, 1501)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -44,8 +46,8 @@ def test_clique_products_gradcheck_and_gradgradcheck():
 
 def test_clique_products_same_bits_with_1_and_2_threads():
     gen = torch.Generator().manual_seed(4)
-    q, k = (torch.randn(3, 4, 49, 21, generator=gen).requires_grad_() for _ in range(2))
-    grad = torch.randn(3, 49, 49, 21, generator=gen)
+    q, k = (torch.randn(1, 32, 49, 1501, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(2))
+    grad = torch.randn(1, 49, 49, 1501, dtype=torch.float64, generator=gen)  # one image: threads split its chunks
 
     def run():
         with ops.use_backend("cpu"):

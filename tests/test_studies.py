@@ -255,6 +255,26 @@ def test_ablate_trains_variants_side_by_side_with_jobs(image_folder, tmp_path):
     assert main(["ablate", "position", str(base), "--output", str(out), "--jobs", "0"]) == 2
 
 
+def test_ablate_with_jobs_names_the_run_that_failed_and_finishes_the_other(image_folder, tmp_path, capsys):
+    from conftest import TINY_SAN
+    from torchsan.train.run_folder import RunFolderLock
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\ndata: {image_folder}\n"
+                    "image_size: 16\nbatch_size: 6\nepochs: 1\nlr: 0.05\nprogress: none\ntensorboard: false\n"
+                    "val_subset: 9\n")
+    out = tmp_path / "ablate"
+    lock = RunFolderLock(out / "position" / "without").acquire()  # another process's run holds this folder
+    try:
+        assert main(["ablate", "position", str(base), "--output", str(out), "--jobs", "2"]) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert "1 of 2 runs failed" in err and "position/without" in err and "with_position" not in err
+    assert (out / "position" / "with_position_encoding" / "summary.json").is_file()
+    assert not (out / "position" / "without" / "summary.json").exists()
+
+
 def test_ablate_reuses_a_run_that_trained_a_variant_and_the_report_pairs_it(image_folder, tmp_path):
     from conftest import TINY_SAN
     from torchsan.studies.ablate import same_experiment

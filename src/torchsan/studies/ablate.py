@@ -120,15 +120,28 @@ def _finished(folder: Path, epochs: int) -> bool:
 
 def _train_one(cfg: Any) -> None:
     """One variant's run in a process of its own (``jobs`` > 1)."""
+    import traceback
+
     from ..allocator import keep_freed_memory
     from ..train import train
 
     keep_freed_memory()
-    train(cfg, resume="auto")
+    try:
+        train(cfg, resume="auto")
+    except KeyboardInterrupt:
+        os._exit(130)  # stop this worker: the pool would otherwise hand it the next run
+    except Exception:
+        traceback.print_exc()  # the whole traceback here; the parent reports the run and the error's last line
+        raise
 
 
 def _train_all(cfgs: list[Any], jobs: int) -> None:
-    """Train (or resume) every config: one after another, or ``jobs`` at a time in processes of their own."""
+    """Train (or resume) every config: one after another, or ``jobs`` at a time in processes of their own.
+
+    A failed run stops the study as with one job: the runs not yet started are dropped, those training finish
+    their run, and the error names every failed run. An interrupt (Ctrl-C) stops them all at once; each resumes
+    from its last checkpoint.
+    """
     from ..train import train
 
     if jobs <= 1 or len(cfgs) <= 1:
@@ -143,11 +156,26 @@ def _train_all(cfgs: list[Any], jobs: int) -> None:
     print(f"ablate: {len(cfgs)} runs, {jobs} at a time, on {threads} of {total} threads each", flush=True)
     failed = []
     # spawn, not fork: a forked child inherits the parent's OpenMP thread pool in an unusable state
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        runs = {pool.submit(_train_one, dataclasses.replace(cfg, threads=threads)): cfg for cfg in cfgs}
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        # progress bars of side-by-side runs would share one terminal line: plain lines instead
+        runs = {pool.submit(_train_one, dataclasses.replace(
+            cfg, threads=threads, progress="lines" if cfg.progress in ("auto", "bar") else cfg.progress)): cfg
+            for cfg in cfgs}
         for done in concurrent.futures.as_completed(runs):
-            if done.exception() is not None:
-                failed.append(f"{runs[done].output}: {done.exception()}")
+            if done.cancelled() or done.exception() is None:
+                continue
+            error = done.exception()
+            last = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            failed.append(f"{runs[done].output} ({type(error).__name__}: {last})")
+            for future in runs:
+                future.cancel()  # the runs not yet started
+    except BaseException:
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(cfgs)} runs failed: " + "; ".join(failed))
 

@@ -99,7 +99,9 @@ template <typename T, typename F>
 void over_position_chunks(int64_t N, int64_t C, int64_t K, int64_t L, const F& f) {
   const int64_t per_position = std::max<int64_t>(1, 2 * C * K * int64_t(sizeof(T)));
   const int64_t fit = std::max<int64_t>(VW<T>, cache_sizes().l2_bytes / 2 / per_position / VW<T> * VW<T>);
-  const int64_t chunks = std::max<int64_t>(1, (L + fit - 1) / fit), chunk = (L + chunks - 1) / chunks;
+  // chunks of about equal size, in whole vectors (so only a row's last chunk has a partial one): still <= fit
+  const int64_t chunks = std::max<int64_t>(1, (L + fit - 1) / fit);
+  const int64_t chunk = round_up((L + chunks - 1) / chunks, VW<T>);
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, l0 = (t % chunks) * chunk;
