@@ -66,10 +66,11 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 # The C++ kernels built for the architecture's baseline (x86-64 with SSE2 only, or Armv8-A), the portable path that
-# machines without AVX run, then (on a CPU with AVX-512) with 512-bit vectors: each against the reference. CI runs
-# it after `make test`.
+# machines without AVX run, then with 256-bit vectors (x86-64-v3) and, on a CPU with AVX-512, 512-bit ones, so both
+# widths are tested whichever one `make test` built: each against the reference. CI runs it after `make test`.
 test-portable: setup
 	TORCHSAN_CPU_ARCH=generic $(BIN)/python -m pytest -q tests/test_ops_cpu_*.py
+	if grep -qw avx2 /proc/cpuinfo; then TORCHSAN_CPU_ARCH=avx2 $(BIN)/python -m pytest -q tests/test_ops_cpu_*.py; fi
 	if grep -qw avx512f /proc/cpuinfo; then TORCHSAN_CPU_ARCH=avx512 $(BIN)/python -m pytest -q tests/test_ops_cpu_*.py; fi
 
 clean:

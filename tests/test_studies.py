@@ -191,6 +191,16 @@ def test_attack_command_end_to_end_and_resumes(tiny_checkpoint, tmp_path, capsys
 
 # --- the ablations -----------------------------------------------------------------------------------------------
 
+
+def _ablation_base(path, image_folder, **extra) -> None:
+    """The tiny ablation's base config: TINY_SAN on the test image folder, one epoch at 16 px."""
+    from conftest import TINY_SAN
+
+    lines = [f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\ndata: {image_folder}\n"
+             "image_size: 16\nbatch_size: 6\nepochs: 1\nlr: 0.05\nprogress: none\ntensorboard: false\n"]
+    lines += [f"{key}: {value}\n" for key, value in extra.items()]
+    path.write_text("".join(lines))
+
 @pytest.mark.parametrize("study", ["relation", "mapping", "transforms", "footprint", "position"])
 def test_ablate_changes_only_the_named_option(study, image_folder, tmp_path, capsys):
     import timm
@@ -200,8 +210,7 @@ def test_ablate_changes_only_the_named_option(study, image_folder, tmp_path, cap
     from torchsan.train import load_config
 
     base = tmp_path / "base.yaml"
-    base.write_text(f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\ndata: {image_folder}\n"
-                    "image_size: 16\nbatch_size: 6\nepochs: 1\nlr: 0.05\nprogress: none\ntensorboard: false\n")
+    _ablation_base(base, image_folder)
     out = tmp_path / "ablate"
     assert main(["ablate", study, str(base), "--output", str(out)]) == 0
     table = (out / f"ablate-{study}.md").read_text()
@@ -231,13 +240,10 @@ def test_ablate_changes_only_the_named_option(study, image_folder, tmp_path, cap
 
 
 def test_ablate_trains_variants_side_by_side_with_jobs(image_folder, tmp_path):
-    from conftest import TINY_SAN
     from torchsan.train import load_config
 
     base = tmp_path / "base.yaml"
-    base.write_text(f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\ndata: {image_folder}\n"
-                    "image_size: 16\nbatch_size: 6\nepochs: 1\nlr: 0.05\nprogress: none\ntensorboard: false\n"
-                    "val_subset: 9\nthreads: 2\n")
+    _ablation_base(base, image_folder, val_subset=9, threads=2)
     out = tmp_path / "ablate"
     assert main(["ablate", "position", str(base), "--output", str(out), "--jobs", "2"]) == 0
     rows = json.loads((out / "ablate-position.json").read_text())
@@ -256,13 +262,10 @@ def test_ablate_trains_variants_side_by_side_with_jobs(image_folder, tmp_path):
 
 
 def test_ablate_with_jobs_names_the_run_that_failed_and_finishes_the_other(image_folder, tmp_path, capsys):
-    from conftest import TINY_SAN
     from torchsan.train.run_folder import RunFolderLock
 
     base = tmp_path / "base.yaml"
-    base.write_text(f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\ndata: {image_folder}\n"
-                    "image_size: 16\nbatch_size: 6\nepochs: 1\nlr: 0.05\nprogress: none\ntensorboard: false\n"
-                    "val_subset: 9\n")
+    _ablation_base(base, image_folder, val_subset=9)
     out = tmp_path / "ablate"
     lock = RunFolderLock(out / "position" / "without").acquire()  # another process's run holds this folder
     try:
@@ -276,14 +279,11 @@ def test_ablate_with_jobs_names_the_run_that_failed_and_finishes_the_other(image
 
 
 def test_ablate_reuses_a_run_that_trained_a_variant_and_the_report_pairs_it(image_folder, tmp_path):
-    from conftest import TINY_SAN
     from torchsan.studies.ablate import same_experiment
     from torchsan.train import load_config
 
     base = tmp_path / "base.yaml"
-    base.write_text(f"model: san10_pairwise\nmodel_kwargs: {json.dumps(TINY_SAN)}\ndata: {image_folder}\n"
-                    "image_size: 16\nbatch_size: 6\nepochs: 1\nlr: 0.05\nprogress: none\ntensorboard: false\n"
-                    "val_subset: 9\n")
+    _ablation_base(base, image_folder, val_subset=9)
     study = tmp_path / "study"
     core, other = study / "core", study / "other_lr"
     assert main(["train", str(base), "--output", str(core)]) == 0  # position encoding left at its default (on)

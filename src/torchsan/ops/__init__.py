@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import _checks, _cpu
+from . import _checks
 from ._checks import PAD_MODES, Footprint, default_padding, resolve_footprint
 from ._dispatch import available_backends, backend_for, get_backend, implementation, set_backend, use_backend
 from ._fusion import FUSED_OPS, fusion, fusion_enabled, set_fusion, should_fuse
@@ -290,10 +290,7 @@ def affine_relu_conv1x1(
     _checks.check_conv1x1("x", x, x.shape[1], weight, bias, "weight", "bias")
     if residual is not None:
         _checks.check_residual(residual, x, (x.shape[0], weight.shape[0], *x.shape[2:]))
-    impl = implementation(x)
-    if impl is _cpu:  # its kernels read NCHW: a strided input (a permuted view) is copied once, not per kernel
-        x = x.contiguous()
-    return impl.affine_relu_conv1x1(x, scale, shift, weight, bias, residual)
+    return implementation(x).affine_relu_conv1x1(x, scale, shift, weight, bias, residual)
 
 
 def batchnorm_relu_conv1x1(
@@ -320,10 +317,7 @@ def batchnorm_relu_conv1x1(
     x, weight, bias, conv_weight, conv_bias = _autocast(x, weight, bias, conv_weight, conv_bias)
     _checks.check_batchnorm(x, weight, bias, eps)
     _checks.check_conv1x1("x", x, x.shape[1], conv_weight, conv_bias)
-    impl = implementation(x)
-    if impl is _cpu:  # its kernels read NCHW: a strided input (a permuted view) is copied once, not per kernel
-        x = x.contiguous()
-    return impl.batchnorm_relu_conv1x1(x, weight, bias, float(eps), conv_weight, conv_bias)
+    return implementation(x).batchnorm_relu_conv1x1(x, weight, bias, float(eps), conv_weight, conv_bias)
 
 
 def subtraction2_batchnorm_relu_conv1x1(

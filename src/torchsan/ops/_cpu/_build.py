@@ -5,11 +5,11 @@ are cached in torch's extensions folder, once per machine, torch version and sou
 compiler, no ninja), :func:`available` is False and the dispatcher falls back to the reference ops with a warning.
 ``TORCHSAN_DISABLE_CPU_KERNELS=1`` skips the build.
 
-The kernels are compiled for the machine they run on (``-march=native``), with 256-bit vectors where it has AVX
-(AVX-512 machines included) and 128-bit ones elsewhere (SSE2, NEON). ``TORCHSAN_CPU_ARCH`` asks for another
-target: ``avx512`` (512-bit vectors; needs AVX-512), ``avx2`` (x86-64-v3: AVX2 and FMA, no AVX-512) or
-``generic`` (the architecture's baseline: x86-64 with SSE2 only, or Armv8-A), which CI builds to keep the
-portable path compiled and tested.
+The kernels are compiled for the machine they run on (``-march=native``): 512-bit vectors on an Intel CPU with
+AVX-512, 256-bit ones on other CPUs with AVX (AMD's AVX-512 machines included) and 128-bit ones elsewhere (SSE2,
+NEON); see :func:`native_vector_bits`. ``TORCHSAN_CPU_ARCH`` asks for another target: ``avx512`` (512-bit
+vectors; needs AVX-512), ``avx2`` (x86-64-v3: AVX2 and FMA, no AVX-512) or ``generic`` (the architecture's
+baseline: x86-64 with SSE2 only, or Armv8-A), which CI builds to keep the portable path compiled and tested.
 """
 
 from __future__ import annotations
@@ -39,12 +39,26 @@ def _sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cpp"))
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line of /proc/cpuinfo ("" where there is none)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), "")
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
+
+
+def native_vector_bits() -> int | None:
+    """The vector width ``native`` asks for on this x86 machine: 512 on Intel CPUs with AVX-512, whose two 512-bit
+    FMA units make the train step faster (docs/performance.md, "Vector width"); None (the build's default: 256 with
+    AVX) elsewhere, AMD's Zen 4 included, which runs 512-bit instructions as two halves and gains nothing."""
+    if "avx512f" in _cpu_flags() and _cpuinfo("vendor_id") == "GenuineIntel":
+        return 512
+    return None
 
 
 def requested_arch() -> str:
@@ -70,6 +84,8 @@ def _arch_flags(arch: str) -> list[str]:
         if x86:
             return ["-march=x86-64", "-mtune=generic"]
         return ["-march=armv8-a"] if machine in ("aarch64", "arm64") else []
+    if x86 and native_vector_bits() == 512:
+        return ["-march=native", "-DTORCHSAN_VECTOR_BITS=512"]
     return ["-march=native"]
 
 

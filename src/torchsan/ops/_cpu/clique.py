@@ -11,10 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from ._register import custom_op, differentiable_backward, kernels
-
-# The kernel's sums are bound by loads; with more channels than this the batched product behind ``torch.einsum``
-# (a K x C by C x K matrix product per position) is faster, its transposing copy included (benchmarks/ops.py).
-CLIQUE_MAX_CHANNELS = 32
+from .policy import CLIQUE_MAX_CHANNELS
 
 
 def _clique_products_backward(grad: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:

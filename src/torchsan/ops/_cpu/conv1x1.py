@@ -80,6 +80,7 @@ batchnorm_relu_conv1x1_op = batchnorm_op(
 # --- backend interface ----------------------------------------------------------------------------------------------
 def affine_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None,
                         residual: Tensor | None = None) -> Tensor:
+    x = x.contiguous()  # the kernels read NCHW rows: a strided view is copied once here, not in each kernel
     if residual is None:
         return affine_relu_conv1x1_op(x, scale, shift, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
@@ -90,4 +91,5 @@ def affine_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
 
 def batchnorm_relu_conv1x1(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, conv_weight: Tensor,
                            conv_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    x = x.contiguous()  # as above
     return batchnorm_relu_conv1x1_op(x, weight, bias, eps, conv_weight, conv_bias)
