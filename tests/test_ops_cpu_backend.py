@@ -105,6 +105,32 @@ def test_the_build_targets_the_widest_vector_unit_the_machine_has(monkeypatch):
         _build.requested_arch()
 
 
+# /proc/cpuinfo as each kind of machine writes it (abridged); "vmx flags" must not be read as "flags"
+_CPUINFO = {
+    "intel_avx512": "processor\t: 0\nvendor_id\t: GenuineIntel\nvmx flags\t: vnmi ept\n"
+                    "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n",
+    "amd_avx512": "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n",
+    "intel_avx2": "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx avx2 fma\n",
+    "arm": "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes\nCPU implementer\t: 0x41\n",
+    "unreadable": "",
+}
+
+
+@pytest.mark.parametrize("machine, bits", [("intel_avx512", 512), ("amd_avx512", None), ("intel_avx2", None),
+                                           ("arm", None), ("unreadable", None)])
+def test_native_builds_512_bit_vectors_only_on_intel_cpus_with_avx512(monkeypatch, machine, bits):
+    text = _CPUINFO[machine]
+    read = _build._cpuinfo
+    monkeypatch.setattr(_build, "_cpuinfo", lambda field: read(field, text))
+    monkeypatch.setattr(_build.platform, "machine", lambda: "aarch64" if machine == "arm" else "x86_64")
+    assert _build.native_vector_bits() == bits
+    assert ("-DTORCHSAN_VECTOR_BITS=512" in _build._arch_flags("native")) == (bits == 512)
+    if machine != "arm":  # (avx2 is an error on Arm)
+        assert "-DTORCHSAN_VECTOR_BITS=512" not in _build._arch_flags("avx2")
+    assert read("flags", text) == ("" if machine in ("arm", "unreadable") else text.split("flags\t\t: ")[1].strip())
+    assert read("vendor_id", "") == "" and read("Features", _CPUINFO["arm"]) == "fp asimd evtstrm aes"
+
+
 # --- every custom op: opcheck, and shapes on meta tensors ------------------------------------------------------------
 def _t(*shape, grad=False):
     return torch.randn(*shape, **F64).requires_grad_(grad)

@@ -201,6 +201,7 @@ def _ablation_base(path, image_folder, **extra) -> None:
     lines += [f"{key}: {value}\n" for key, value in extra.items()]
     path.write_text("".join(lines))
 
+
 @pytest.mark.parametrize("study", ["relation", "mapping", "transforms", "footprint", "position"])
 def test_ablate_changes_only_the_named_option(study, image_folder, tmp_path, capsys):
     import timm

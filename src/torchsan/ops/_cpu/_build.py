@@ -39,13 +39,16 @@ def _sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cpp"))
 
 
-def _cpuinfo(field: str) -> str:
-    """The first ``field`` line of /proc/cpuinfo ("" where there is none)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), "")
+def _cpuinfo(field: str, text: str | None = None) -> str:
+    """The value of the first ``field`` line of /proc/cpuinfo (or of ``text`` in its format); "" where there is
+    none."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    lines = (line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return next((value.strip() for key, value in lines if key.strip() == field), "")
 
 
 def _cpu_flags() -> set[str]:
@@ -53,9 +56,11 @@ def _cpu_flags() -> set[str]:
 
 
 def native_vector_bits() -> int | None:
-    """The vector width ``native`` asks for on this x86 machine: 512 on Intel CPUs with AVX-512, whose two 512-bit
-    FMA units make the train step faster (docs/performance.md, "Vector width"); None (the build's default: 256 with
-    AVX) elsewhere, AMD's Zen 4 included, which runs 512-bit instructions as two halves and gains nothing."""
+    """The vector width ``native`` asks for on this machine: 512 on Intel CPUs with AVX-512, where the one measured
+    (a Xeon with AMX: Sapphire Rapids or later) made both SAN10 train steps faster with them and inference level
+    (docs/performance.md, "Vector width"); None (the build's default: 256 with AVX) elsewhere, AMD's Zen 4 included,
+    which runs 512-bit instructions as two halves and gains nothing. ``TORCHSAN_CPU_ARCH=avx2`` builds 256-bit
+    vectors on any of them."""
     if "avx512f" in _cpu_flags() and _cpuinfo("vendor_id") == "GenuineIntel":
         return 512
     return None
