@@ -238,8 +238,9 @@ def _signature(name, args, kwargs):
 
 
 FUSED_FUNCTIONS = ("affine_relu_conv1x1", "batchnorm_relu_conv1x1", "affine_relu_maxpool2x2",
-                   "batchnorm_relu_maxpool2x2", "subtraction2_batchnorm_relu_conv1x1", "softmax_aggregation",
-                   "tap_softmax", "subtraction2", "pairwise_logits")
+                   "batchnorm_relu_maxpool2x2", "conv1x1_affine_relu_maxpool2x2", "conv1x1_batchnorm_relu_maxpool2x2",
+                   "subtraction2_batchnorm_relu_conv1x1", "softmax_aggregation", "tap_softmax", "subtraction2",
+                   "pairwise_logits")
 
 
 class FusedCalls:
@@ -465,11 +466,12 @@ def test_block_in_inference_adds_the_shortcut_in_the_projections_epilogue(sa_typ
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("pool", [True, False])
 def test_stem(pool, train, calls):
-    # An odd size: the pool drops the last row and column (floor mode), on both routes.
+    # An odd size: the pool drops the last row and column (floor mode), on both routes. With a pool, conv, BN, ReLU
+    # and pool are one op (recorded by x's shape); without, the conv runs alone and BN-ReLU as modules.
     stem = SANStem(3, 8, pool=pool)
     x = torch.randn(2, 3, 17, 16, dtype=torch.float64)
-    op = "batchnorm_relu_maxpool2x2" if train else "affine_relu_maxpool2x2"
-    assert compare_routes(stem, x, calls, train=train) == ({op: [(8, 17, 16)]} if pool else {})
+    op = "conv1x1_batchnorm_relu_maxpool2x2" if train else "conv1x1_affine_relu_maxpool2x2"
+    assert compare_routes(stem, x, calls, train=train) == ({op: [(3, 17, 16)]} if pool else {})
 
 
 @needs_cpu_kernels
@@ -570,20 +572,22 @@ SMALL = dict(widths=(16, 32, 32, 64, 64), stem_width=16, share_planes=4, layers=
 @needs_cpu_kernels
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
-@pytest.mark.parametrize("pools,size,boundaries", [
+@pytest.mark.parametrize("pools,size,boundaries,stem", [
     # small-input pooling: the stages at 20x18, 10x9 and three at 5x4; pools end stages 0 and 1
-    (None, (20, 18), [(16, 20, 18), (32, 10, 9)]),
-    # a pool after the stem too, at odd sizes (17 -> 8 px): every kind of boundary
-    ((True, True, True, False, False), (36, 34), [(16, 36, 34), (16, 18, 17), (32, 9, 8)]),
+    (None, (20, 18), [(16, 20, 18), (32, 10, 9)], None),
+    # a pool after the stem too (the stem as one op), at odd sizes (17 -> 8 px): every kind of boundary
+    ((True, True, True, False, False), (36, 34), [(16, 18, 17), (32, 9, 8)], (3, 36, 34)),
 ], ids=["small_input", "stem_pool"])
-def test_model(sa_type, pools, size, boundaries, train, calls):
+def test_model(sa_type, pools, size, boundaries, stem, train, calls):
     """The whole model on the fused route against its modules on the reference backend: one fused BN-ReLU-pool per
-    stage boundary (stem and stages), and every other fused route somewhere in it."""
+    stage boundary (the stem's with its conv), and every other fused route somewhere in it."""
     model = timm.create_model(f"san10_{sa_type}", small_input=True, stage_pools=pools, **SMALL)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     summary = compare_routes(model, x, calls, train=train, modules_backend="reference")
     pool = "batchnorm_relu_maxpool2x2" if train else "affine_relu_maxpool2x2"
     assert summary.pop(pool) == sorted(boundaries)
+    if stem is not None:
+        assert summary.pop(f"conv1x1_{pool}") == [stem]
     conv = "batchnorm_relu_conv1x1" if train else "affine_relu_conv1x1"
     expected = {conv, "stacked_conv1x1"}
     if sa_type == "pairwise":

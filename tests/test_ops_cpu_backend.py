@@ -171,6 +171,11 @@ def _opcheck_cases():
               ("affine_relu_maxpool2x2", (xs, s, b)),
               ("affine_relu_maxpool2x2_backward", (_t(2, 3, 2, 2), xs.detach(), s.detach(), b.detach())),
               ("batchnorm_relu_maxpool2x2", (xs, s, b, 1e-5)), ("batchnorm_relu_maxpool2x2", (xs, None, None, 1e-5))]
+    # the stem: odd sizes (the last row and column no window covers), x with and without a gradient
+    cases += [("conv1x1_affine_relu_maxpool2x2", (_t(2, 3, 7, 5, grad=True), _t(4, 3, grad=True), _t(4, grad=True),
+                                                  _t(4, grad=True)))]
+    cases += [("conv1x1_affine_relu_maxpool2x2_backward", (_t(2, 4, 3, 2), _t(2, 3, 7, 5), _t(4, 3), _t(4), _t(4),
+                                                           input_grad)) for input_grad in (True, False)]
     # statistics
     mean = xs.detach().mean((0, 2, 3))
     cases += [("channel_var_mean", (xs,)), ("channel_var_mean", (_t(3, 2, 50, grad=True),)),

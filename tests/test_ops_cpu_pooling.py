@@ -1,6 +1,7 @@
 """The cpu backend's BatchNorm-ReLU-2x2 max-pool ops (``ops/_cpu/pooling.py``) against the reference backend:
 ``affine_relu_maxpool2x2`` (an eval-mode BN as scale and shift) and ``batchnorm_relu_maxpool2x2`` (a training-mode
-BN, gradients through the batch statistics)."""
+BN, gradients through the batch statistics), and the stem's ``conv1x1_affine_relu_maxpool2x2`` and
+``conv1x1_batchnorm_relu_maxpool2x2`` (a 1x1 convolution in front)."""
 
 from __future__ import annotations
 
@@ -87,7 +88,10 @@ def test_pooling_ops_reject_bad_input(backend):
             ops.batchnorm_relu_maxpool2x2(x, None, None, -1.0)
 
 
-# --- conv1x1_affine_relu_maxpool2x2: SAN's stem, for inference --------------------------------------------------------
+# --- conv1x1_affine_relu_maxpool2x2 and conv1x1_batchnorm_relu_maxpool2x2: SAN's stem -----------------------------
+STEM_SHAPES = [((2, 3, 8, 10), 16), ((1, 1, 7, 9), 5), ((3, 5, 2, 3), 7), ((2, 3, 33, 17), 64)]  # odd: floor mode
+
+
 def _stem_inputs(shape, c_out, dtype):
     x = torch.randn(shape, dtype=dtype)
     weight = torch.randn(c_out, shape[1], dtype=dtype)
@@ -102,8 +106,7 @@ def _stem(backend, *tensors):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,c_out", [((2, 3, 8, 10), 16), ((1, 1, 7, 9), 5), ((3, 5, 2, 3), 7),
-                                         ((2, 3, 33, 17), 64)])
+@pytest.mark.parametrize("shape,c_out", STEM_SHAPES)
 def test_conv1x1_affine_relu_maxpool2x2_matches_reference(dtype, shape, c_out):
     tensors = _stem_inputs(shape, c_out, dtype)
     ours, ref = _stem("cpu", *tensors), _stem("reference", *tensors)
@@ -117,16 +120,80 @@ def test_conv1x1_affine_relu_maxpool2x2_matches_reference(dtype, shape, c_out):
     assert ref.numel() < 50 or (ref == 0).any()  # the ReLU cuts somewhere
 
 
-def test_conv1x1_affine_relu_maxpool2x2_propagates_nan_and_keeps_gradients_on_the_reference():
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,c_out", STEM_SHAPES)
+def test_conv1x1_affine_relu_maxpool2x2_gradients_match_reference(dtype, shape, c_out):
+    # every input's gradient, x's included (an attack on the image), from the fused backward
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    assert_matches_reference(lambda *t: ops.conv1x1_affine_relu_maxpool2x2(*t), *_stem_inputs(shape, c_out, dtype),
+                             **tol)
+
+
+def test_conv1x1_affine_relu_maxpool2x2_gradcheck_and_gradgradcheck():
+    x, weight, scale, shift = (t.requires_grad_() for t in _stem_inputs((2, 3, 5, 7), 4, torch.float64))
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.conv1x1_affine_relu_maxpool2x2, (x, weight, scale, shift))
+        assert torch.autograd.gradgradcheck(ops.conv1x1_affine_relu_maxpool2x2, (x, weight, scale, shift))
+        # x without a gradient (an image): the kernel skips gx, the rest unchanged
+        assert torch.autograd.gradcheck(lambda *t: ops.conv1x1_affine_relu_maxpool2x2(x.detach(), *t),
+                                        (weight, scale, shift))
+
+
+def test_conv1x1_affine_relu_maxpool2x2_propagates_nan():
     x, weight, scale, shift = _stem_inputs((2, 3, 6, 8), 4, torch.float64)
     x[1, 2, 3, 5] = float("nan")
     ours, ref = _stem("cpu", x, weight, scale, shift), _stem("reference", x, weight, scale, shift)
     assert torch.equal(ours.isnan(), ref.isnan()) and ours.isnan().sum() == 4  # every channel's window (1, 1, 2)
     torch.testing.assert_close(ours.nan_to_num(), ref.nan_to_num())
-    # a gradient wanted: the differentiable reference composition, no kernel without a backward
-    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+
+
+def _stem_train(x, conv_weight, *bn):
+    y, mean, var = ops.conv1x1_batchnorm_relu_maxpool2x2(x, conv_weight, *(bn or (None, None)), 1e-5)
+    return y + 0.1 * (mean.sum() + var.sum())  # gradients through the returned statistics too
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,c_out", STEM_SHAPES)
+def test_conv1x1_batchnorm_relu_maxpool2x2_matches_reference(shape, c_out, affine):
+    # The statistics come from x's mean and covariance, the reference's from the convolution's output: a mean
+    # large against the spread checks that they are taken about the mean.
+    x = torch.randn(shape, **F64) * 0.5 + 20.0
+    bn = [torch.rand(c_out, **F64) + 0.5, torch.randn(c_out, **F64)] if affine else []
+    assert_matches_reference(_stem_train, x, torch.randn(c_out, shape[1], **F64), *bn, rtol=1e-9, atol=1e-9,
+                             grad_tol=dict(rtol=1e-7, atol=1e-8))
+
+
+def test_conv1x1_batchnorm_relu_maxpool2x2_float32_matches_the_modules():
+    """SAN's stem at an image's size in float32: output, statistics and gradients as the conv, BatchNorm, ReLU and
+    max-pool modules give them."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 62) * 2 - 0.5
+    conv, bn = torch.nn.Conv2d(3, 32, 1, bias=False), torch.nn.BatchNorm2d(32)
+    torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+    torch.nn.init.uniform_(bn.bias, -0.5, 0.5)
+    grad = torch.randn(2, 32, 32, 31)
+    y_modules = F.max_pool2d(torch.relu(bn(conv(x))), 2, 2)
+    y_modules.backward(grad)
+    expected = [y_modules, conv.weight.grad, bn.weight.grad, bn.bias.grad]
+    params = [p.detach().clone().requires_grad_() for p in (conv.weight, bn.weight, bn.bias)]
     with ops.use_backend("cpu"):
-        assert torch.autograd.gradcheck(ops.conv1x1_affine_relu_maxpool2x2, (x, weight, scale, shift))
+        y, mean, var = ops.conv1x1_batchnorm_relu_maxpool2x2(x, params[0].flatten(1), params[1], params[2], bn.eps)
+    y.backward(grad)
+    var_ref, mean_ref = torch.var_mean(conv(x).detach(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, mean_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, var_ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip([y, params[0].grad.view_as(conv.weight), params[1].grad, params[2].grad], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv1x1_batchnorm_relu_maxpool2x2_gradcheck_and_gradgradcheck():
+    x = torch.randn(2, 3, 4, 7, **F64, requires_grad=True)
+    conv_weight = torch.randn(4, 3, **F64, requires_grad=True)
+    w, b = (torch.rand(4, **F64) + 0.5).requires_grad_(), torch.randn(4, **F64, requires_grad=True)
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(_stem_train, (x, conv_weight, w, b))
+        assert torch.autograd.gradgradcheck(_stem_train, (x, conv_weight, w, b))
+        assert torch.autograd.gradcheck(_stem_train, (x, conv_weight))
 
 
 @pytest.mark.parametrize("shape,c_out", [((0, 3, 6, 8), 4), ((2, 0, 6, 8), 4), ((2, 3, 6, 8), 0)])
@@ -137,15 +204,21 @@ def test_conv1x1_affine_relu_maxpool2x2_empty_batch_and_channels(shape, c_out):
     torch.testing.assert_close(ours, ref)
 
 
-def test_conv1x1_affine_relu_maxpool2x2_same_bits_with_1_and_2_threads():
+def test_stem_ops_same_bits_with_1_and_2_threads():
     from _helpers import num_threads
 
-    tensors = _stem_inputs((3, 3, 40, 38), 16, torch.float32)
+    x, weight, scale, shift = _stem_inputs((3, 3, 40, 38), 16, torch.float32)
+    bn_weight, bn_bias = scale.abs(), shift
+    grad = torch.randn(3, 16, 20, 19)
     outs = []
     for threads in (1, 2):
-        with num_threads(threads):
-            outs.append(_stem("cpu", *tensors))
-    assert torch.equal(outs[0], outs[1])
+        with num_threads(threads), ops.use_backend("cpu"):
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bn_weight, bn_bias)]
+            y, mean, var = ops.conv1x1_batchnorm_relu_maxpool2x2(*leaves, 1e-5)
+            y.backward(grad)
+            outs.append([_stem("cpu", x, weight, scale, shift), y, mean, var, *(t.grad for t in leaves)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -159,9 +232,15 @@ def test_conv1x1_affine_relu_maxpool2x2_rejects_bad_input(backend):
     for args, exc, match in bad:
         with ops.use_backend(backend), pytest.raises(exc, match=match):
             ops.conv1x1_affine_relu_maxpool2x2(*args)
+        with ops.use_backend(backend), pytest.raises(exc, match=match.replace("scale", "weight")):
+            ops.conv1x1_batchnorm_relu_maxpool2x2(*args, 1e-5)
+    with ops.use_backend(backend), pytest.raises(ValueError, match="eps must be positive"):
+        ops.conv1x1_batchnorm_relu_maxpool2x2(x, weight, scale, shift, 0.0)
+    with ops.use_backend(backend), pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.conv1x1_batchnorm_relu_maxpool2x2(x[:0], weight, scale, shift, 1e-5)  # an empty batch
 
 
-def test_san_stem_in_inference_is_one_op_and_matches_its_modules(monkeypatch):
+def test_san_stem_is_one_op_in_inference_and_training_and_matches_its_modules(monkeypatch):
     import timm
 
     import torchsan  # noqa: F401
@@ -182,7 +261,7 @@ def test_san_stem_in_inference_is_one_op_and_matches_its_modules(monkeypatch):
             modules = model.stem(x)
     assert calls == [1]
     torch.testing.assert_close(fused, modules, rtol=1e-12, atol=1e-12)
-    with ops.use_backend("cpu"):  # gradients wanted (training, an attack): the modules
+    with ops.use_backend("cpu"):  # gradients wanted (an attack), then training mode: batch statistics
         model.stem(x).sum().backward()
-        model.stem.train()(x).sum().backward()  # training mode: batch statistics
-    assert calls == [1]
+        model.stem.train()(x).sum().backward()
+    assert calls == [1, 1, 1]

@@ -391,6 +391,7 @@ def _meta_calls(device: str, requires_grad: bool) -> dict:
             x, x2, v2, v2, 1e-5, conv2, kernel_size=3, append=append),
         "affine_relu_maxpool2x2": lambda: ops.affine_relu_maxpool2x2(x, v, v),
         "conv1x1_affine_relu_maxpool2x2": lambda: ops.conv1x1_affine_relu_maxpool2x2(x, conv, t(3), t(3)),
+        "conv1x1_batchnorm_relu_maxpool2x2": lambda: ops.conv1x1_batchnorm_relu_maxpool2x2(x, conv, t(3), t(3), 1e-5),
         "batchnorm_relu_maxpool2x2": lambda: ops.batchnorm_relu_maxpool2x2(x, v, v, 1e-5),
         "pairwise_logits": lambda: ops.pairwise_logits(  # (its batch statistics are not differentiable)
             x, x2, (v2, v2, 1e-5, None, None), conv2, (t(3), t(3), 1e-5, None, None), t(4, 3), t(4), kernel_size=3,
@@ -491,6 +492,10 @@ def _empty_case_ops(shape: tuple[int, ...], k: int, s: int, d: int, mode: str) -
                                            [(n, c, h // 2, w // 2)])
         cases["conv1x1_affine_relu_maxpool2x2"] = ((t(*shape), t(3, c), t(3), t(3)), ops.conv1x1_affine_relu_maxpool2x2,
                                                    [(n, 3, h // 2, w // 2)])
+        if n > 0:  # a training BN needs values: with Cin = 0 the convolution's are zeros
+            cases["conv1x1_batchnorm_relu_maxpool2x2"] = (
+                (t(*shape), t(3, c), t(3), t(3)), lambda *a: ops.conv1x1_batchnorm_relu_maxpool2x2(*a, 1e-5),
+                [(n, 3, h // 2, w // 2), (3,), (3,)])
     return cases
 
 

@@ -145,16 +145,22 @@ def norm_act_pool(bn: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Tenso
 
 def conv_norm_act_pool(conv: nn.Module, bn: nn.Module, act: nn.Module, pool: nn.Module,
                        x: torch.Tensor) -> torch.Tensor:
-    """``pool(act(bn(conv(x))))``, SAN's stem: for inference (an eval-mode BN, no gradient) one op that writes only
-    the pooled map where allowed; else the conv, then BN, ReLU and the pool (:func:`norm_act_pool`)."""
-    if (is_conv1x1(conv) and _is_bn_relu(bn, act) and not _uses_batch_stats(bn) and _is_maxpool2x2(pool)
-            and x.dim() == 4 and min(x.shape[2:]) >= 2
-            and ops.should_fuse("conv1x1_affine_relu_maxpool2x2", x, conv, bn, act, pool,
-                                in_channels=conv.in_channels)):
-        scale, shift = batchnorm_affine(bn)
-        if conv.bias is not None:
-            shift = shift + scale * conv.bias
-        return ops.conv1x1_affine_relu_maxpool2x2(x, conv.weight.flatten(1), scale, shift)
+    """``pool(act(bn(conv(x))))``, SAN's stem: one op that writes only the pooled map where allowed, with the BN's
+    batch statistics (training, a conv without bias) or its running ones; else the conv, then BN, ReLU and the
+    pool (:func:`norm_act_pool`)."""
+    if (is_conv1x1(conv) and _is_bn_relu(bn, act) and _is_maxpool2x2(pool) and x.dim() == 4
+            and min(x.shape[2:]) >= 2):
+        if not _uses_batch_stats(bn):
+            if ops.should_fuse("conv1x1_affine_relu_maxpool2x2", x, conv, bn, act, pool, in_channels=conv.in_channels):
+                scale, shift = batchnorm_affine(bn)
+                if conv.bias is not None:
+                    shift = shift + scale * conv.bias
+                return ops.conv1x1_affine_relu_maxpool2x2(x, conv.weight.flatten(1), scale, shift)
+        elif conv.bias is None and ops.should_fuse("conv1x1_batchnorm_relu_maxpool2x2", x, conv, bn, act, pool,
+                                                   in_channels=conv.in_channels):
+            y, mean, var = ops.conv1x1_batchnorm_relu_maxpool2x2(x, conv.weight.flatten(1), bn.weight, bn.bias, bn.eps)
+            update_running_stats(bn, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+            return y
     return norm_act_pool(bn, act, pool, conv(x))
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "channel_var_mean",
     "clique_products",
     "conv1x1_affine_relu_maxpool2x2",
+    "conv1x1_batchnorm_relu_maxpool2x2",
     "default_padding",
     "fusion",
     "fusion_enabled",
@@ -475,9 +476,9 @@ def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Te
 def conv1x1_affine_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                                    shift: torch.Tensor) -> torch.Tensor:
     """``max_pool2d(relu(scale * conv1x1(x, weight) + shift), 2, 2)``: a 1x1 convolution without bias, an eval-mode
-    BatchNorm as its affine map, ReLU and a 2x2 stride-2 max-pool (floor mode): SAN's stem, for inference. The
-    ``cpu`` kernel writes only the pooled output and has no backward: where a gradient is wanted it runs the
-    reference composition.
+    BatchNorm as its affine map, ReLU and a 2x2 stride-2 max-pool (floor mode): SAN's stem, for inference (in
+    training, :func:`conv1x1_batchnorm_relu_maxpool2x2`). The ``cpu`` kernels write only the pooled output, and the
+    backward only the gradients, never the full-resolution convolution.
 
     Args:
         x: (N, Cin, H, W), H, W >= 2; weight: (C, Cin); scale, shift: (C,).
@@ -487,11 +488,7 @@ def conv1x1_affine_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, scale:
     _checks.check_feature_map("x", x)
     x, weight, scale, shift = _autocast(x, weight, scale, shift)
     _checks.check_conv1x1("x", x, x.shape[1], weight, None, "weight")
-    for name, t in (("scale", scale), ("shift", shift)):
-        _checks.check_same_kind("x", x, name, t)
-        if tuple(t.shape) != (weight.shape[0],):
-            raise ValueError(f"{name} must have shape ({weight.shape[0]},), one value per output channel of weight, "
-                             f"got {tuple(t.shape)}")
+    _check_per_output_channel(x, weight, scale=scale, shift=shift)
     _checks.check_pool2x2(x)
     return implementation(x).conv1x1_affine_relu_maxpool2x2(x, weight, scale, shift)
 
@@ -512,6 +509,43 @@ def batchnorm_relu_maxpool2x2(
     _checks.check_batchnorm(x, weight, bias, eps)
     _checks.check_pool2x2(x)
     return implementation(x).batchnorm_relu_maxpool2x2(x, weight, bias, float(eps))
+
+
+def _check_per_output_channel(x: torch.Tensor, conv_weight: torch.Tensor, **vectors: torch.Tensor | None) -> None:
+    """A BN after a 1x1 convolution: its vectors (C,), one value per output channel of conv_weight (C, Cin)."""
+    for name, t in vectors.items():
+        if t is None:
+            continue
+        _checks.check_same_kind("x", x, name, t)
+        if tuple(t.shape) != (conv_weight.shape[0],):
+            raise ValueError(f"{name} must have shape ({conv_weight.shape[0]},), one value per output channel of the "
+                             f"convolution, got {tuple(t.shape)}")
+
+
+def conv1x1_batchnorm_relu_maxpool2x2(
+    x: torch.Tensor,
+    conv_weight: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAN's stem in training: a 1x1 convolution without bias, a training-mode BatchNorm (the batch statistics of
+    the convolution's output), ReLU and a 2x2 stride-2 max-pool (floor mode) in one op, gradients through the
+    statistics. The ``cpu`` backend takes the statistics from x's mean and covariance (Cin values and Cin x Cin,
+    an image's 3 and 3 x 3) and writes the full-resolution convolution neither forward nor backward.
+
+    Args:
+        x: (N, Cin, H, W), H, W >= 2; conv_weight: (C, Cin); weight, bias: the BN's (C,) or None; eps > 0.
+    Returns:
+        y (N, C, H // 2, W // 2), mean (C,), var (C,) (biased) of the convolution's output.
+    """
+    _checks.check_feature_map("x", x)
+    x, conv_weight, weight, bias = _autocast(x, conv_weight, weight, bias)
+    _checks.check_conv1x1("x", x, x.shape[1], conv_weight, None, "conv_weight")
+    _check_per_output_channel(x, conv_weight, weight=weight, bias=bias)
+    _checks.check_batchnorm(x, weight, bias, eps, (x.shape[0], conv_weight.shape[0], *x.shape[2:]))
+    _checks.check_pool2x2(x)
+    return implementation(x).conv1x1_batchnorm_relu_maxpool2x2(x, conv_weight, weight, bias, float(eps))
 
 
 # --- deprecated names (one release) -----------------------------------------------------------------------------------

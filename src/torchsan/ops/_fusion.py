@@ -32,7 +32,9 @@ FUSED_OPS = {
     "batchnorm_relu_conv1x1": "a training-mode BatchNorm2d, ReLU and a 1x1 Conv2d",
     "affine_relu_maxpool2x2": "an eval-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d",
     "batchnorm_relu_maxpool2x2": "a training-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d",
-    "conv1x1_affine_relu_maxpool2x2": "a 1x1 Conv2d, an eval-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d, no gradient",
+    "conv1x1_affine_relu_maxpool2x2": "a 1x1 Conv2d, an eval-mode BatchNorm2d, ReLU and a 2x2 MaxPool2d",
+    "conv1x1_batchnorm_relu_maxpool2x2": "a 1x1 Conv2d without bias, a training-mode BatchNorm2d, ReLU and a 2x2 "
+                                         "MaxPool2d",
     "subtraction2_batchnorm_relu_conv1x1": "subtraction2 and gamma's first training-mode BN-ReLU-conv1x1",
     "pairwise_logits": "subtraction2 and the whole mapping gamma (BN-ReLU-conv1x1-BN-ReLU-conv1x1)",
     "patchwise_weights": "the patchwise concatenation relation and the whole mapping gamma",
@@ -92,7 +94,7 @@ def should_fuse(op: str, x: torch.Tensor, *modules: nn.Module, **shape: int) -> 
     ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``; ``in_channels`` and
     ``out_channels`` for ``conv1x1_matmul``; ``batch_statistics`` (whether a BN normalises with the batch's
     statistics) for ``pairwise_logits`` and ``patchwise_weights``; ``in_channels`` (the conv's) for
-    ``conv1x1_affine_relu_maxpool2x2``.
+    ``conv1x1_affine_relu_maxpool2x2`` and ``conv1x1_batchnorm_relu_maxpool2x2``.
     """
     if op not in FUSED_OPS:
         raise ValueError(f"unknown fused op {op!r}; one of {tuple(FUSED_OPS)}")

@@ -129,6 +129,11 @@ def batchnorm_relu_maxpool2x2(x, weight, bias, eps):
     return affine_relu_maxpool2x2(x, scale, shift), mean, var
 
 
+def conv1x1_batchnorm_relu_maxpool2x2(x, conv_weight, weight, bias, eps):
+    y = torch.matmul(conv_weight, x.flatten(2)).view(x.shape[0], conv_weight.shape[0], *x.shape[2:])
+    return batchnorm_relu_maxpool2x2(y, weight, bias, eps)
+
+
 def subtraction2_batchnorm_relu_conv1x1(x1, x2, append, weight, bias, eps, conv_weight, conv_bias, fp: Footprint):
     z = subtraction2(x1, x2, fp, *fp.out_hw(x1.shape[2], x1.shape[3]), append=append)
     return batchnorm_relu_conv1x1(z, weight, bias, eps, conv_weight, conv_bias)

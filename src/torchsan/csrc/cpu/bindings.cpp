@@ -42,6 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_relu_maxpool2x2_forward", &cpu::affine_relu_maxpool2x2_forward);
   m.def("affine_relu_maxpool2x2_backward", &cpu::affine_relu_maxpool2x2_backward);
   m.def("conv1x1_affine_relu_maxpool2x2_forward", &cpu::conv1x1_affine_relu_maxpool2x2_forward);
+  m.def("conv1x1_affine_relu_maxpool2x2_backward", &cpu::conv1x1_affine_relu_maxpool2x2_backward);
   m.def("channel_var_mean", &cpu::channel_var_mean);
   m.def("channel_var_mean_backward", &cpu::channel_var_mean_backward);
   m.def("subtraction2_var_mean", &cpu::subtraction2_var_mean);

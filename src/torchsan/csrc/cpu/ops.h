@@ -53,10 +53,13 @@ std::vector<at::Tensor> affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x
                                                      at::Tensor weight);
 
 // pooling.cpp ------------------------------------------------------------------------------------------------------
-// Inference: x (N, Cin, H, W) -> (N, C, H / 2, W / 2): maxpool2x2(relu(scale * (weight x) + shift)), weight (C, Cin)
-// a 1x1 convolution; scale, shift (C). No backward.
+// SAN's stem: x (N, Cin, H, W) -> (N, C, H / 2, W / 2): maxpool2x2(relu(scale * (weight x) + shift)), weight
+// (C, Cin) a 1x1 convolution; scale, shift (C). The backward returns gx (empty unless input_grad), gweight, gscale,
+// gshift.
 at::Tensor conv1x1_affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor weight, at::Tensor scale,
                                                   at::Tensor shift);
+std::vector<at::Tensor> conv1x1_affine_relu_maxpool2x2_backward(at::Tensor gy, at::Tensor x, at::Tensor weight,
+                                                                at::Tensor scale, at::Tensor shift, bool input_grad);
 // x (N, C, H, W) -> (N, C, H / 2, W / 2): maxpool2x2(relu(scale * x + shift)); scale, shift (C).
 at::Tensor affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor scale, at::Tensor shift);
 // Returns {grad x, grad scale, grad shift}.

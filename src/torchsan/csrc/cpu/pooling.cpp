@@ -1,7 +1,8 @@
 // y = maxpool2x2(relu(scale * x + shift)), stride 2, floor mode: a BatchNorm (as its per-channel affine map), ReLU
 // and the max-pool that follow each other at every SAN stage boundary, in one pass; the BN and ReLU outputs (4x the
 // pooled size) are never written. Ties and NaN follow PyTorch's max-pool: the window is scanned row by row, a value
-// replaces the best so far if it is larger or NaN.
+// replaces the best so far if it is larger or NaN. SAN's stem puts a 1x1 convolution of the image in front
+// (conv1x1_affine_relu_maxpool2x2): its full-resolution output is never written either, forward or backward.
 #include "common.h"
 #include "ops.h"
 
@@ -106,7 +107,7 @@ void affine_relu_maxpool2x2_backward_kernel(const T* gy, const T* x, const T* sc
   }
 }
 
-// The stem for inference: y = maxpool2x2(relu(scale * (W x) + shift)), W a 1x1 convolution (C, Cin) with a
+// The stem: y = maxpool2x2(relu(scale * (W x) + shift)), W a 1x1 convolution (C, Cin) with a
 // narrow input (an image's channels). Per output row, each channel's conv values for the two input rows it pools
 // are computed into a buffer and pooled at once; the full-resolution conv, BN and ReLU outputs are never written.
 template <typename T>
@@ -142,6 +143,100 @@ void conv1x1_affine_relu_maxpool2x2_forward_kernel(const T* x, const T* w, const
       }
     }
   });
+}
+
+// The stem's backward, per output row as in the forward: each channel's conv rows are recomputed, the window's
+// argmax found again, and its gradient grad_pre * scale placed at the argmax of two full-resolution rows q0, q1.
+// From those, gw (C, Cin) sums q * x over the rows, and gx (if wanted) sums weight * q over the channels; gscale and
+// gshift sum grad_pre * conv value and grad_pre. Per-row partial sums, reduced in row order.
+template <typename T>
+void conv1x1_affine_relu_maxpool2x2_backward_kernel(const T* gy, const T* x, const T* w, const T* scale,
+                                                    const T* shift, T* gx, T* gw, T* gscale, T* gshift, int64_t N,
+                                                    int64_t Cin, int64_t C, int64_t H, int64_t W) {
+  const int64_t Ho = H / 2, Wo = W / 2, span = 2 * Wo, plane = H * W, width = C * (Cin + 2);
+  std::vector<T> partial(N * Ho * width);
+  parallel_range(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(2 * span), grads(2 * span), window_grads(4 * Wo), gx_rows(gx ? 2 * Cin * span : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / Ho, i = t % Ho;
+      const T* x0 = x + n * Cin * plane + 2 * i * W;  // channel ci's two rows: x0 + ci * plane (+ W)
+      T *r0 = rows.data(), *r1 = r0 + span, *q0 = grads.data(), *q1 = q0 + span;
+      T *g0 = window_grads.data(), *g1 = g0 + Wo, *g2 = g1 + Wo, *g3 = g2 + Wo;
+      T* out = partial.data() + t * width;
+      std::fill(gx_rows.begin(), gx_rows.end(), T(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const T* wc = w + c * Cin;
+        std::fill(rows.begin(), rows.end(), T(0));
+        for (int64_t ci = 0; ci < Cin; ++ci) {
+          const T a = wc[ci];
+          const T* xc = x0 + ci * plane;
+#pragma omp simd
+          for (int64_t j = 0; j < span; ++j) {
+            r0[j] += a * xc[j];
+            r1[j] += a * xc[W + j];
+          }
+        }
+        const T a = scale[c], b = shift[c];
+        const T* gy_row = gy + ((n * C + c) * Ho + i) * Wo;
+        T sum_gscale = 0, sum_gshift = 0;
+#pragma omp simd reduction(+ : sum_gscale, sum_gshift)
+        for (int64_t j = 0; j < Wo; ++j) {
+          T arg, yarg;
+          const T best = window_max(r0 + 2 * j, r1 + 2 * j, a, b, arg, yarg);
+          const T grad_pre = best <= 0 ? T(0) : gy_row[j];  // ReLU's backward: zero where its output is <= 0
+          const T v = grad_pre * a;
+          g0[j] = arg == T(0) ? v : T(0);
+          g1[j] = arg == T(1) ? v : T(0);
+          g2[j] = arg == T(2) ? v : T(0);
+          g3[j] = arg == T(3) ? v : T(0);
+          sum_gscale += grad_pre * yarg;
+          sum_gshift += grad_pre;
+        }
+        for (int64_t j = 0; j < Wo; ++j) {
+          q0[2 * j] = g0[j];
+          q0[2 * j + 1] = g1[j];
+          q1[2 * j] = g2[j];
+          q1[2 * j + 1] = g3[j];
+        }
+        for (int64_t ci = 0; ci < Cin; ++ci) {
+          const T* xc = x0 + ci * plane;
+          T sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < span; ++j) sum += q0[j] * xc[j] + q1[j] * xc[W + j];
+          out[c * Cin + ci] = sum;
+          if (gx) {
+            const T wv = wc[ci];
+            T* gr = gx_rows.data() + ci * 2 * span;
+#pragma omp simd
+            for (int64_t j = 0; j < span; ++j) {
+              gr[j] += wv * q0[j];
+              gr[span + j] += wv * q1[j];
+            }
+          }
+        }
+        out[C * Cin + c] = sum_gscale;
+        out[C * Cin + C + c] = sum_gshift;
+      }
+      if (gx) {
+        for (int64_t ci = 0; ci < Cin; ++ci) {
+          T* gx0 = gx + (n * Cin + ci) * plane + 2 * i * W;
+          const T* gr = gx_rows.data() + ci * 2 * span;
+          std::copy(gr, gr + span, gx0);
+          std::copy(gr + span, gr + 2 * span, gx0 + W);
+          if (W % 2) gx0[W - 1] = gx0[2 * W - 1] = T(0);  // the column no window covers
+          if (H % 2 && i == Ho - 1) std::fill(gx0 + 2 * W, gx0 + 3 * W, T(0));  // the row no window covers
+        }
+      }
+    }
+  });
+  for (int64_t t = 0; t < N * Ho; ++t) {
+    const T* in = partial.data() + t * width;
+    for (int64_t k = 0; k < C * Cin; ++k) gw[k] += in[k];
+    for (int64_t c = 0; c < C; ++c) {
+      gscale[c] += in[C * Cin + c];
+      gshift[c] += in[C * Cin + C + c];
+    }
+  }
 }
 
 }  // namespace
@@ -201,6 +296,30 @@ at::Tensor conv1x1_affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor weigh
                                                             y.data_ptr<scalar_t>(), N, Cin, C, H, W);
   });
   return y;
+}
+
+std::vector<at::Tensor> conv1x1_affine_relu_maxpool2x2_backward(at::Tensor gy, at::Tensor x, at::Tensor weight,
+                                                                at::Tensor scale, at::Tensor shift, bool input_grad) {
+  check_cpu(x, "x");
+  gy = gy.contiguous();
+  x = x.contiguous();
+  weight = weight.contiguous();
+  scale = scale.contiguous();
+  shift = shift.contiguous();
+  const int64_t N = x.size(0), Cin = x.size(1), C = weight.size(0), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Cin && scale.numel() == C && shift.numel() == C,
+              "conv1x1_affine_relu_maxpool2x2_backward: shape mismatch");
+  TORCH_CHECK(gy.dim() == 4 && gy.size(0) == N && gy.size(1) == C && gy.size(2) == H / 2 && gy.size(3) == W / 2,
+              "conv1x1_affine_relu_maxpool2x2_backward: grad shape mismatch");
+  auto gx = input_grad ? at::empty_like(x) : at::Tensor();
+  auto gw = at::zeros_like(weight), gscale = at::zeros_like(scale), gshift = at::zeros_like(shift);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_affine_relu_maxpool2x2_backward", [&] {
+    conv1x1_affine_relu_maxpool2x2_backward_kernel<scalar_t>(
+        gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+        shift.data_ptr<scalar_t>(), input_grad ? gx.data_ptr<scalar_t>() : nullptr, gw.data_ptr<scalar_t>(),
+        gscale.data_ptr<scalar_t>(), gshift.data_ptr<scalar_t>(), N, Cin, C, H, W);
+  });
+  return {input_grad ? gx : at::zeros({0}, x.options()), gw, gscale, gshift};
 }
 
 }  // namespace cpu

@@ -8,7 +8,7 @@ One module per op family, mirroring the C++ sources:
 | ``gathers`` | subtraction2 (with append), subtraction, unfold | ``gathers.cpp`` |
 | ``clique`` | clique_products (the patchwise clique relation) | ``clique.cpp`` |
 | ``conv1x1`` | affine_relu_conv1x1, batchnorm_relu_conv1x1 | ``conv1x1.cpp`` |
-| ``pooling`` | affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2, conv1x1_affine_relu_maxpool2x2 | ``pooling.cpp`` |
+| ``pooling`` | affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2; the stem: conv1x1_ + each | ``pooling.cpp`` |
 | ``statistics`` | channel_var_mean; gradients through a training BN's statistics | ``statistics.cpp`` |
 | ``subtraction2_conv1x1`` | subtraction2_batchnorm_relu_conv1x1, pairwise_logits, patchwise_weights | (same) |
 
@@ -41,7 +41,12 @@ from .policy import (
     SUBTRACTION2_CONV1X1_MIN_POSITIONS,
     fuses,
 )
-from .pooling import affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2, conv1x1_affine_relu_maxpool2x2
+from .pooling import (
+    affine_relu_maxpool2x2,
+    batchnorm_relu_maxpool2x2,
+    conv1x1_affine_relu_maxpool2x2,
+    conv1x1_batchnorm_relu_maxpool2x2,
+)
 from .softmax_aggregation import aggregation, softmax_aggregation, tap_softmax
 from .statistics import channel_var_mean
 from .subtraction2_conv1x1 import pairwise_logits, patchwise_weights, subtraction2_batchnorm_relu_conv1x1
@@ -51,7 +56,8 @@ __all__ = [
     "CONV1X1_NARROW_INPUT", "CONV1X1_NARROW_MIN_POSITIONS", "CONV1X1_POOL_MAX_IN_CHANNELS",
     "CONV1X1_POSITIONS_PER_OUTPUT", "DTYPES", "SUBTRACTION2_CONV1X1_MIN_POSITIONS", "affine_relu_conv1x1",
     "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1", "batchnorm_relu_maxpool2x2",
-    "centre", "channel_var_mean", "clique_products", "conv1x1_affine_relu_maxpool2x2", "describe", "extension",
+    "centre", "channel_var_mean", "clique_products", "conv1x1_affine_relu_maxpool2x2",
+    "conv1x1_batchnorm_relu_maxpool2x2", "describe", "extension",
     "fuses", "kernel_constants", "pairwise_logits", "patchwise_weights", "requested_arch", "softmax_aggregation",
     "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax", "unavailable_reason",
     "unfold", "vector_isa",

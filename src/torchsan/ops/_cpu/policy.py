@@ -24,8 +24,8 @@ CONV1X1_NARROW_MIN_POSITIONS = 64
 # subtraction2 + BN-ReLU-conv1x1 without writing z: gathering z's rows beats writing z from this many output
 # positions per image (SAN's smallest map at 224 px is 7 x 7).
 SUBTRACTION2_CONV1X1_MIN_POSITIONS = 49
-# The stem's conv1x1 + BN + ReLU + max-pool (inference): its product is not register-blocked, so only for inputs
-# as narrow as an image's channels.
+# The stem's conv1x1 + BN + ReLU + max-pool: its product is not register-blocked, so only for inputs as narrow as
+# an image's channels.
 CONV1X1_POOL_MAX_IN_CHANNELS = 8
 # A plain 1x1 convolution for inference: on large NCHW maps oneDNN's convolution is slower than a batched matrix
 # product on the map as it is (at::bmm), from this many positions per image (benchmarks/conv1x1_route.py).
@@ -56,8 +56,8 @@ def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int =
         return True
     if op in ("pairwise_logits", "patchwise_weights"):  # inference kernels: running statistics, no gradient
         return not batch_statistics and not (torch.is_grad_enabled() and x.requires_grad)
-    if op == "conv1x1_affine_relu_maxpool2x2":  # an inference kernel for narrow inputs (an image: the stem)
-        return not torch.is_grad_enabled() and in_channels <= CONV1X1_POOL_MAX_IN_CHANNELS
+    if op in ("conv1x1_affine_relu_maxpool2x2", "conv1x1_batchnorm_relu_maxpool2x2"):  # narrow inputs: the stem
+        return in_channels <= CONV1X1_POOL_MAX_IN_CHANNELS
     if op == "conv1x1_matmul":
         return not torch.is_grad_enabled() and math.prod(x.shape[2:]) >= CONV1X1_MATMUL_MIN_POSITIONS
     if op in ("affine_relu_conv1x1", "batchnorm_relu_conv1x1"):

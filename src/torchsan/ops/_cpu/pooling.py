@@ -3,8 +3,9 @@
 
 ``affine_relu_maxpool2x2``: ``max_pool2d(relu(scale * x + shift), 2, 2)``, a BatchNorm given as its per-channel
 affine map (eval mode); ``batchnorm_relu_maxpool2x2``: the same with a training-mode BatchNorm. Only the pooled
-output is written; ties and NaN follow ``torch.nn.functional.max_pool2d``. For inference,
-``conv1x1_affine_relu_maxpool2x2`` puts the 1x1 convolution before them too (SAN's stem).
+output is written; ties and NaN follow ``torch.nn.functional.max_pool2d``. ``conv1x1_affine_relu_maxpool2x2``
+puts a 1x1 convolution of the image before them too (SAN's stem), and ``conv1x1_batchnorm_relu_maxpool2x2`` is the
+stem in training: its full-resolution output is written neither forward nor backward.
 """
 
 from __future__ import annotations
@@ -73,18 +74,64 @@ def batchnorm_relu_maxpool2x2(x: Tensor, weight: Tensor | None, bias: Tensor | N
 
 
 def _conv1x1_affine_relu_maxpool2x2(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """(N, Cin, H, W) -> (N, C, H // 2, W // 2): max_pool2d(relu(scale * conv1x1(x, weight) + shift), 2, 2). No
-    backward: only for calls that need no gradient."""
+    """(N, Cin, H, W) -> (N, C, H // 2, W // 2): max_pool2d(relu(scale * conv1x1(x, weight) + shift), 2, 2)."""
     return kernels().conv1x1_affine_relu_maxpool2x2_forward(x, weight, scale, shift)
+
+
+def _conv1x1_affine_relu_maxpool2x2_backward(grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
+                                             input_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad x (empty unless input_grad), grad weight, grad scale, grad shift) in one pass (grad mode off)."""
+    gx, gw, gscale, gshift = kernels().conv1x1_affine_relu_maxpool2x2_backward(grad, x, weight, scale, shift,
+                                                                               input_grad)
+    return gx, gw, gscale, gshift
+
+
+conv1x1_affine_relu_maxpool2x2_backward_op = custom_op(
+    "conv1x1_affine_relu_maxpool2x2_backward", _conv1x1_affine_relu_maxpool2x2_backward,
+    lambda grad, x, weight, scale, shift, input_grad: (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if input_grad else x.new_zeros(0),
+        torch.empty_like(weight), torch.empty_like(scale), torch.empty_like(shift)))
+
+
+def _conv1x1_affine_relu_maxpool2x2_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _conv1x1_affine_relu_maxpool2x2_grad(ctx, grad):
+    x, weight, scale, shift = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return tuple(differentiable_backward(reference.conv1x1_affine_relu_maxpool2x2, (x, weight, scale, shift),
+                                             (grad,)))
+    input_grad = ctx.needs_input_grad[0]
+    gx, gw, gscale, gshift = conv1x1_affine_relu_maxpool2x2_backward_op(grad, x, weight, scale, shift, input_grad)
+    return gx if input_grad else None, gw, gscale, gshift
 
 
 conv1x1_affine_relu_maxpool2x2_op = custom_op(
     "conv1x1_affine_relu_maxpool2x2", _conv1x1_affine_relu_maxpool2x2,
-    lambda x, weight, scale, shift: x.new_empty((x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)))
+    lambda x, weight, scale, shift: x.new_empty((x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)),
+    backward=_conv1x1_affine_relu_maxpool2x2_grad, setup=_conv1x1_affine_relu_maxpool2x2_setup)
 
 
 def conv1x1_affine_relu_maxpool2x2(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """The inference kernel where nothing needs a gradient; else the reference composition."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, scale, shift)):
-        return reference.conv1x1_affine_relu_maxpool2x2(x, weight, scale, shift)
     return conv1x1_affine_relu_maxpool2x2_op(x, weight, scale, shift)
+
+
+def conv1x1_batch_var_mean(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The batch statistics (biased var (C,), mean (C,)) of the 1x1 convolution y = weight x, x (N, Cin, H, W),
+    from x's own: mean W x_mean and variance diag(W cov(x) W^T), cov(x) (Cin, Cin) taken about x's mean. For an
+    image (Cin = 3) that reads x, never the C-channel y; differentiable w.r.t. x and weight."""
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    x_mean = x.mean(dim=(0, 2, 3))
+    centred = (x - x_mean[:, None, None]).transpose(0, 1).reshape(x.shape[1], count)
+    cov = centred @ centred.t() / count
+    return ((weight @ cov) * weight).sum(dim=1).clamp_min(0), weight @ x_mean
+
+
+def conv1x1_batchnorm_relu_maxpool2x2(x: Tensor, conv_weight: Tensor, weight: Tensor | None, bias: Tensor | None,
+                                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """SAN's stem in training: the conv's batch statistics from x's (:func:`conv1x1_batch_var_mean`), then the
+    fused op with the BN as their affine map; autograd carries the gradients through the statistics."""
+    var, mean = conv1x1_batch_var_mean(x, conv_weight)
+    scale, shift = reference.batchnorm_scale_shift(weight, bias, mean, var, eps)
+    return conv1x1_affine_relu_maxpool2x2_op(x, conv_weight, scale, shift), mean, var

@@ -37,6 +37,7 @@ from ..reference import (  # not written for the GPU: torch's own kernels (cuDNN
     channel_var_mean,
     clique_products,
     conv1x1_affine_relu_maxpool2x2,
+    conv1x1_batchnorm_relu_maxpool2x2,
     patchwise_weights,
     subtraction2_batchnorm_relu_conv1x1,
     tap_softmax,
@@ -46,7 +47,7 @@ from ..reference import (  # not written for the GPU: torch's own kernels (cuDNN
 __all__ = [
     "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
     "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "clique_products", "conv1x1_affine_relu_maxpool2x2",
-    "fuses",
+    "conv1x1_batchnorm_relu_maxpool2x2", "fuses",
     "interpreting", "pairwise_logits", "patchwise_weights", "softmax_aggregation", "subtraction", "subtraction2",
     "subtraction2_batchnorm_relu_conv1x1", "tap_softmax", "tap_softmax_backward", "unavailable_reason", "unfold",
 ]
