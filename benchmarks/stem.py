@@ -68,6 +68,11 @@ def main() -> None:
     malloc = _common.apply_malloc(args.malloc)
     torch.manual_seed(0)
     stem = SANStem(3, args.width, pool=True)
+    with torch.no_grad():  # a BN that does something, so that the routes' agreement below means something
+        stem.bn.weight.uniform_(0.5, 1.5)
+        stem.bn.bias.uniform_(-0.5, 0.5)
+        stem.bn.running_mean.normal_(0, 0.5)
+        stem.bn.running_var.uniform_(0.5, 1.5)
     records, rows = [], []
     for mode in ("train", "eval"):
         train = mode == "train"

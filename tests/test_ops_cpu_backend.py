@@ -124,7 +124,8 @@ def test_native_builds_512_bit_vectors_only_on_intel_cpus_with_avx512(monkeypatc
     monkeypatch.setattr(_build, "_cpuinfo", lambda field: read(field, text))
     monkeypatch.setattr(_build.platform, "machine", lambda: "aarch64" if machine == "arm" else "x86_64")
     assert _build.native_vector_bits() == bits
-    assert ("-DTORCHSAN_VECTOR_BITS=512" in _build._arch_flags("native")) == (bits == 512)
+    flags = _build._arch_flags("native")
+    assert ("-DTORCHSAN_VECTOR_BITS=512" in flags) == ("-mprefer-vector-width=512" in flags) == (bits == 512)
     if machine != "arm":  # (avx2 is an error on Arm)
         assert "-DTORCHSAN_VECTOR_BITS=512" not in _build._arch_flags("avx2")
     assert read("flags", text) == ("" if machine in ("arm", "unreadable") else text.split("flags\t\t: ")[1].strip())
