@@ -186,6 +186,30 @@ def test_conv1x1_batchnorm_relu_maxpool2x2_float32_matches_the_modules():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_conv1x1_batchnorm_relu_maxpool2x2_float32_statistics_of_correlated_channels():
+    """An image's channels are strongly correlated: the convolution's variance from x's covariance then cancels
+    digits, which float64 statistics keep. Against nn.BatchNorm2d's own (float64 accumulation) on the conv."""
+    torch.manual_seed(0)
+    base = torch.rand(4, 1, 96, 96)
+    x = torch.cat([base + 0.01 * torch.randn_like(base) for _ in range(3)], 1)  # three nearly equal channels
+    conv_weight = torch.tensor([[1.0, -2.0, 1.0], [1.0, 1.0, 1.0], [1.0, -1.0, 0.0]])  # near, far from the null space
+    with ops.use_backend("cpu"), torch.no_grad():
+        _, mean, var = ops.conv1x1_batchnorm_relu_maxpool2x2(x, conv_weight, None, None, 1e-5)
+    y = F.conv2d(x.double(), conv_weight.double()[:, :, None, None])
+    var_ref, mean_ref = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(var, var_ref.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean, mean_ref.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_conv1x1_affine_relu_maxpool2x2_backward_kernel_rejects_a_map_without_a_window():
+    from torchsan.ops._cpu import pooling
+
+    x = torch.randn(2, 3, 1, 6)
+    with pytest.raises(RuntimeError, match="at least 2x2"):
+        pooling.kernels().conv1x1_affine_relu_maxpool2x2_backward(torch.randn(2, 4, 0, 3), x, torch.randn(4, 3),
+                                                                  torch.ones(4), torch.zeros(4), True)
+
+
 def test_conv1x1_batchnorm_relu_maxpool2x2_gradcheck_and_gradgradcheck():
     x = torch.randn(2, 3, 4, 7, **F64, requires_grad=True)
     conv_weight = torch.randn(4, 3, **F64, requires_grad=True)

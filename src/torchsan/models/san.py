@@ -45,8 +45,8 @@ SAN_LAYERS = {10: (2, 1, 2, 4, 1), 15: (3, 2, 3, 5, 2), 19: (3, 3, 4, 6, 3)}
 
 
 class SANStem(nn.Module):
-    """conv1x1 (no bias) -> BN -> ReLU at full resolution, then the first stage's 2x2 max-pool (if it pools); for
-    inference, one op that writes only the pooled map (``torchsan.layers.fused.conv_norm_act_pool``)."""
+    """conv1x1 (no bias) -> BN -> ReLU at full resolution, then the first stage's 2x2 max-pool (if it pools); where
+    allowed, one op in training or eval that writes only the pooled map (``layers.fused.conv_norm_act_pool``)."""
 
     def __init__(self, in_chans: int, width: int, pool: bool) -> None:
         super().__init__()

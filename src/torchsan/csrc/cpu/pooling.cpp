@@ -309,6 +309,8 @@ std::vector<at::Tensor> conv1x1_affine_relu_maxpool2x2_backward(at::Tensor gy, a
   const int64_t N = x.size(0), Cin = x.size(1), C = weight.size(0), H = x.size(2), W = x.size(3);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Cin && scale.numel() == C && shift.numel() == C,
               "conv1x1_affine_relu_maxpool2x2_backward: shape mismatch");
+  TORCH_CHECK(H >= 2 && W >= 2, "conv1x1_affine_relu_maxpool2x2_backward: a 2x2 max-pool needs at least 2x2 pixels, "
+              "got ", H, "x", W);
   TORCH_CHECK(gy.dim() == 4 && gy.size(0) == N && gy.size(1) == C && gy.size(2) == H / 2 && gy.size(3) == W / 2,
               "conv1x1_affine_relu_maxpool2x2_backward: grad shape mismatch");
   auto gx = input_grad ? at::empty_like(x) : at::Tensor();

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from ._register import custom_op, differentiable_backward, kernels
-from .statistics import batchnorm_op
+from .statistics import batchnorm_op, channel_var_mean_op
 
 
 def _pooled_like(x: Tensor) -> Tensor:
@@ -119,13 +119,26 @@ def conv1x1_affine_relu_maxpool2x2(x: Tensor, weight: Tensor, scale: Tensor, shi
 
 def conv1x1_batch_var_mean(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """The batch statistics (biased var (C,), mean (C,)) of the 1x1 convolution y = weight x, x (N, Cin, H, W),
-    from x's own: mean W x_mean and variance diag(W cov(x) W^T), cov(x) (Cin, Cin) taken about x's mean. For an
-    image (Cin = 3) that reads x, never the C-channel y; differentiable w.r.t. x and weight."""
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    x_mean = x.mean(dim=(0, 2, 3))
-    centred = (x - x_mean[:, None, None]).transpose(0, 1).reshape(x.shape[1], count)
-    cov = centred @ centred.t() / count
-    return ((weight @ cov) * weight).sum(dim=1).clamp_min(0), weight @ x_mean
+    from x's own: mean W x_mean and variance diag(W cov(x) W^T). For an image (Cin = 3) that reads x, never the
+    C-channel y; differentiable w.r.t. x and weight.
+
+    cov(x) is taken in float64 by the fixed-order statistics kernel, each covariance from a variance of a sum
+    (var(a + b) = var(a) + var(b) + 2 cov(a, b)): an image's channels are strongly correlated, so W cov W^T loses
+    digits to cancellation, and the result is the same for any number of threads."""
+    cin = x.shape[1]
+    if cin == 0:  # the convolution is 0
+        return x.new_zeros(weight.shape[0]), x.new_zeros(weight.shape[0])
+    wide = x.double()
+    pairs = [(a, b) for a in range(cin) for b in range(a + 1, cin)]
+    sums = [wide[:, a:a + 1] + wide[:, b:b + 1] for a, b in pairs]
+    var, mean = channel_var_mean_op(torch.cat([wide, *sums], 1) if sums else wide)
+    cov = {(a, a): var[a] for a in range(cin)}
+    for i, (a, b) in enumerate(pairs):
+        cov[a, b] = cov[b, a] = (var[cin + i] - var[a] - var[b]) / 2
+    cov_matrix = torch.stack([torch.stack([cov[a, b] for b in range(cin)]) for a in range(cin)])
+    w = weight.double()
+    y_var = ((w @ cov_matrix) * w).sum(dim=1).clamp_min(0)
+    return y_var.to(x.dtype), (w @ mean[:cin]).to(x.dtype)
 
 
 def conv1x1_batchnorm_relu_maxpool2x2(x: Tensor, conv_weight: Tensor, weight: Tensor | None, bias: Tensor | None,
