@@ -126,8 +126,8 @@ def conv1x1_batch_var_mean(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     (var(a + b) = var(a) + var(b) + 2 cov(a, b)): an image's channels are strongly correlated, so W cov W^T loses
     digits to cancellation, and the result is the same for any number of threads."""
     cin = x.shape[1]
-    if cin == 0:  # the convolution is 0
-        return x.new_zeros(weight.shape[0]), x.new_zeros(weight.shape[0])
+    if cin == 0:  # the convolution is 0 (a sum over no weights: zeros that still belong to weight's graph)
+        return weight.sum(dim=1), weight.sum(dim=1)
     wide = x.double()
     pairs = [(a, b) for a in range(cin) for b in range(a + 1, cin)]
     sums = [wide[:, a:a + 1] + wide[:, b:b + 1] for a, b in pairs]
