@@ -80,6 +80,47 @@ def test_softmax_aggregation_on_both_sides_of_the_plane_threshold(side):
     assert_matches_reference(lambda a, b: ops.softmax_aggregation(a, b, k), x, logits)
 
 
+# (k, dilation, padding, H, W): stride-1 maps of a few hundred positions, around the weight gradient's block size
+BLOCK_CASES = [
+    (5, 1, None, 17, 19),  # blocks of 14 rows (266 positions), the last of 3
+    (7, 2, None, 23, 21),
+    (5, 1, 3, 9, 300),  # rows longer than a block: one row per block
+    (7, 1, None, 15, 17),  # 255 positions: below the block size
+    (3, 1, None, 20, 20),  # 9 taps: below the taps' threshold
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"k{c[0]}d{c[1]}p{c[2]}_{c[3]}x{c[4]}")
+def test_weight_gradient_blocks_match_reference(case, mode, dtype):
+    """With x and the weights both requiring grad at stride 1, the backward computes the weight gradient of a block
+    of output rows in a buffer and writes each tap's run once (from ``aggregation_grad_block_min_taps`` taps, where a
+    block of whole rows reaches ``aggregation_grad_block_positions``); otherwise straight into the plane."""
+    k, d, p, h, w = case
+    constants = _cpu.kernel_constants()
+    ho, wo = ops.output_size((h, w), k, 1, p, d)
+    rows = min(ho, -(-constants["aggregation_grad_block_positions"] // wo))
+    blocked = k * k >= constants["aggregation_grad_block_min_taps"] and rows * wo >= constants[
+        "aggregation_grad_block_positions"]
+    assert blocked == (case in BLOCK_CASES[:3])
+    x = torch.randn(2, 12, h, w, dtype=dtype)
+    # float32: a reflected border value's gradient sums up to 4 K terms of either sign, in another order than torch's
+    grad_tol = dict(rtol=1e-5, atol=5e-5) if dtype == torch.float32 else None
+    for cw in (1, 3, 12):  # 12, 4 and 1 value channels per weight channel
+        weight = 3 * torch.randn(2, cw, k * k, ho * wo, dtype=dtype)
+        for fn in (ops.aggregation, ops.softmax_aggregation):
+            assert_matches_reference(lambda a, b, fn=fn: fn(a, b, k, 1, p, d, mode), x, weight, grad_tol=grad_tol)
+
+
+
+def test_weight_gradient_blocks_gradcheck():
+    x = torch.randn(1, 2, 16, 16, dtype=torch.float64, requires_grad=True)  # 256 positions: one block
+    logits = torch.randn(1, 1, 25, 256, dtype=torch.float64, requires_grad=True)
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda a, b: ops.softmax_aggregation(a, b, 5), (x, logits))
+
+
 # --- tap_softmax -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 49, 37), (1, 2, 9, 5), (3, 1, 1, 70), (2, 4, 49, 196)])

@@ -28,6 +28,10 @@
 #include <immintrin.h>
 #endif
 
+// The register-blocked blocks: inlined into their loops whatever the compiler's size heuristics decide (out of line,
+// their accumulators go through the stack).
+#define TORCHSAN_ALWAYS_INLINE inline __attribute__((always_inline))
+
 // The widest vector unit the build targets (the Python side compiles with -march=native unless told otherwise):
 // AVX-512, AVX/AVX2, or 128-bit (SSE2 on x86-64, NEON on Arm, and any other target).
 #if defined(__AVX512F__)

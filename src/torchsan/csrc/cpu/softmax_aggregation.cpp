@@ -118,41 +118,52 @@ void tap_softmax_forward_kernel(const T* x, T* y, int64_t planes, int64_t K, int
   });
 }
 
-// gx = y * (g - sum_k y * g), per position; blocks as in the forward.
+// gx = y * (g - sum_k y * g), per position; blocks as in the forward. Tap k of g, y and gx starts k * gs, k * ys
+// and k * os values after the first; n positions.
 template <typename T, int64_t B, bool FULL>
-inline void tap_softmax_backward_block(const T* g, const T* y, T* gx, int64_t K, int64_t L, int64_t q0) {
+inline void tap_softmax_backward_block(const T* g, int64_t gs, const T* y, int64_t ys, T* gx, int64_t os, int64_t K,
+                                       int64_t n, int64_t q0) {
   int64_t lanes[B];
-  block_lanes<T, B, FULL>(lanes, L, q0);
+  block_lanes<T, B, FULL>(lanes, n, q0);
   auto load = [&](const T* p, int64_t b) { return FULL ? load_partial(p, VW<T>) : load_partial(p, lanes[b]); };
   V<T> s[B] = {};
   for (int64_t k = 0; k < K; ++k) {
     if (FULL) {  // 2K strided streams: fetch the next block's lines ahead
-      const int64_t next = k * L + q0 + B * VW<T>;
-      __builtin_prefetch(y + next);
-      __builtin_prefetch(g + next);
-      __builtin_prefetch(y + next + 64 / sizeof(T));
-      __builtin_prefetch(g + next + 64 / sizeof(T));
+      const T* yn = y + k * ys + q0 + B * VW<T>;
+      const T* gn = g + k * gs + q0 + B * VW<T>;
+      __builtin_prefetch(yn);
+      __builtin_prefetch(gn);
+      __builtin_prefetch(yn + 64 / sizeof(T));
+      __builtin_prefetch(gn + 64 / sizeof(T));
     }
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t i = k * L + q0 + b * VW<T>;
-      s[b] += load(y + i, b) * load(g + i, b);
+      const int64_t i = q0 + b * VW<T>;
+      s[b] += load(y + k * ys + i, b) * load(g + k * gs + i, b);
     }
   }
   for (int64_t k = 0; k < K; ++k)
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t i = k * L + q0 + b * VW<T>;
-      const V<T> v = load(y + i, b) * (load(g + i, b) - s[b]);
-      FULL ? store_partial(gx + i, v, VW<T>) : store_partial(gx + i, v, lanes[b]);
+      const int64_t i = q0 + b * VW<T>;
+      const V<T> v = load(y + k * ys + i, b) * (load(g + k * gs + i, b) - s[b]);
+      FULL ? store_partial(gx + k * os + i, v, VW<T>) : store_partial(gx + k * os + i, v, lanes[b]);
     }
 }
 
-// One (K, L) plane; gx may be g (in place: each value is read before it is written).
+// K strided rows of n positions (see the block above); gx may be g (in place: each value is read before it is
+// written).
 template <typename T>
-void tap_softmax_backward_plane(const T* g, const T* y, T* gx, int64_t K, int64_t L) {
+void tap_softmax_backward_rows(const T* g, int64_t gs, const T* y, int64_t ys, T* gx, int64_t os, int64_t K,
+                               int64_t n) {
   constexpr int64_t B = kSoftmaxBlockVectors;
   int64_t q0 = 0;
-  for (; q0 + B * VW<T> <= L; q0 += B * VW<T>) tap_softmax_backward_block<T, B, true>(g, y, gx, K, L, q0);
-  for (; q0 < L; q0 += VW<T>) tap_softmax_backward_block<T, 1, false>(g, y, gx, K, L, q0);
+  for (; q0 + B * VW<T> <= n; q0 += B * VW<T>) tap_softmax_backward_block<T, B, true>(g, gs, y, ys, gx, os, K, n, q0);
+  for (; q0 < n; q0 += VW<T>) tap_softmax_backward_block<T, 1, false>(g, gs, y, ys, gx, os, K, n, q0);
+}
+
+// One (K, L) plane.
+template <typename T>
+void tap_softmax_backward_plane(const T* g, const T* y, T* gx, int64_t K, int64_t L) {
+  tap_softmax_backward_rows(g, L, y, L, gx, L, K, L);
 }
 
 template <typename T>
@@ -172,17 +183,19 @@ constexpr int64_t kRowBlock = 8;
 
 // Stride-1 aggregation, register-blocked: for one output row and VW output pixels, the G feature channels that
 // share a weight channel accumulate all K taps in G registers; each tap loads its weight vector once for all G.
-// xp: the G padded planes of this block (with VW values of slack after the last), plane = Hp * Wp.
-template <typename T, int G>
-inline void aggregation_forward_block(const T* xp, int64_t plane, const T* w_plane, T* y0, int64_t ystride, int64_t ho,
-                                      int64_t q, int64_t lanes, const Geometry& g) {
+// xp: the G padded planes of this block (with VW values of slack after the last), plane = Hp * Wp. FULL: lanes == VW.
+template <typename T, int G, bool FULL>
+TORCHSAN_ALWAYS_INLINE void aggregation_forward_block(const T* xp, int64_t plane, const T* w_plane, T* y0,
+                                                      int64_t ystride, int64_t ho, int64_t q, int64_t lanes,
+                                                      const Geometry& g) {
   const int64_t L = g.L();
+  if (FULL) lanes = VW<T>;
   V<T> acc[G] = {};
   for (int64_t kh = 0; kh < g.k; ++kh) {
     const T* xrow = xp + (ho + kh * g.d) * g.Wp + q;
     for (int64_t kw = 0; kw < g.k; ++kw) {
       const T* wp = w_plane + (kh * g.k + kw) * L + ho * g.Wo + q;
-      __builtin_prefetch(wp + 4 * VW<T>);  // the K weight rows are K strided streams: fetch ahead explicitly
+      __builtin_prefetch(wp + 8 * VW<T>);  // the K weight rows are K strided streams: fetch ahead explicitly
       const V<T> wv = load_partial(wp, lanes);
       const T* xb = xrow + kw * g.d;
       for (int j = 0; j < G; ++j) acc[j] += wv * load_partial(xb + j * plane, VW<T>);
@@ -191,14 +204,15 @@ inline void aggregation_forward_block(const T* xp, int64_t plane, const T* w_pla
   for (int j = 0; j < G; ++j) store_partial(y0 + j * ystride + ho * g.Wo + q, acc[j], lanes);
 }
 
-// Backward of the block above: gw[tap] = sum_j gy_j * x_j(tap) (G loads and FMAs, one store per tap), and
-// gxp_j(tap) += w[tap] * gy_j into the padded gradient planes. Lanes past `lanes` add exact zeros (gy and w are
-// zero-filled there), so full-width read-modify-writes of gxp are safe.
-template <typename T, int G>
+// Backward of the block above: gw[tap] = sum_j gy_j * x_j(tap) (G loads and FMAs, one store per tap, into
+// gw_rows + tap * gw_stride), and gxp_j(tap) += w[tap] * gy_j into the padded gradient planes. Lanes past `lanes`
+// add exact zeros (gy and w are zero-filled there), so full-width read-modify-writes of gxp are safe.
+template <typename T, int G, bool FULL>
 inline void aggregation_backward_block(const T* gy0, int64_t gystride, const T* xp, T* gxp, int64_t plane,
-                                       const T* w_plane, T* gw_plane, bool first, int64_t ho, int64_t q, int64_t lanes,
-                                       const Geometry& g) {
+                                       const T* w_plane, T* gw_rows, int64_t gw_stride, bool first, int64_t ho,
+                                       int64_t q, int64_t lanes, const Geometry& g) {
   const int64_t L = g.L();
+  if (FULL) lanes = VW<T>;
   V<T> gv[G];
   for (int j = 0; j < G; ++j) gv[j] = load_partial(gy0 + j * gystride + ho * g.Wo + q, lanes);
   // With wide rows and footprints, taps go column by column: consecutive read-modify-writes of gxp then hit
@@ -207,16 +221,17 @@ inline void aggregation_backward_block(const T* gy0, int64_t gystride, const T* 
   const bool by_column = g.k >= 5 && g.Wo >= 2 * VW<T>;
   auto tap = [&](int64_t kh, int64_t kw) {
     const int64_t x_offset = (ho + kh * g.d) * g.Wp + q + kw * g.d, w_offset = (kh * g.k + kw) * L + ho * g.Wo + q;
+    T* gwp = gw_rows + (kh * g.k + kw) * gw_stride;
     __builtin_prefetch(w_plane + w_offset + 4 * VW<T>);  // K strided streams each of w and gw: fetch ahead explicitly
-    __builtin_prefetch(gw_plane + w_offset + 4 * VW<T>, 1);
+    __builtin_prefetch(gwp + 4 * VW<T>, 1);
     const V<T> wv = load_partial(w_plane + w_offset, lanes);
-    V<T> acc = first ? V<T>{} : load_partial(gw_plane + w_offset, lanes);
+    V<T> acc = first ? V<T>{} : load_partial(gwp, lanes);
     for (int j = 0; j < G; ++j) {
       acc += gv[j] * load_partial(xp + j * plane + x_offset, VW<T>);
       T* gq = gxp + j * plane + x_offset;
       store_partial(gq, load_partial(gq, VW<T>) + wv * gv[j], VW<T>);
     }
-    store_partial(gw_plane + w_offset, acc, lanes);
+    store_partial(gwp, acc, lanes);
   };
   if (by_column) {
     for (int64_t kw = 0; kw < g.k; ++kw)
@@ -225,6 +240,30 @@ inline void aggregation_backward_block(const T* gy0, int64_t gystride, const T* 
     for (int64_t kh = 0; kh < g.k; ++kh)
       for (int64_t kw = 0; kw < g.k; ++kw) tap(kh, kw);
   }
+}
+
+// The stride-1 backward's gw buffer: blocks of at least this many output positions (runs long enough to stream whole
+// lines), used from this many taps on (k >= 5).
+constexpr int64_t kGradBlockPositions = 256;
+constexpr int64_t kBufferedMinTaps = 25;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// dst[i] = src[i] for i < n, the whole aligned vectors with streaming stores where the target has them.
+template <typename T>
+inline void write_run(T* dst, const T* src, int64_t n) {
+  if (!kHaveStreamStores) {
+    std::memcpy(dst, src, sizeof(T) * n);
+    return;
+  }
+  int64_t i = 0;
+  for (; i < n && reinterpret_cast<std::uintptr_t>(dst + i) % sizeof(V<T>) != 0; ++i) dst[i] = src[i];
+  for (; i + VW<T> <= n; i += VW<T>) {
+    V<T> v;
+    std::memcpy(&v, src + i, sizeof(v));
+    stream_store(dst + i, v);
+  }
+  for (; i < n; ++i) dst[i] = src[i];
 }
 
 // y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)]
@@ -249,12 +288,17 @@ void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t
           for (int64_t q = 0; q < g.Wo; q += VW<T>) {
             const int64_t lanes = std::min(VW<T>, g.Wo - q);
             int64_t j = 0;
-            for (; j + 8 <= S; j += 8)
-              aggregation_forward_block<T, 8>(xp.data() + j * g.plane(), g.plane(), w_plane,
-                                              y + (n * C + j * Cw + cw) * L, Cw * L, ho, q, lanes, g);
+            for (; j + 8 <= S; j += 8) {
+              if (lanes == VW<T>)
+                aggregation_forward_block<T, 8, true>(xp.data() + j * g.plane(), g.plane(), w_plane,
+                                                      y + (n * C + j * Cw + cw) * L, Cw * L, ho, q, lanes, g);
+              else
+                aggregation_forward_block<T, 8, false>(xp.data() + j * g.plane(), g.plane(), w_plane,
+                                                       y + (n * C + j * Cw + cw) * L, Cw * L, ho, q, lanes, g);
+            }
             for (; j < S; ++j)
-              aggregation_forward_block<T, 1>(xp.data() + j * g.plane(), g.plane(), w_plane,
-                                              y + (n * C + j * Cw + cw) * L, Cw * L, ho, q, lanes, g);
+              aggregation_forward_block<T, 1, false>(xp.data() + j * g.plane(), g.plane(), w_plane,
+                                                     y + (n * C + j * Cw + cw) * L, Cw * L, ho, q, lanes, g);
           }
         }
         continue;
@@ -291,9 +335,17 @@ template <typename T>
 void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* gw, int64_t N, int64_t C, int64_t Cw,
                                  const Geometry& g, bool softmax = false) {
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
+  // Stride 1 with many taps: gw is computed for a block of output rows (at least kGradBlockPositions positions) in a
+  // private buffer, finished there (the softmax's gradient) and written out tap by tap as whole runs with streaming
+  // stores. Stored straight into the plane, each position's K taps are K scattered writes into lines read in first,
+  // more strided streams than the prefetchers follow; with few taps or short runs the direct stores are faster.
+  const int64_t rows = std::max<int64_t>(1, std::min(g.Ho, ceil_div(kGradBlockPositions, g.Wo)));
+  const int64_t block_stride = rows * g.Wo;
+  const bool buffered = g.s == 1 && gx && gw && K >= kBufferedMinTaps && block_stride >= kGradBlockPositions;
   parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
     // (slack after the last plane: full-width vector loads and read-modify-writes at the end of its last row)
     std::vector<T> xp(gw ? S * g.plane() + VW<T> : 0, T(0)), gxp(gx ? S * g.plane() + VW<T> : 0);
+    std::vector<T> gw_block(buffered ? K * block_stride : 0);  // gw of a block of output rows, all K taps
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
       if (g.s == 1 && gx && gw) {
@@ -301,26 +353,45 @@ void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* 
         std::fill(gxp.begin(), gxp.end(), T(0));
         const T* w_plane = w + (n * Cw + cw) * K * L;
         T* gw_plane = gw + (n * Cw + cw) * K * L;
-        for (int64_t ho = 0; ho < g.Ho; ++ho) {
-          for (int64_t q = 0; q < g.Wo; q += VW<T>) {
-            const int64_t lanes = std::min(VW<T>, g.Wo - q);
-            int64_t j = 0;
-            for (; j + 8 <= S; j += 8)
-              aggregation_backward_block<T, 8>(gy + (n * C + j * Cw + cw) * L, Cw * L, xp.data() + j * g.plane(),
-                                               gxp.data() + j * g.plane(), g.plane(), w_plane, gw_plane, j == 0, ho, q,
-                                               lanes, g);
-            for (; j < S; ++j)
-              aggregation_backward_block<T, 1>(gy + (n * C + j * Cw + cw) * L, Cw * L, xp.data() + j * g.plane(),
-                                               gxp.data() + j * g.plane(), g.plane(), w_plane, gw_plane, j == 0, ho, q,
-                                               lanes, g);
+        const int64_t step = buffered ? rows : g.Ho, stride = buffered ? block_stride : L;
+        for (int64_t hb = 0; hb < g.Ho; hb += step) {
+          const int64_t he = std::min(g.Ho, hb + step), span = (he - hb) * g.Wo;
+          for (int64_t ho = hb; ho < he; ++ho) {
+            for (int64_t q = 0; q < g.Wo; q += VW<T>) {
+              const int64_t lanes = std::min(VW<T>, g.Wo - q);
+              T* gw_rows = buffered ? gw_block.data() + (ho - hb) * g.Wo + q : gw_plane + ho * g.Wo + q;
+              const T* gyq = gy + (n * C + cw) * L;
+              int64_t j = 0;
+              for (; j + 8 <= S; j += 8) {
+                if (lanes == VW<T>)
+                  aggregation_backward_block<T, 8, true>(gyq + j * Cw * L, Cw * L, xp.data() + j * g.plane(),
+                                                         gxp.data() + j * g.plane(), g.plane(), w_plane, gw_rows,
+                                                         stride, j == 0, ho, q, lanes, g);
+                else
+                  aggregation_backward_block<T, 8, false>(gyq + j * Cw * L, Cw * L, xp.data() + j * g.plane(),
+                                                          gxp.data() + j * g.plane(), g.plane(), w_plane, gw_rows,
+                                                          stride, j == 0, ho, q, lanes, g);
+              }
+              for (; j < S; ++j)
+                aggregation_backward_block<T, 1, false>(gyq + j * Cw * L, Cw * L, xp.data() + j * g.plane(),
+                                                        gxp.data() + j * g.plane(), g.plane(), w_plane, gw_rows,
+                                                        stride, j == 0, ho, q, lanes, g);
+            }
           }
+          if (!buffered) continue;
+          // the block's softmax gradient while its w rows are in cache, then each tap's run of gw written once
+          if (softmax)
+            tap_softmax_backward_rows(gw_block.data(), block_stride, w_plane + hb * g.Wo, L, gw_block.data(),
+                                      block_stride, K, span);
+          for (int64_t tap = 0; tap < K; ++tap)
+            write_run(gw_plane + tap * L + hb * g.Wo, gw_block.data() + tap * block_stride, span);
         }
+        if (softmax && !buffered) tap_softmax_backward_plane(gw_plane, w_plane, gw_plane, K, L);
         for (int64_t j = 0; j < S; ++j) {
           T* dst = gx + (n * C + j * Cw + cw) * HW;
           std::fill(dst, dst + HW, T(0));
           fold_plane(gxp.data() + j * g.plane(), dst, g);
         }
-        if (softmax) tap_softmax_backward_plane(gw_plane, w_plane, gw_plane, K, L);
         continue;
       }
       if (gw) {
@@ -373,6 +444,7 @@ void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* 
       }
       if (softmax && gw_plane) tap_softmax_backward_plane(gw_plane, w_plane, gw_plane, K, L);
     }
+    if (buffered) stream_fence();  // the streamed values are visible to whoever reads gw next
   });
 }
 
@@ -446,7 +518,11 @@ std::vector<at::Tensor> aggregation_backward(at::Tensor gy, at::Tensor x, at::Te
   return {gx, gw};
 }
 
-void add_aggregation_constants(KernelConstants& constants) { constants["softmax_plane_bytes"] = softmax_plane_bytes(); }
+void add_aggregation_constants(KernelConstants& constants) {
+  constants["softmax_plane_bytes"] = softmax_plane_bytes();
+  constants["aggregation_grad_block_positions"] = kGradBlockPositions;
+  constants["aggregation_grad_block_min_taps"] = kBufferedMinTaps;
+}
 
 }  // namespace cpu
 }  // namespace torchsan
