@@ -113,12 +113,20 @@ def test_weight_gradient_blocks_match_reference(case, mode, dtype):
             assert_matches_reference(lambda a, b, fn=fn: fn(a, b, k, 1, p, d, mode), x, weight, grad_tol=grad_tol)
 
 
-
 def test_weight_gradient_blocks_gradcheck():
     x = torch.randn(1, 2, 16, 16, dtype=torch.float64, requires_grad=True)  # 256 positions: one block
     logits = torch.randn(1, 1, 25, 256, dtype=torch.float64, requires_grad=True)
     with ops.use_backend("cpu"):
         assert torch.autograd.gradcheck(lambda a, b: ops.softmax_aggregation(a, b, 5), (x, logits))
+
+
+def test_weight_gradient_without_value_channels_is_zero():
+    w = torch.randn(2, 3, 9, 20)
+    junk = w.clone()  # freed memory holding values, which an uninitialised gradient would show
+    del junk
+    empty = torch.empty(2, 0, 4, 5)
+    gx, gw = _cpu._build.kernels().aggregation_backward(empty, empty, w, 3, 1, 1, 1, True, True, True, False)
+    assert gx.shape == empty.shape and gw.shape == w.shape and not gw.any()
 
 
 # --- tap_softmax -----------------------------------------------------------------------------------------------------

@@ -339,7 +339,7 @@ void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* 
   // private buffer, finished there (the softmax's gradient) and written out tap by tap as whole runs with streaming
   // stores. Stored straight into the plane, each position's K taps are K scattered writes into lines read in first,
   // more strided streams than the prefetchers follow; with few taps or short runs the direct stores are faster.
-  const int64_t rows = std::max<int64_t>(1, std::min(g.Ho, ceil_div(kGradBlockPositions, g.Wo)));
+  const int64_t rows = std::max<int64_t>(1, std::min(g.Ho, ceil_div(kGradBlockPositions, std::max<int64_t>(1, g.Wo))));
   const int64_t block_stride = rows * g.Wo;
   const bool buffered = g.s == 1 && gx && gw && K >= kBufferedMinTaps && block_stride >= kGradBlockPositions;
   parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
@@ -509,7 +509,8 @@ std::vector<at::Tensor> aggregation_backward(at::Tensor gy, at::Tensor x, at::Te
   const Geometry g(x.size(2), x.size(3), k, s, p, d, reflect);
   const int64_t N = x.size(0), C = x.size(1), Cw = w.size(1);
   auto gx = need_x ? at::empty_like(x) : at::Tensor();
-  auto gw = need_w ? at::empty_like(w) : at::Tensor();
+  // (no value channels: nothing adds into gw, which is zero)
+  auto gw = need_w ? (C == 0 ? at::zeros_like(w) : at::empty_like(w)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_backward", [&] {
     aggregation_backward_kernel<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                           need_x ? gx.data_ptr<scalar_t>() : nullptr,
