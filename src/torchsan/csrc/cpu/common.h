@@ -257,6 +257,19 @@ inline void stream_fence() {}
 constexpr bool kHaveStreamStores = false;
 #endif
 
+// dst[i] = src[i] for i < n: the whole aligned vectors of dst with stream_store, the ends plainly.
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && reinterpret_cast<std::uintptr_t>(dst + i) % sizeof(V<T>) != 0; ++i) dst[i] = src[i];
+  for (; i + VW<T> <= n; i += VW<T>) {
+    V<T> v;
+    std::memcpy(&v, src + i, sizeof(v));
+    stream_store(dst + i, v);
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
 template <typename T>
 inline V<T> load_partial(const T* p, int64_t lanes) {
   V<T> v = {};

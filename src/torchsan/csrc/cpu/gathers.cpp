@@ -78,7 +78,7 @@ void gather_forward_stride1(const T* x1, const T* x2, T* out, T sign, int64_t N,
         }
       }
       if (staged)  // a copy
-        stream_gather_row(out_plane, static_cast<const T*>(nullptr), staged_plane.data(), T(-1), K * L);
+        stream_copy(out_plane, staged_plane.data(), K * L);
     }
     if (stream || staged) stream_fence();  // the streamed values are visible to whoever reads the output next
   });

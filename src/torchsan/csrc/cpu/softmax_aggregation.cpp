@@ -249,23 +249,6 @@ constexpr int64_t kBufferedMinTaps = 25;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// dst[i] = src[i] for i < n, the whole aligned vectors with streaming stores where the target has them.
-template <typename T>
-inline void write_run(T* dst, const T* src, int64_t n) {
-  if (!kHaveStreamStores) {
-    std::memcpy(dst, src, sizeof(T) * n);
-    return;
-  }
-  int64_t i = 0;
-  for (; i < n && reinterpret_cast<std::uintptr_t>(dst + i) % sizeof(V<T>) != 0; ++i) dst[i] = src[i];
-  for (; i + VW<T> <= n; i += VW<T>) {
-    V<T> v;
-    std::memcpy(&v, src + i, sizeof(v));
-    stream_store(dst + i, v);
-  }
-  for (; i < n; ++i) dst[i] = src[i];
-}
-
 // y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)]
 // softmax_out: if given, w holds logits; each task first writes the softmax over K of its (K, L) plane into
 // softmax_out and then aggregates with it while it is in cache.
@@ -384,7 +367,7 @@ void aggregation_backward_kernel(const T* gy, const T* x, const T* w, T* gx, T* 
             tap_softmax_backward_rows(gw_block.data(), block_stride, w_plane + hb * g.Wo, L, gw_block.data(),
                                       block_stride, K, span);
           for (int64_t tap = 0; tap < K; ++tap)
-            write_run(gw_plane + tap * L + hb * g.Wo, gw_block.data() + tap * block_stride, span);
+            stream_copy(gw_plane + tap * L + hb * g.Wo, gw_block.data() + tap * block_stride, span);
         }
         if (softmax && !buffered) tap_softmax_backward_plane(gw_plane, w_plane, gw_plane, K, L);
         for (int64_t j = 0; j < S; ++j) {
