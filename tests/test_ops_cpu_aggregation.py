@@ -80,6 +80,40 @@ def test_softmax_aggregation_on_both_sides_of_the_plane_threshold(side):
     assert_matches_reference(lambda a, b: ops.softmax_aggregation(a, b, k), x, logits)
 
 
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_softmax_aggregation_without_gradient_matches_reference(case, mode, dtype, no_grad):
+    """Where no gradient is wanted the softmax stays in a per-thread plane (``softmax_aggregation_inference``); the
+    aggregation is the reference's all the same."""
+    k, s, d, p, h, w = case
+    ho, wo = ops.output_size((h, w), k, s, p, d)
+    x = torch.randn(2, 12, h, w, dtype=dtype)
+    for cw in (1, 3, 12):
+        logits = 3 * torch.randn(2, cw, k * k, ho * wo, dtype=dtype)
+        with ops.use_backend("reference"):
+            expected = ops.softmax_aggregation(x, logits, k, s, p, d, mode)
+        with no_grad(), ops.use_backend("cpu"):
+            got = ops.softmax_aggregation(x, logits, k, s, p, d, mode)
+        assert_close(got, expected, dtype)
+
+
+def test_softmax_aggregation_without_gradient_large_plane_and_batch1():
+    """A plane larger than the per-task threshold of the training path (SAN stage 1: 49 x 3136 floats), one image,
+    non-contiguous logits, and the op straight from torch.ops: the same function as the reference."""
+    x = torch.randn(1, 16, 56, 56)
+    logits = (3 * torch.randn(1, 49, 2, 56 * 56)).transpose(1, 2)
+    assert 49 * 56 * 56 * 4 > _cpu.kernel_constants()["softmax_plane_bytes"] and not logits.is_contiguous()
+    with ops.use_backend("reference"):
+        expected = ops.softmax_aggregation(x, logits, 7)
+    with torch.inference_mode(), ops.use_backend("cpu"):
+        got = ops.softmax_aggregation(x, logits, 7)
+    assert_close(got, expected, torch.float32)
+    direct = torch.ops.torchsan.softmax_aggregation_inference(x, logits, 7, 1, 3, 1, True)
+    assert_close(direct, expected, torch.float32)
+
+
 # (k, dilation, padding, H, W): stride-1 maps of a few hundred positions, around the weight gradient's block size
 BLOCK_CASES = [
     (5, 1, None, 17, 19),  # blocks of 14 rows (266 positions), the last of 3

@@ -149,6 +149,7 @@ def _opcheck_cases():
     for reflect in (True, False):
         fp = (3, 1, 1, 1, reflect)
         cases += [("aggregation", (x, weight, *fp)), ("softmax_aggregation", (x, weight, *fp)),
+                  ("softmax_aggregation_inference", (x.detach(), weight.detach(), *fp)),
                   ("unfold", (x, *fp)), ("subtraction2", (x, x2, None, *fp))]
         cases += [("subtraction2", (x, x2, _t(batch, 2, 9, 56, grad=True), *fp)) for batch in (1, 2)]
         grad, gcols = _t(2, 6, 7, 8), _t(2, 8, 9, 56)

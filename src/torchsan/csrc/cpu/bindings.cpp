@@ -33,6 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tap_softmax_backward", &cpu::tap_softmax_backward);
   m.def("aggregation_forward", &cpu::aggregation_forward);
   m.def("aggregation_backward", &cpu::aggregation_backward);
+  m.def("softmax_aggregation_inference", &cpu::softmax_aggregation_inference);
   m.def("gather_forward", &cpu::gather_forward);
   m.def("gather_backward", &cpu::gather_backward);
   m.def("clique_forward", &cpu::clique_forward);

@@ -21,6 +21,9 @@ at::Tensor tap_softmax_backward(at::Tensor g, at::Tensor y);
 // softmax: w holds logits; returns {y, softmax(w, dim=2)} (else {y}).
 std::vector<at::Tensor> aggregation_forward(at::Tensor x, at::Tensor w, int64_t k, int64_t s, int64_t p, int64_t d,
                                             bool reflect, bool softmax);
+// aggregation_forward's y with softmax, the softmax kept in per-thread scratch instead of returned (no gradient).
+at::Tensor softmax_aggregation_inference(at::Tensor x, at::Tensor logits, int64_t k, int64_t s, int64_t p, int64_t d,
+                                         bool reflect);
 // Returns {grad x, grad w} (each undefined unless asked for); softmax: w is the forward's softmax output and grad w is
 // taken w.r.t. the logits.
 std::vector<at::Tensor> aggregation_backward(at::Tensor gy, at::Tensor x, at::Tensor w, int64_t k, int64_t s, int64_t p,

@@ -251,19 +251,22 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)]
 // softmax_out: if given, w holds logits; each task first writes the softmax over K of its (K, L) plane into
-// softmax_out and then aggregates with it while it is in cache.
+// softmax_out and then aggregates with it while it is in cache. softmax_scratch: the same, the softmax written into a
+// per-thread plane instead (inference: nobody reads it, and an output of that size is faulted in on every call).
 template <typename T>
 void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t C, int64_t Cw, const Geometry& g,
-                                T* softmax_out = nullptr) {
+                                T* softmax_out = nullptr, bool softmax_scratch = false) {
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
   parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xp(S * g.plane() + VW<T>, T(0));  // slack: full-width loads at the end of the last row
+    std::vector<T> scratch(softmax_scratch ? K * L : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
       const T* w_plane = w + (n * Cw + cw) * K * L;
-      if (softmax_out) {
-        tap_softmax_forward_plane(w_plane, softmax_out + (n * Cw + cw) * K * L, K, L);
-        w_plane = softmax_out + (n * Cw + cw) * K * L;
+      T* softmax_plane = softmax_scratch ? scratch.data() : softmax_out ? softmax_out + (n * Cw + cw) * K * L : nullptr;
+      if (softmax_plane) {
+        tap_softmax_forward_plane(w_plane, softmax_plane, K, L);
+        w_plane = softmax_plane;
       }
       for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
       if (g.s == 1) {
@@ -481,6 +484,27 @@ std::vector<at::Tensor> aggregation_forward(at::Tensor x, at::Tensor w, int64_t 
   });
   if (softmax) return {y, softmax_out};
   return {y};
+}
+
+at::Tensor softmax_aggregation_inference(at::Tensor x, at::Tensor logits, int64_t k, int64_t s, int64_t p, int64_t d,
+                                         bool reflect) {
+  check_cpu(x, "x");
+  check_cpu(logits, "logits");
+  x = x.contiguous();
+  logits = logits.contiguous();
+  const Geometry g(x.size(2), x.size(3), k, s, p, d, reflect);
+  check_geometry(g);
+  TORCH_CHECK(logits.scalar_type() == x.scalar_type(), "logits dtype must match x");
+  const int64_t N = x.size(0), C = x.size(1), Cw = logits.size(1);
+  TORCH_CHECK(logits.dim() == 4 && logits.size(0) == N && Cw > 0 && C % Cw == 0 && logits.size(2) == g.K() &&
+                  logits.size(3) == g.L(),
+              "logits shape mismatch");
+  auto y = at::empty({N, C, g.Ho, g.Wo}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_aggregation_inference", [&] {
+    aggregation_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                         N, C, Cw, g, nullptr, true);
+  });
+  return y;
 }
 
 std::vector<at::Tensor> aggregation_backward(at::Tensor gy, at::Tensor x, at::Tensor w, int64_t k, int64_t s, int64_t p,

@@ -3,7 +3,8 @@
 * ``aggregation``: y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)], never unfolding x.
 * ``softmax_aggregation``: the same with w = softmax(logits, dim=2), the pairwise attention's normalisation: each
   (n, weight channel) task normalises its (K, L) plane and aggregates with it while it is in cache, and the
-  backward turns the plane's weight gradient into the logits' gradient in place. It returns the softmax too.
+  backward turns the plane's weight gradient into the logits' gradient in place. It returns the softmax too, except
+  where no gradient is wanted (``softmax_aggregation_inference``: the softmax stays in a per-thread plane).
 * ``tap_softmax``: that softmax alone.
 """
 
@@ -120,6 +121,16 @@ softmax_aggregation_op = custom_op(
     backward=_softmax_aggregation_grad, setup=_softmax_aggregation_setup)
 
 
+def _softmax_aggregation_inference(x: Tensor, logits: Tensor, kernel_size: int, stride: int, padding: int,
+                                   dilation: int, reflect: bool) -> Tensor:
+    """``softmax_aggregation``'s first output alone, for no gradient: the softmax is never written out."""
+    return kernels().softmax_aggregation_inference(x, logits, kernel_size, stride, padding, dilation, reflect)
+
+
+softmax_aggregation_inference_op = custom_op("softmax_aggregation_inference", _softmax_aggregation_inference,
+                                             lambda x, logits, *a: _output_like(x, *a))
+
+
 # --- softmax over the taps ------------------------------------------------------------------------------------------
 def _tap_softmax(x: Tensor) -> Tensor:
     """(N, C, K, L) -> softmax over dim 2."""
@@ -147,6 +158,8 @@ def aggregation(x: Tensor, weight: Tensor, fp: Footprint, h_out: int, w_out: int
 
 
 def softmax_aggregation(x: Tensor, logits: Tensor, fp: Footprint, h_out: int, w_out: int) -> Tensor:
+    if not (torch.is_grad_enabled() and (x.requires_grad or logits.requires_grad)):
+        return softmax_aggregation_inference_op(x, logits, *fp.kernel_args())
     return softmax_aggregation_op(x, logits, *fp.kernel_args())[0]
 
 
