@@ -4,33 +4,75 @@
 
 Each model (eval mode, 224 px, random weights and input) runs in torchsan eager under ``torch.inference_mode``
 and in ONNX Runtime (CPU provider, as many threads as torch uses) on the file ``torch.onnx.export(dynamo=True)``
-writes, with a free batch dimension. Rounds are interleaved over every (model, batch, runtime), so a slow phase of
-a shared machine hits all alike, and each timed call follows an untimed one of its own (``--lead-in``). The table
-gives medians and each SAN's faster route over san_resnet26 in ONNX Runtime, which is what a deployment of ResNet26
-would use. ``--malloc system`` by default: a deployment script
-runs with glibc's default settings unless told otherwise. Writes benchmarks/results/inference.json.
-A measurement, not a test.
+writes, with a free batch dimension. Each (model, runtime) lives in a process of its own, as a deployment runs one
+model: no other model's tensors (GBs for SAN's reference composition in ONNX Runtime) share its heap. Rounds are
+interleaved over every (model, batch, runtime), one process timing at a time while the others wait, so a slow
+phase of a shared machine hits all alike, and each timed call follows an untimed one of its own (``--lead-in``).
+The table gives medians and each SAN's faster route over san_resnet26 in ONNX Runtime, which is what a deployment
+of ResNet26 would use. ``--malloc system`` by default: a deployment script runs with glibc's default settings
+unless told otherwise. Writes benchmarks/results/inference.json. A measurement, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import _common
 
 _common.use_checkout()  # measure this checkout's src/, installed or not
 
-import onnxruntime as ort  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import torchsan  # noqa: E402, F401
-
 BASELINE = "san_resnet26"
+RUNTIMES = ("eager", "onnxruntime")
+
+
+def _worker(conn: Connection, name: str, runtime: str, batches: list[int], image_size: int, threads: int,
+            malloc: str, folder: str) -> None:
+    """One (model, runtime) in this process: builds it, then times one call per request (batch, calls before)."""
+    _common.apply_malloc(malloc)
+    import onnxruntime as ort
+    import timm
+    import torch
+
+    import torchsan  # noqa: F401  (registers the models)
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    inputs = {b: torch.randn(b, 3, image_size, image_size) for b in batches}
+    model = timm.create_model(name).eval()
+    if runtime == "eager":
+        def run(b: int) -> None:
+            with torch.inference_mode():
+                model(inputs[b])
+    else:
+        path = Path(folder) / f"{name}.onnx"
+        dim = torch.export.Dim("batch", min=1, max=64)
+        torch.onnx.export(model, (inputs[batches[0]],), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: dim},), report=False)
+        del model
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # ONNX Runtime's threads otherwise spin for a while after each run, taking the cores from the next call
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = session.get_inputs()[0].name
+        arrays = {b: x.numpy() for b, x in inputs.items()}
+
+        def run(b: int) -> None:
+            session.run(None, {feed: arrays[b]})
+    conn.send(("ready", _common.apply_malloc(malloc), ort.__version__))
+    while (request := conn.recv()) is not None:
+        b, before = request
+        for _ in range(before):
+            run(b)
+        t = time.perf_counter()
+        run(b)
+        conn.send(time.perf_counter() - t)
 
 
 def main() -> None:
@@ -41,52 +83,51 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--lead-in", type=int, default=1, help="untimed calls before each timed one in a round")
+    p.add_argument("--threads", type=int, default=None, help="threads per runtime (default: torch's count here)")
     p.add_argument("--json", default=str(_common.RESULTS / "inference.json"))
     _common.add_malloc_flag(p)
     p.set_defaults(malloc="system")
     args = p.parse_args()
     start = time.perf_counter()
-    malloc = _common.apply_malloc(args.malloc)
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    inputs = {b: torch.randn(b, 3, args.image_size, args.image_size) for b in args.batches}
-    runs = {}
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: nothing inherited
+    workers: dict[tuple[str, str], tuple[Connection, multiprocessing.process.BaseProcess]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in dict.fromkeys([*args.models, BASELINE]):
-            model = timm.create_model(name).eval()
-            path = Path(tmp) / f"{name}.onnx"
-            dim = torch.export.Dim("batch", min=1, max=64)
-            torch.onnx.export(model, (inputs[args.batches[0]],), str(path), dynamo=True, verbose=False,
-                              dynamic_shapes=({0: dim},), report=False)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            # ONNX Runtime's threads otherwise spin for a while after each run, taking the cores from the next call
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            feed = session.get_inputs()[0].name
-            for b, x in inputs.items():
-                def eager(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
-                    with torch.inference_mode():
-                        model(x)
+        try:
+            for name in dict.fromkeys([*args.models, BASELINE]):
+                for runtime in RUNTIMES:
+                    parent, child = context.Pipe()
+                    process = context.Process(target=_worker, args=(child, name, runtime, args.batches,
+                                                                    args.image_size, threads, args.malloc, tmp))
+                    process.start()
+                    workers[(name, runtime)] = (parent, process)
+            for conn, _ in workers.values():
+                _, malloc, ort_version = conn.recv()  # (raises EOFError if the worker died while building)
+            keys = [(name, b, runtime) for (name, runtime) in workers for b in args.batches]
+            times: dict[tuple[str, int, str], list[float]] = {key: [] for key in keys}
 
-                def onnx(session: ort.InferenceSession = session, feed: str = feed, x: torch.Tensor = x) -> None:
-                    session.run(None, {feed: x.numpy()})
+            def timed(key: tuple[str, int, str], before: int) -> float:
+                conn = workers[(key[0], key[2])][0]
+                conn.send((key[1], before))
+                return conn.recv()
 
-                runs[(name, b, "eager")] = eager
-                runs[(name, b, "onnxruntime")] = onnx
-        for run in runs.values():
-            for _ in range(args.warmup):
-                run()
-        times: dict[tuple[str, int, str], list[float]] = {key: [] for key in runs}
-        for _ in range(args.rounds):
-            for key, run in runs.items():
-                # timed right after a call of its own, as a deployment runs one model again and again: the other
-                # runtime's last run (GBs of the reference's tensors in ONNX Runtime) leaves caches and pages cold
-                for _ in range(args.lead_in):
-                    run()
-                t = time.perf_counter()
-                run()
-                times[key].append(time.perf_counter() - t)
+            for key in keys:
+                timed(key, max(0, args.warmup - 1))
+            for _ in range(args.rounds):
+                for key in keys:
+                    # timed right after a call of its own, as a deployment runs one model again and again
+                    times[key].append(timed(key, args.lead_in))
+        finally:
+            for conn, process in workers.values():
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+                process.join(timeout=60)
+                if process.is_alive():
+                    process.terminate()
     med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
     rows, results = [], []
     for name in dict.fromkeys([*args.models, BASELINE]):
@@ -99,9 +140,9 @@ def main() -> None:
             results.append(dict(model=name, batch=b, eager_ms=eager, onnxruntime_ms=onnx,
                                 eager_times_s=times[(name, b, "eager")],
                                 onnxruntime_times_s=times[(name, b, "onnxruntime")], best_over_baseline=best / base))
-    text = (f"== inference (eval), {args.image_size} px, {threads} threads, {args.rounds} interleaved rounds after "
-            f"{args.warmup} warm-up runs each, each timed run after {args.lead_in} of its own; malloc: {malloc}; "
-            f"onnxruntime {ort.__version__} ==\n"
+    text = (f"== inference (eval), {args.image_size} px, {threads} threads, a process per model and runtime, "
+            f"{args.rounds} interleaved rounds after {args.warmup} warm-up runs each, each timed run after "
+            f"{args.lead_in} of its own; malloc: {malloc}; onnxruntime {ort_version} ==\n"
             + _common.table(["model", "batch", "eager ms", "onnxruntime ms", "faster", f"best / {BASELINE} ORT"],
                             rows))
     machine = _common.machine_info() | {"malloc": malloc}

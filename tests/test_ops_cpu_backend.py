@@ -202,7 +202,9 @@ def _opcheck_cases():
                   ("subtraction2_var_mean_backward", (_t(2, c, 9, 56), *det, append, _t(c), _t(c), _t(c), *fp)),
                   ("conv1x1_affine_relu_maxpool2x2", (_t(2, 3, 6, 7), _t(4, 3), _t(4), _t(4))),
                   ("pairwise_logits_inference", (*det, append, _t(c), _t(c), _t(4, c), _t(4), _t(4), _t(3, 4),
-                                                 _t(3), *fp))]
+                                                 _t(3), *fp)),
+                  ("pairwise_attention_inference", (*det, append, _t(2, 6, 7, 8), _t(c), _t(c), _t(4, c), _t(4),
+                                                    _t(4), _t(3, 4), _t(3), *fp))]
     # the clique relation
     q, k = _t(2, 3, 9, 13, grad=True), _t(2, 3, 9, 13, grad=True)
     cases += [("clique_products", (q, k)), ("clique_products", (_t(1, 2, 4, 9, grad=True), _t(1, 2, 4, 9))),

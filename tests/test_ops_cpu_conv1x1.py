@@ -323,6 +323,122 @@ def test_pairwise_logits_inference_same_bits_with_1_and_2_threads(case, n):
     torch.testing.assert_close(outs[1], ref, rtol=1e-5, atol=1e-5)
 
 
+# --- pairwise_attention for inference: the logits, their softmax and the aggregation per block of output rows -------
+def _attention(args, values, mode, fp, backend):
+    x1, x2, append, norm1, w1, norm2, w2, b2 = args
+    with ops.use_backend(backend):
+        return ops.pairwise_attention(x1, x2, values, norm1, w1, norm2, w2, b2, pad_mode=mode, append=append, **fp)
+
+
+def _values(args, channels_per_weight=3):
+    gen = torch.Generator().manual_seed(7)
+    x1, w2 = args[0], args[6]
+    return torch.randn(x1.shape[0], channels_per_weight * w2.shape[0], *x1.shape[2:], dtype=x1.dtype, generator=gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", RELATION_CASES, ids=lambda c: case_id(c) + f"_append{c[6]}")
+def test_pairwise_attention_inference_matches_reference(case, mode, dtype):
+    # stride 1: the kernel; stride 2 and 3: this backend's composition
+    args, fp = _logits_inputs(case, dtype)
+    for per_weight in (1, 3, 8):  # value channels per weight channel: the aggregation's 8-channel blocks and the rest
+        values = _values(args, per_weight)
+        with torch.no_grad():
+            ours, ref = _attention(args, values, mode, fp, "cpu"), _attention(args, values, mode, fp, "reference")
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+        torch.testing.assert_close(ours, ref, **tol)
+        assert ref.abs().max() > 0.01 and (ref > 0).any() and (ref < 0).any()  # not a trivial output
+
+
+def test_pairwise_attention_inference_runs_the_kernel_only_at_stride_1_without_gradient(monkeypatch):
+    from torchsan.ops._cpu import subtraction2_conv1x1 as module
+
+    calls = []
+    original = module.pairwise_attention_inference_op
+    monkeypatch.setattr(module, "pairwise_attention_inference_op", lambda *a: calls.append(1) or original(*a))
+    args, fp = _logits_inputs((5, 1, 1, None, 13, 12, 1), torch.float64)
+    values = _values(args)
+    with torch.no_grad():
+        expected = _attention(args, values, "reflect", fp, "reference")
+        first, second = (_attention(args, values, "reflect", fp, "cpu") for _ in range(2))
+    assert torch.equal(first, second)
+    assert len(calls) == 2
+    # a gradient wanted: the composition, differentiable, the same values
+    v = values.clone().requires_grad_(True)
+    out = _attention(args, v, "reflect", fp, "cpu")
+    torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
+    out.sum().backward()
+    assert v.grad is not None and len(calls) == 2
+    # stride 2: the composition
+    strided, fp2 = _logits_inputs((5, 2, 1, None, 13, 12, 1), torch.float64)
+    with torch.no_grad():
+        ours, ref = (_attention(strided, values, "reflect", fp2, backend) for backend in ("cpu", "reference"))
+    torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+    assert len(calls) == 2
+    # batch statistics: rejected (the op applies running statistics)
+    with pytest.raises(ValueError, match="running statistics"):
+        _attention((*args[:3], (*args[3][:3], None, None), *args[4:]), values, "reflect", fp, "cpu")
+
+
+@pytest.mark.parametrize("width", [255, 257], ids=["row_fits", "row_too_long"])
+def test_pairwise_attention_inference_rows_up_to_a_sub_block(width, monkeypatch):
+    """One output row per block up to the kernel's sub-block; a longer row takes the composition. Same values."""
+    from torchsan.ops._cpu import subtraction2_conv1x1 as module
+    from torchsan.ops._cpu.policy import ATTENTION_MAX_ROW
+
+    assert ATTENTION_MAX_ROW == _cpu.kernel_constants()["sub_block"]
+    calls = []
+    original = module.pairwise_attention_inference_op
+    monkeypatch.setattr(module, "pairwise_attention_inference_op", lambda *a: calls.append(1) or original(*a))
+    args, fp = _logits_inputs((3, 1, 1, None, 3, width, 1), torch.float64, n=1)
+    values = _values(args)
+    with torch.no_grad():
+        ours, ref = _attention(args, values, "zeros", fp, "cpu"), _attention(args, values, "zeros", fp, "reference")
+    torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+    assert len(calls) == (width <= ATTENTION_MAX_ROW)
+
+
+def test_pairwise_attention_inference_same_bits_with_1_and_2_threads():
+    from _helpers import per_thread_count
+
+    args, fp = _logits_inputs((7, 1, 1, None, 30, 31, 1), torch.float32, c=6, c_mid=16, c_out=8, n=2)
+    values = _values(args, 8)
+    with torch.no_grad():
+        outs = per_thread_count(lambda: _attention(args, values, "reflect", fp, "cpu"))
+        ref = _attention(args, values, "reflect", fp, "reference")
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_in_eval_runs_the_whole_attention_as_one_op_and_matches_its_modules(monkeypatch):
+    """An eval-mode pairwise layer on a map whose blocks of rows are large enough (ops.should_fuse): the relation,
+    gamma, the softmax and the aggregation as one op; the same function as the modules one by one."""
+    from torchsan.layers import PairwiseSelfAttention
+    from torchsan.ops._cpu import subtraction2_conv1x1 as module
+
+    torch.manual_seed(0)
+    layer = PairwiseSelfAttention(16, 4, 16, share_planes=4, kernel_size=7).double()
+    for m in layer.modules():  # running statistics other than the initial ones
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 1.5)
+    layer.eval()
+    x = torch.randn(2, 16, 24, 20, dtype=torch.float64)
+    calls = []
+    original = module.pairwise_attention_inference_op
+    monkeypatch.setattr(module, "pairwise_attention_inference_op", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad(), ops.use_backend("cpu"):
+        fused = layer(x)
+        with ops.fusion(False):
+            modules = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(fused, modules, rtol=1e-11, atol=1e-11)
+    with ops.use_backend("cpu"):  # a gradient wanted: not the inference op
+        layer(x.requires_grad_(True)).sum().backward()
+    assert calls == [1] and x.grad is not None
+
+
 @pytest.mark.parametrize("sa_type,kernel_op", [("pairwise", "pairwise_logits_inference_op"),
                                                ("patchwise", "patchwise_weights_inference_op")])
 def test_layer_in_eval_runs_gamma_as_one_op_and_matches_its_modules(sa_type, kernel_op, monkeypatch):

@@ -21,7 +21,15 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..ops._fusion import has_hooks
 from .cache import reuse
-from .fused import is_conv1x1, patchwise_concat_mapping, run_mapping, softmax_aggregation, subtraction2_mapping
+from .fused import (
+    fuses_subtraction2_attention,
+    is_conv1x1,
+    patchwise_concat_mapping,
+    run_mapping,
+    softmax_aggregation,
+    subtraction2_attention,
+    subtraction2_mapping,
+)
 from .mapping import build_mapping
 from .primitives import Aggregation, Centre, Subtraction, Subtraction2, Unfold
 
@@ -262,6 +270,15 @@ class PairwiseSelfAttention(_SelfAttention):
         delta = self._relation(q, k)
         z = delta if p is None else torch.cat([delta, p.expand(q.shape[0], -1, -1, -1)], dim=1)
         return run_mapping(self.gamma, z)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # In inference the subtraction relation, gamma, the softmax and the aggregation run as one op where allowed:
+        # the logits are never written.
+        if (self.relation == "subtraction" and not (self.memory_efficient and torch.is_grad_enabled())
+                and fuses_subtraction2_attention(self.subtraction2, self.gamma, self.softmax, self.aggregation, q)):
+            p = self._position_difference(q) if self.position_encoding else None
+            return subtraction2_attention(self.subtraction2, self.gamma, q, k, v, p)
+        return super().attend(q, k, v)
 
     def _aggregate(self, v: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """y_i = sum_j softmax_j(logits) ⊙ beta(x_j), eq. (1), the softmax over the K footprint taps."""

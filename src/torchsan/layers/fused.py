@@ -27,6 +27,8 @@ __all__ = [
     "norm_act_pool",
     "patchwise_concat_mapping",
     "softmax_aggregation",
+    "subtraction2_attention",
+    "fuses_subtraction2_attention",
     "subtraction2_mapping",
     "run_mapping",
     "update_running_stats",
@@ -225,6 +227,31 @@ def subtraction2_mapping(subtraction2: nn.Module, gamma: nn.Sequential, q: torch
     else:
         z = torch.cat([subtraction2(q, k), p.expand(q.shape[0], -1, -1, -1)], dim=1)
     return run_mapping(gamma, z)
+
+
+def fuses_subtraction2_attention(subtraction2: nn.Module, gamma: nn.Sequential, softmax: nn.Module,
+                                 aggregation: nn.Module, q: torch.Tensor) -> bool:
+    """Whether the pairwise subtraction layer after its transforms, ``aggregation(v, softmax(gamma(z)))`` with z as in
+    :func:`subtraction2_mapping`, runs as one op (:func:`subtraction2_attention`): gamma's BNs in eval mode, the
+    footprints alike, and the backend's rule for the shape."""
+    if not (_is_pairwise_gamma(gamma) and type(softmax) is nn.Softmax and softmax.dim == 2
+            and subtraction2.args == aggregation.args and q.dim() == 4):
+        return False
+    if _uses_batch_stats(gamma[0]) or _uses_batch_stats(gamma[3]):
+        return False
+    h_out, w_out = subtraction2.footprint.out_hw(q.shape[2], q.shape[3])
+    return ops.should_fuse("pairwise_attention", q, subtraction2, *gamma, softmax, aggregation,
+                           batch_statistics=False, stride=subtraction2.footprint.stride, out_height=h_out,
+                           out_width=w_out)
+
+
+def subtraction2_attention(subtraction2: nn.Module, gamma: nn.Sequential, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """``aggregation(v, softmax(gamma(z)))`` as one op (``ops.pairwise_attention``), where
+    :func:`fuses_subtraction2_attention` allows it: q, k (N, C, H, W), v (N, Cv, H, W), p (1, 2, K, L) or None."""
+    bn1, _, conv1, bn2, _, conv2 = gamma
+    return ops.pairwise_attention(q, k, v, _norm_args(bn1), conv1.weight.flatten(1), _norm_args(bn2),
+                                  conv2.weight.flatten(1), conv2.bias, *subtraction2.args, append=p)
 
 
 def patchwise_concat_mapping(centre: nn.Module, unfold: nn.Module, gamma: nn.Sequential, q: torch.Tensor,

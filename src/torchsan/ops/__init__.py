@@ -44,6 +44,7 @@ __all__ = [
     "fusion_enabled",
     "get_backend",
     "output_size",
+    "pairwise_attention",
     "pairwise_logits",
     "patchwise_weights",
     "resolve_footprint",
@@ -412,6 +413,65 @@ def pairwise_logits(
     norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
     return implementation(x1).pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias,
                                               fp)
+
+
+def pairwise_attention(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    values: torch.Tensor,
+    norm1: tuple[Any, ...],
+    conv1_weight: torch.Tensor,
+    norm2: tuple[Any, ...],
+    conv2_weight: torch.Tensor,
+    conv2_bias: torch.Tensor | None = None,
+    kernel_size: int = 7,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+    *,
+    append: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The pairwise layer after its transforms, for inference: ``softmax_aggregation(values, logits)`` with the
+    logits of :func:`pairwise_logits`, both BNs applying their running statistics.
+
+    The ``cpu`` backend's inference kernel (no gradient, stride 1) computes the logits of a block of output rows tap
+    by tap into a per-thread buffer, normalises them and aggregates with them there: neither z, gamma's hidden layer
+    nor the (N, Cw, K, L) logits are written. Otherwise, and on the other backends, the composition.
+
+    Args:
+        x1, x2: (N, C, H, W) (phi(x), psi(x)); values: (N, Cv, H, W) (beta(x)), Cv % Cw == 0; append: (1 or N, E, K,
+            L) or None.
+        norm1, norm2: each BN as ``(weight, bias, eps, running_mean, running_var)``, the running statistics given.
+        conv1_weight: (Cm, C + E); conv2_weight: (Cw, Cm); conv2_bias: (Cw,) or None.
+        kernel_size, stride, padding, dilation, pad_mode: the footprint, as in :func:`subtraction2`.
+    Returns:
+        (N, Cv, H_out, W_out).
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    x1, x2, values, append, conv1_weight, conv2_weight, conv2_bias = _autocast(
+        x1, x2, values, append, conv1_weight, conv2_weight, conv2_bias)
+    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
+    c = x1.shape[1]
+    if append is not None:
+        _checks.check_append(append, x1, fp.area, h_out * w_out)
+        c += append.shape[1]
+    _checks.check_conv1x1("x1", x1, c, conv1_weight, None, "conv1_weight")
+    _checks.check_conv1x1("x1", x1, conv1_weight.shape[0], conv2_weight, conv2_bias, "conv2_weight", "conv2_bias")
+    shape = (x1.shape[0], c, fp.area, h_out * w_out)
+    norm1 = _checks.check_norm("norm1", x1, norm1, shape)
+    norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
+    if norm1[3] is None or norm2[3] is None:
+        raise ValueError("pairwise_attention applies the BNs' running statistics (inference); with batch statistics "
+                         "use pairwise_logits, then softmax_aggregation")
+    _checks.check_feature_map("values", values)
+    _checks.check_same_kind("x1", x1, "values", values)
+    cw = conv2_weight.shape[0]
+    if values.shape[0] != x1.shape[0] or values.shape[2:] != x1.shape[2:] or cw < 1 or values.shape[1] % cw:
+        raise ValueError(f"values must be (N, Cv, H, W) with x1's N, H and W and Cv divisible by the {cw} weight "
+                         f"channels, got {tuple(values.shape)} for x1 {tuple(x1.shape)}")
+    return implementation(x1).pairwise_attention(x1, x2, values, append, norm1, conv1_weight, norm2, conv2_weight,
+                                                 conv2_bias, fp)
 
 
 def patchwise_weights(

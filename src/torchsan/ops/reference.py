@@ -163,6 +163,13 @@ def pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, co
     return F.conv2d(F.relu(y), conv2_weight[:, :, None, None], conv2_bias), mean1, var1, mean2, var2
 
 
+def pairwise_attention(x1, x2, values, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp: Footprint):
+    """softmax_aggregation(values, pairwise_logits(...)): the pairwise layer after its transforms (running
+    statistics)."""
+    logits = pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)[0]
+    return softmax_aggregation(values, logits, fp, *fp.out_hw(x1.shape[2], x1.shape[3]))
+
+
 def patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp: Footprint):
     """gamma(z) = conv2(relu(bn2(conv1(relu(bn1(z)))))) of the patchwise concatenation relation
     z = [centre(x1), unfold(x2) as C * K channels (c * K + k)] (N, C (K + 1), 1, L), each norm as in

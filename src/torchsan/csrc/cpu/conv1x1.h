@@ -138,19 +138,22 @@ void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T
 }
 
 // Two triples in one pass, for inference: y = W2 relu(scale2 * (W1 relu(scale1 * x + shift1)) + shift2) + bias2
-// over (N, Cin, P) -> (N, Cout, P), the hidden (N, Cmid, P) never written: per sub-block, the first product's
-// epilogue applies the second affine map and ReLU and stages the rows the second product reads. (A bias of the first
-// convolution folds into shift2.) Tasks are images' pixel chunks, or each sub-block's channels on a small map at
-// batch 1 (below).
-template <typename T, int R1, int R2, typename Rows>
-void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, const T* shift1, const T* w1,
-                                              const T* scale2, const T* shift2, const T* w2, const T* bias2, T* y,
-                                              int64_t N, int64_t Cin, int64_t Cmid, int64_t Cout, int64_t P) {
-  const int64_t blocks1 = round_up(Cmid, R1) / R1, blocks2 = round_up(Cout, R2) / R2;
-  const std::vector<T> w1_packed = pack_row_blocks<T, R1>(w1, Cmid, Cin, false);
-  const std::vector<T> w2_packed = pack_row_blocks<T, R2>(w2, Cout, Cmid, false);
+// over Cin -> Cout rows, the hidden Cmid rows never written: per sub-block, the first product's epilogue applies the
+// second affine map and ReLU and stages the rows the second product reads. (A bias of the first convolution folds
+// into shift2.) The weights are packed once, on construction.
+template <typename T, int R1, int R2>
+struct TwoTriples {
+  const T *scale1, *shift1, *scale2, *shift2, *bias2;
+  int64_t Cin, Cmid, Cout, blocks1, blocks2;
+  std::vector<T> w1_packed, w2_packed;
+  TwoTriples(const T* scale1_, const T* shift1_, const T* w1, const T* scale2_, const T* shift2_, const T* w2,
+             const T* bias2_, int64_t Cin_, int64_t Cmid_, int64_t Cout_)
+      : scale1(scale1_), shift1(shift1_), scale2(scale2_), shift2(shift2_), bias2(bias2_), Cin(Cin_), Cmid(Cmid_),
+        Cout(Cout_), blocks1(round_up(Cmid_, R1) / R1), blocks2(round_up(Cout_, R2) / R2),
+        w1_packed(pack_row_blocks<T, R1>(w1, Cmid_, Cin_, false)),
+        w2_packed(pack_row_blocks<T, R2>(w2, Cout_, Cmid_, false)) {}
   // The first product's row block b: relu(scale2 * acc + shift2) into the hidden rows.
-  auto first = [&](const T* relu_rows, T* hidden_rows, int64_t m, int64_t b) {
+  void first(const T* relu_rows, T* hidden_rows, int64_t m, int64_t b) const {
     gemm_block<T, R1>(w1_packed.data() + b * Cin * R1, Cin, relu_rows, m, [&](int64_t j, int64_t q, const V<T>* acc) {
       const int64_t cm = b * R1 + j;
       if (cm >= Cmid) return;
@@ -161,7 +164,28 @@ void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, 
         std::memcpy(row + c * VW<T>, &pre, sizeof(V<T>));
       }
     });
-  };
+  }
+  // The second product's row blocks [b0, b1) (all: b1 < 0) into y0[co * ystride + (0 .. m)].
+  void second(const T* hidden_rows, int64_t m, T* y0, int64_t ystride, int64_t b0 = 0, int64_t b1 = -1) const {
+    product_to_output<T, R2>(w2_packed.data(), Cmid, hidden_rows, m, bias2, Cout, y0, ystride, nullptr, b0, b1);
+  }
+  // The columns [q0, q0 + m) (m <= kSubBlock) of image n of src, on this thread, with its work buffers.
+  template <typename Rows>
+  void run(const Rows& src, int64_t n, int64_t q0, int64_t m, T* relu_rows, T* hidden_rows, T* scratch, T* y0,
+           int64_t ystride) const {
+    stage_affine_relu_rows(src, n, q0, m, scale1, shift1, 0, Cin, relu_rows, scratch);
+    for (int64_t b = 0; b < blocks1; ++b) first(relu_rows, hidden_rows, m, b);
+    second(hidden_rows, m, y0, ystride);
+  }
+};
+
+// TwoTriples over (N, Cin, P) -> (N, Cout, P). Tasks are images' pixel chunks, or each sub-block's channels on a
+// small map at batch 1 (below).
+template <typename T, int R1, int R2, typename Rows>
+void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, const T* shift1, const T* w1,
+                                              const T* scale2, const T* shift2, const T* w2, const T* bias2, T* y,
+                                              int64_t N, int64_t Cin, int64_t Cmid, int64_t Cout, int64_t P) {
+  const TwoTriples<T, R1, R2> triples(scale1, shift1, w1, scale2, shift2, w2, bias2, Cin, Cmid, Cout);
   if (N * ((P + kSubBlock - 1) / kSubBlock) < at::get_num_threads()) {
     // Fewer sub-blocks than threads (a small map at batch 1): the threads share each sub-block's work instead, its
     // staged rows, then the first product's row blocks, then the second's. Every value is computed as below.
@@ -173,12 +197,11 @@ void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, 
           std::vector<T> scratch(kSubBlock);
           stage_affine_relu_rows(src, n, q0, m, scale1, shift1, begin, end, relu_rows.data(), scratch.data());
         });
-        parallel_range(0, blocks1, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t b = begin; b < end; ++b) first(relu_rows.data(), hidden_rows.data(), m, b);
+        parallel_range(0, triples.blocks1, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) triples.first(relu_rows.data(), hidden_rows.data(), m, b);
         });
-        parallel_range(0, blocks2, 1, [&](int64_t begin, int64_t end) {
-          product_to_output<T, R2>(w2_packed.data(), Cmid, hidden_rows.data(), m, bias2, Cout,
-                                   y + n * Cout * P + q0, P, nullptr, begin, end);
+        parallel_range(0, triples.blocks2, 1, [&](int64_t begin, int64_t end) {
+          triples.second(hidden_rows.data(), m, y + n * Cout * P + q0, P, begin, end);
         });
       }
     }
@@ -189,13 +212,9 @@ void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, 
     std::vector<T> relu_rows(Cin * kSubBlock), hidden_rows(Cmid * kSubBlock), scratch(kSubBlock);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(P, p0 + chunk);
-      for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
-        const int64_t m = std::min(kSubBlock, p1 - q0);
-        stage_affine_relu_rows(src, n, q0, m, scale1, shift1, 0, Cin, relu_rows.data(), scratch.data());
-        for (int64_t b = 0; b < blocks1; ++b) first(relu_rows.data(), hidden_rows.data(), m, b);
-        product_to_output<T, R2>(w2_packed.data(), Cmid, hidden_rows.data(), m, bias2, Cout, y + n * Cout * P + q0,
-                                 P);
-      }
+      for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock)
+        triples.run(src, n, q0, std::min(kSubBlock, p1 - q0), relu_rows.data(), hidden_rows.data(), scratch.data(),
+                    y + n * Cout * P + q0, P);
     }
   });
 }

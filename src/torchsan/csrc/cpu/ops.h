@@ -86,6 +86,12 @@ at::Tensor subtraction2_affine_relu_conv1x1_forward(at::Tensor x1, at::Tensor x2
                                                     at::Tensor scale, at::Tensor shift, at::Tensor weight,
                                                     c10::optional<at::Tensor> bias, int64_t k, int64_t s, int64_t p,
                                                     int64_t d, bool reflect);
+// For inference at stride 1, the pairwise layer after its transforms in one pass: softmax_aggregation(v,
+// subtraction2_affine_relu_conv1x1_twice_forward(...)) (N, C, Ho, Wo), the logits never written.
+at::Tensor pairwise_attention_inference(at::Tensor x1, at::Tensor x2, c10::optional<at::Tensor> append, at::Tensor v,
+                                        at::Tensor scale1, at::Tensor shift1, at::Tensor weight1, at::Tensor scale2,
+                                        at::Tensor shift2, at::Tensor weight2, c10::optional<at::Tensor> bias2,
+                                        int64_t k, int64_t s, int64_t p, int64_t d, bool reflect);
 // Inference: the whole pairwise mapping on z, two affine-ReLU-1x1-convs, neither z nor the hidden layer written:
 // (N, Cout, K, L). No backward.
 at::Tensor subtraction2_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2,

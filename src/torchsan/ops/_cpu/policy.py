@@ -30,6 +30,13 @@ CONV1X1_POOL_MAX_IN_CHANNELS = 8
 # A plain 1x1 convolution for inference: on large NCHW maps oneDNN's convolution is slower than a batched matrix
 # product on the map as it is (at::bmm), from this many positions per image (benchmarks/conv1x1_route.py).
 CONV1X1_MATMUL_MIN_POSITIONS = 784
+# The longest output row the pairwise attention kernel takes: a block of whole rows is one of its sub-blocks
+# (kernel_constants()["sub_block"]).
+ATTENTION_MAX_ROW = 256
+# The pairwise layer after its transforms as one inference kernel (logits per block of whole output rows, never
+# written): it pays where a block holds at least this many positions (half a sub-block: short rows waste the
+# products' vector columns) and the batch's blocks give every thread one.
+ATTENTION_MIN_BLOCK_POSITIONS = 128
 # The clique relation's products (benchmarks/ops.py): the kernel's sums are bound by loads; with more channels than
 # this the batched matrix product behind torch.einsum (K x C by C x K per position) is faster, its copy included.
 CLIQUE_MAX_CHANNELS = 32
@@ -46,18 +53,27 @@ def _conv1x1_pays(c_in: int, c_out: int, positions: int) -> bool:
 
 
 def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int = 0, positions: int = 0,
-          batch_statistics: bool = True) -> bool:
+          batch_statistics: bool = True, stride: int = 1, out_height: int = 0, out_width: int = 0) -> bool:
     """Whether this backend's fused ``op`` beats running its parts one by one for input ``x`` (see
     ``torchsan.ops._fusion.should_fuse``). ``out_channels``: the conv1x1's output width; for
     ``subtraction2_batchnorm_relu_conv1x1`` also ``in_channels`` (z's channels, the conv's input) and ``positions``
     (output pixels per image); for ``pairwise_logits``, ``batch_statistics``: whether a BN of gamma normalises with
-    the batch's statistics (training mode)."""
+    the batch's statistics (training mode); for ``pairwise_attention`` also the footprint's ``stride`` and the
+    output's ``out_height`` and ``out_width``."""
     if op in _ALWAYS:
         return True
     if op in ("pairwise_logits", "patchwise_weights"):  # inference kernels: running statistics, no gradient
         return not batch_statistics and not (torch.is_grad_enabled() and x.requires_grad)
     if op in ("conv1x1_affine_relu_maxpool2x2", "conv1x1_batchnorm_relu_maxpool2x2"):  # narrow inputs: the stem
         return in_channels <= CONV1X1_POOL_MAX_IN_CHANNELS
+    if op == "pairwise_attention":  # inference kernel: running statistics, no gradient, stride 1
+        if batch_statistics or (torch.is_grad_enabled() and x.requires_grad) or stride != 1:
+            return False
+        if not 0 < out_width <= ATTENTION_MAX_ROW or out_height < 1:
+            return False
+        rows = min(out_height, ATTENTION_MAX_ROW // out_width)
+        blocks = x.shape[0] * math.ceil(out_height / rows)
+        return rows * out_width >= ATTENTION_MIN_BLOCK_POSITIONS and blocks >= torch.get_num_threads()
     if op == "conv1x1_matmul":
         return not torch.is_grad_enabled() and math.prod(x.shape[2:]) >= CONV1X1_MATMUL_MIN_POSITIONS
     if op in ("affine_relu_conv1x1", "batchnorm_relu_conv1x1"):

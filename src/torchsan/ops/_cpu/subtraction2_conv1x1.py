@@ -17,6 +17,8 @@ from .. import reference
 from .._checks import Footprint
 from ..reference import batchnorm_scale_shift
 from ._register import custom_op, differentiable_backward, kernels
+from .policy import ATTENTION_MAX_ROW
+from .softmax_aggregation import softmax_aggregation
 from .statistics import batchnorm_statistics_grads
 
 
@@ -162,6 +164,47 @@ def pairwise_logits(x1: Tensor, x2: Tensor, append: Tensor | None, norm1: tuple,
     logits = pairwise_logits_inference_op(x1, x2, append, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight,
                                           conv2_bias, *fp.kernel_args())
     return logits, None, None, None, None
+
+
+# --- inference: the pairwise layer after its transforms ----------------------------------------------------------
+def _pairwise_attention_inference(x1: Tensor, x2: Tensor, append: Tensor | None, values: Tensor, scale1: Tensor,
+                                  shift1: Tensor, conv1_weight: Tensor, scale2: Tensor, shift2: Tensor,
+                                  conv2_weight: Tensor, conv2_bias: Tensor | None, kernel_size: int, stride: int,
+                                  padding: int, dilation: int, reflect: bool) -> Tensor:
+    """aggregation(values, softmax_K(logits)) with the logits of ``pairwise_logits_inference``, stride 1: (N, Cv,
+    Ho, Wo). Per block of output rows, the logits live in a per-thread buffer only. No backward."""
+    return kernels().pairwise_attention_inference(
+        x1, x2, append, values, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight, conv2_bias, kernel_size,
+        stride, padding, dilation, reflect)
+
+
+def _pairwise_attention_inference_fake(x1, x2, append, values, scale1, shift1, conv1_weight, scale2, shift2,
+                                       conv2_weight, conv2_bias, kernel_size, stride, padding, dilation, reflect):
+    fp = Footprint.from_kernel_args(kernel_size, stride, padding, dilation, reflect)
+    return values.new_empty((values.shape[0], values.shape[1], *fp.out_hw(x1.shape[2], x1.shape[3])))
+
+
+pairwise_attention_inference_op = custom_op("pairwise_attention_inference", _pairwise_attention_inference,
+                                            _pairwise_attention_inference_fake)
+
+
+def pairwise_attention(x1: Tensor, x2: Tensor, values: Tensor, append: Tensor | None, norm1: tuple,
+                       conv1_weight: Tensor, norm2: tuple, conv2_weight: Tensor, conv2_bias: Tensor | None,
+                       fp: Footprint) -> Tensor:
+    """``ops.pairwise_attention`` on this backend: the inference kernel where nothing needs a gradient and the
+    footprint has stride 1 with output rows of at most ``ATTENTION_MAX_ROW`` positions; else the composition of this
+    backend's ``pairwise_logits`` and ``softmax_aggregation``."""
+    tensors = (x1, x2, values, append, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    h_out, w_out = fp.out_hw(x1.shape[2], x1.shape[3])
+    if needs_grad or fp.stride != 1 or w_out > ATTENTION_MAX_ROW:
+        logits = pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)[0]
+        return softmax_aggregation(values, logits, fp, h_out, w_out)
+    (w1, b1, eps1, mean1, var1), (w2, b2, eps2, mean2, var2) = norm1, norm2
+    scale1, shift1 = batchnorm_scale_shift(w1, b1, mean1, var1, eps1)
+    scale2, shift2 = batchnorm_scale_shift(w2, b2, mean2, var2, eps2)
+    return pairwise_attention_inference_op(x1, x2, append, values, scale1, shift1, conv1_weight, scale2, shift2,
+                                           conv2_weight, conv2_bias, *fp.kernel_args())
 
 
 # --- inference: the patchwise concatenation relation's whole mapping ------------------------------------------------
