@@ -771,8 +771,9 @@ def test_torch_compile_fullgraph_matches_eager(sa_type, monkeypatch):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     traced = _torchsan_ops(graphs)
     assert "affine_relu_maxpool2x2" in traced  # the stage boundaries, fused in the graph too
-    # pairwise: the relation gathered; patchwise: its whole mapping as the inference op (eval, no gradient)
-    assert {"softmax_aggregation", "subtraction2"} <= traced if sa_type == "pairwise" else {
+    # pairwise: the relation gathered, the softmax not written; patchwise: its whole mapping as the inference op
+    # (eval, no gradient)
+    assert {"softmax_aggregation_inference", "subtraction2"} <= traced if sa_type == "pairwise" else {
         "aggregation", "patchwise_weights_inference"} <= traced
 
 

@@ -73,7 +73,9 @@ def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int =
             return False
         rows = min(out_height, ATTENTION_MAX_ROW // out_width)
         blocks = x.shape[0] * math.ceil(out_height / rows)
-        return rows * out_width >= ATTENTION_MIN_BLOCK_POSITIONS and blocks >= torch.get_num_threads()
+        # (a traced graph cannot depend on the thread count: two threads there)
+        threads = 2 if torch.compiler.is_compiling() else torch.get_num_threads()
+        return rows * out_width >= ATTENTION_MIN_BLOCK_POSITIONS and blocks >= threads
     if op == "conv1x1_matmul":
         return not torch.is_grad_enabled() and math.prod(x.shape[2:]) >= CONV1X1_MATMUL_MIN_POSITIONS
     if op in ("affine_relu_conv1x1", "batchnorm_relu_conv1x1"):
