@@ -211,6 +211,8 @@ def _opcheck_cases():
               ("clique_products_backward", (_t(2, 9, 9, 13), q.detach(), k.detach()))]
     cases.append(("patchwise_weights_inference", (*det, _t(30), _t(30), _t(4, 30), _t(4), _t(4), _t(18, 4), None,
                                                   3, 1, 1, 1, True)))
+    cases.append(("patchwise_attention_inference", (*det, _t(2, 4, 7, 8), _t(30), _t(30), _t(4, 30), _t(4), _t(4),
+                                                    _t(18, 4), _t(18), 3, 1, 1, 1, True)))
     return cases
 
 

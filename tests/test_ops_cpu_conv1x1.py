@@ -411,34 +411,6 @@ def test_pairwise_attention_inference_same_bits_with_1_and_2_threads():
     torch.testing.assert_close(outs[1], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_layer_in_eval_runs_the_whole_attention_as_one_op_and_matches_its_modules(monkeypatch):
-    """An eval-mode pairwise layer on a map whose blocks of rows are large enough (ops.should_fuse): the relation,
-    gamma, the softmax and the aggregation as one op; the same function as the modules one by one."""
-    from torchsan.layers import PairwiseSelfAttention
-    from torchsan.ops._cpu import subtraction2_conv1x1 as module
-
-    torch.manual_seed(0)
-    layer = PairwiseSelfAttention(16, 4, 16, share_planes=4, kernel_size=7).double()
-    for m in layer.modules():  # running statistics other than the initial ones
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 1.5)
-    layer.eval()
-    x = torch.randn(2, 16, 24, 20, dtype=torch.float64)
-    calls = []
-    original = module.pairwise_attention_inference_op
-    monkeypatch.setattr(module, "pairwise_attention_inference_op", lambda *a: calls.append(1) or original(*a))
-    with torch.no_grad(), ops.use_backend("cpu"):
-        fused = layer(x)
-        with ops.fusion(False):
-            modules = layer(x)
-    assert calls == [1]
-    torch.testing.assert_close(fused, modules, rtol=1e-11, atol=1e-11)
-    with ops.use_backend("cpu"):  # a gradient wanted: not the inference op
-        layer(x.requires_grad_(True)).sum().backward()
-    assert calls == [1] and x.grad is not None
-
-
 @pytest.mark.parametrize("sa_type,kernel_op", [("pairwise", "pairwise_logits_inference_op"),
                                                ("patchwise", "patchwise_weights_inference_op")])
 def test_layer_in_eval_runs_gamma_as_one_op_and_matches_its_modules(sa_type, kernel_op, monkeypatch):
@@ -546,3 +518,96 @@ def test_patchwise_weights_inference_runs_the_kernel_only_where_no_gradient_or_b
     with torch.no_grad():  # batch statistics (training mode): the reference composition, which returns them
         out = _patchwise((*args[:2], (*args[2][:3], None, None), *args[3:]), "reflect", fp, "cpu")
     assert out[1] is not None and len(calls) == 2
+
+
+# --- patchwise_attention for inference: the weights and the aggregation per block of output rows --------------------
+def _patchwise_attention(args, values, mode, fp, backend):
+    with ops.use_backend(backend):
+        return ops.patchwise_attention(args[0], args[1], values, *args[2:], pad_mode=mode, **fp)
+
+
+def _patchwise_attention_inputs(case, dtype, weight_channels=2, per_weight=3, n=2):
+    """_patchwise_inputs with K * weight_channels outputs, and values of per_weight channels per weight channel."""
+    k = case[0]
+    args, fp = _patchwise_inputs(case, dtype, c_out=weight_channels * k * k, n=n)
+    gen = torch.Generator().manual_seed(11)
+    values = torch.randn(n, per_weight * weight_channels, *args[0].shape[2:], dtype=dtype, generator=gen)
+    return args, values, fp
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", RELATION_CASES, ids=case_id)
+def test_patchwise_attention_inference_matches_reference(case, mode, dtype):
+    # stride 1: the kernel; stride 2 and 3: this backend's composition
+    for weight_channels, per_weight in ((1, 8), (2, 3), (3, 9)):  # the aggregation's 8-channel blocks and the rest
+        args, values, fp = _patchwise_attention_inputs(case, dtype, weight_channels, per_weight)
+        with torch.no_grad():
+            ours = _patchwise_attention(args, values, mode, fp, "cpu")
+            ref = _patchwise_attention(args, values, mode, fp, "reference")
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+        torch.testing.assert_close(ours, ref, **tol)
+        assert ref.abs().max() > 1 and (ref > 0).any() and (ref < 0).any()  # not a trivial output
+
+
+def test_patchwise_attention_inference_runs_the_kernel_only_at_stride_1_without_gradient(monkeypatch):
+    from torchsan.ops._cpu import subtraction2_conv1x1 as module
+
+    calls = []
+    original = module.patchwise_attention_inference_op
+    monkeypatch.setattr(module, "patchwise_attention_inference_op", lambda *a: calls.append(1) or original(*a))
+    args, values, fp = _patchwise_attention_inputs((5, 1, 1, None, 13, 12, 1), torch.float64)
+    with torch.no_grad():
+        expected = _patchwise_attention(args, values, "reflect", fp, "reference")
+        first, second = (_patchwise_attention(args, values, "reflect", fp, "cpu") for _ in range(2))
+    assert torch.equal(first, second) and len(calls) == 2
+    v = values.clone().requires_grad_(True)  # a gradient wanted: the composition, differentiable
+    out = _patchwise_attention(args, v, "reflect", fp, "cpu")
+    torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
+    out.sum().backward()
+    assert v.grad is not None and len(calls) == 2
+    with pytest.raises(ValueError, match="running statistics"):  # batch statistics: rejected
+        _patchwise_attention((*args[:2], (*args[2][:3], None, None), *args[3:]), values, "reflect", fp, "cpu")
+    with pytest.raises(ValueError, match="multiple of K"):
+        _patchwise_attention((*args[:5], args[5][:-1], args[6][:-1]), values, "reflect", fp, "cpu")
+
+
+def test_patchwise_attention_inference_same_bits_with_1_and_2_threads():
+    from _helpers import per_thread_count
+
+    args, values, fp = _patchwise_attention_inputs((7, 1, 1, None, 30, 31, 1), torch.float32, 2, 8)
+    with torch.no_grad():
+        outs = per_thread_count(lambda: _patchwise_attention(args, values, "reflect", fp, "cpu"))
+        ref = _patchwise_attention(args, values, "reflect", fp, "reference")
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sa_type,kernel_op", [("pairwise", "pairwise_attention_inference_op"),
+                                               ("patchwise", "patchwise_attention_inference_op")])
+def test_layer_in_eval_runs_the_whole_attention_as_one_op_and_matches_its_modules(sa_type, kernel_op, monkeypatch):
+    """An eval-mode layer on a map whose blocks of rows are large enough (ops.should_fuse): the relation, gamma,
+    (the softmax) and the aggregation as one op; the same function as the modules one by one."""
+    from torchsan.layers import ATTENTION_TYPES
+    from torchsan.ops._cpu import subtraction2_conv1x1 as module
+
+    torch.manual_seed(0)
+    layer = ATTENTION_TYPES[sa_type](16, 4, 16, share_planes=4, kernel_size=7).double()
+    for m in layer.modules():  # running statistics other than the initial ones
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 1.5)
+    layer.eval()
+    x = torch.randn(2, 16, 24, 20, dtype=torch.float64)
+    calls = []
+    original = getattr(module, kernel_op)
+    monkeypatch.setattr(module, kernel_op, lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad(), ops.use_backend("cpu"):
+        fused = layer(x)
+        with ops.fusion(False):
+            modules = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(fused, modules, rtol=1e-11, atol=1e-11)
+    with ops.use_backend("cpu"):  # a gradient wanted: not the inference op
+        layer(x.requires_grad_(True)).sum().backward()
+    assert calls == [1] and x.grad is not None

@@ -399,6 +399,9 @@ def _meta_calls(device: str, requires_grad: bool) -> dict:
         "pairwise_attention": lambda: ops.pairwise_attention(  # running statistics; values x, 4 weight channels
             x, x2, x, (v2, v2, 1e-5, *running(10)), conv2, (t(3), t(3), 1e-5, *running(3)), t(4, 3), t(4),
             kernel_size=3, append=append),
+        "patchwise_attention": lambda: ops.patchwise_attention(  # 18 = 2 weight channels x 9 taps; values x
+            x, x2, x, (v2.repeat(8), t(80), 1e-5, *running(80)), t(3, 80), (t(3), t(3), 1e-5, *running(3)), t(18, 3),
+            t(18), kernel_size=3),
         "patchwise_weights": lambda: ops.patchwise_weights(  # running statistics: leaves without gradients
             x, x2, (v2.repeat(8), t(80), 1e-5, *running(80)), t(3, 80), (t(3), t(3), 1e-5, *running(3)), t(12, 3),
             t(12), kernel_size=3)[0],

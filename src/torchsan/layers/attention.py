@@ -22,8 +22,10 @@ from .. import ops
 from ..ops._fusion import has_hooks
 from .cache import reuse
 from .fused import (
+    fuses_patchwise_concat_attention,
     fuses_subtraction2_attention,
     is_conv1x1,
+    patchwise_concat_attention,
     patchwise_concat_mapping,
     run_mapping,
     softmax_aggregation,
@@ -336,6 +338,14 @@ class PatchwiseSelfAttention(_SelfAttention):
             return (self.centre(q) * kj).sum(dim=1).unsqueeze(2)
         clique = ops.clique_products(self.unfold(q), kj)  # (N, K, K, L)
         return clique.view(n, area * area, 1, positions)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # In inference the concatenation relation, gamma and the aggregation run as one op where allowed: the
+        # weights are never written.
+        if (self.relation == "concatenation" and not (self.memory_efficient and torch.is_grad_enabled())
+                and fuses_patchwise_concat_attention(self.centre, self.unfold, self.gamma, self.aggregation, q)):
+            return patchwise_concat_attention(self.unfold, self.gamma, q, k, v)
+        return super().attend(q, k, v)
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """gamma(delta(x_R(i))), eq. (4): (N, K * out / share_planes, 1, L) read as (N, out / share_planes, K, L)."""

@@ -29,6 +29,8 @@ __all__ = [
     "softmax_aggregation",
     "subtraction2_attention",
     "fuses_subtraction2_attention",
+    "patchwise_concat_attention",
+    "fuses_patchwise_concat_attention",
     "subtraction2_mapping",
     "run_mapping",
     "update_running_stats",
@@ -229,20 +231,25 @@ def subtraction2_mapping(subtraction2: nn.Module, gamma: nn.Sequential, q: torch
     return run_mapping(gamma, z)
 
 
-def fuses_subtraction2_attention(subtraction2: nn.Module, gamma: nn.Sequential, softmax: nn.Module,
-                                 aggregation: nn.Module, q: torch.Tensor) -> bool:
-    """Whether the pairwise subtraction layer after its transforms, ``aggregation(v, softmax(gamma(z)))`` with z as in
-    :func:`subtraction2_mapping`, runs as one op (:func:`subtraction2_attention`): gamma's BNs in eval mode, the
-    footprints alike, and the backend's rule for the shape."""
-    if not (_is_pairwise_gamma(gamma) and type(softmax) is nn.Softmax and softmax.dim == 2
-            and subtraction2.args == aggregation.args and q.dim() == 4):
+def _fuses_attention(op: str, relation: nn.Module, gamma: nn.Sequential, aggregation: nn.Module, q: torch.Tensor,
+                     *modules: nn.Module) -> bool:
+    """Whether a layer after its transforms runs as the one op ``op``: gamma BN-ReLU-conv1x1-BN-ReLU-conv1x1 with
+    its BNs in eval mode, the relation's footprint the aggregation's, and the backend's rule for the shape."""
+    if not (_is_pairwise_gamma(gamma) and relation.args == aggregation.args and q.dim() == 4):
         return False
     if _uses_batch_stats(gamma[0]) or _uses_batch_stats(gamma[3]):
         return False
-    h_out, w_out = subtraction2.footprint.out_hw(q.shape[2], q.shape[3])
-    return ops.should_fuse("pairwise_attention", q, subtraction2, *gamma, softmax, aggregation,
-                           batch_statistics=False, stride=subtraction2.footprint.stride, out_height=h_out,
-                           out_width=w_out)
+    h_out, w_out = relation.footprint.out_hw(q.shape[2], q.shape[3])
+    return ops.should_fuse(op, q, relation, *gamma, aggregation, *modules, batch_statistics=False,
+                           stride=relation.footprint.stride, out_height=h_out, out_width=w_out)
+
+
+def fuses_subtraction2_attention(subtraction2: nn.Module, gamma: nn.Sequential, softmax: nn.Module,
+                                 aggregation: nn.Module, q: torch.Tensor) -> bool:
+    """Whether the pairwise subtraction layer after its transforms, ``aggregation(v, softmax(gamma(z)))`` with z as in
+    :func:`subtraction2_mapping`, runs as one op (:func:`subtraction2_attention`)."""
+    return (type(softmax) is nn.Softmax and softmax.dim == 2
+            and _fuses_attention("pairwise_attention", subtraction2, gamma, aggregation, q, softmax))
 
 
 def subtraction2_attention(subtraction2: nn.Module, gamma: nn.Sequential, q: torch.Tensor, k: torch.Tensor,
@@ -252,6 +259,22 @@ def subtraction2_attention(subtraction2: nn.Module, gamma: nn.Sequential, q: tor
     bn1, _, conv1, bn2, _, conv2 = gamma
     return ops.pairwise_attention(q, k, v, _norm_args(bn1), conv1.weight.flatten(1), _norm_args(bn2),
                                   conv2.weight.flatten(1), conv2.bias, *subtraction2.args, append=p)
+
+
+def fuses_patchwise_concat_attention(centre: nn.Module, unfold: nn.Module, gamma: nn.Sequential,
+                                     aggregation: nn.Module, q: torch.Tensor) -> bool:
+    """Whether the patchwise concatenation layer after its transforms, ``aggregation(v, gamma(z))`` with z as in
+    :func:`patchwise_concat_mapping`, runs as one op (:func:`patchwise_concat_attention`)."""
+    return centre.args == unfold.args and _fuses_attention("patchwise_attention", unfold, gamma, aggregation, q, centre)
+
+
+def patchwise_concat_attention(unfold: nn.Module, gamma: nn.Sequential, q: torch.Tensor, k: torch.Tensor,
+                               v: torch.Tensor) -> torch.Tensor:
+    """``aggregation(v, gamma(z))`` as one op (``ops.patchwise_attention``), where
+    :func:`fuses_patchwise_concat_attention` allows it: q, k (N, C, H, W), v (N, Cv, H, W)."""
+    bn1, _, conv1, bn2, _, conv2 = gamma
+    return ops.patchwise_attention(q, k, v, _norm_args(bn1), conv1.weight.flatten(1), _norm_args(bn2),
+                                   conv2.weight.flatten(1), conv2.bias, *unfold.args)
 
 
 def patchwise_concat_mapping(centre: nn.Module, unfold: nn.Module, gamma: nn.Sequential, q: torch.Tensor,

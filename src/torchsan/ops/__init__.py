@@ -46,6 +46,7 @@ __all__ = [
     "output_size",
     "pairwise_attention",
     "pairwise_logits",
+    "patchwise_attention",
     "patchwise_weights",
     "resolve_footprint",
     "set_backend",
@@ -415,6 +416,16 @@ def pairwise_logits(
                                               fp)
 
 
+def _check_values(x1: torch.Tensor, values: torch.Tensor, weight_channels: int) -> None:
+    """The attention ops' values: (N, Cv, H, W) like x1, Cv a multiple of the weight channels."""
+    _checks.check_feature_map("values", values)
+    _checks.check_same_kind("x1", x1, "values", values)
+    if (values.shape[0] != x1.shape[0] or values.shape[2:] != x1.shape[2:] or weight_channels < 1
+            or values.shape[1] % weight_channels):
+        raise ValueError(f"values must be (N, Cv, H, W) with x1's N, H and W and Cv divisible by the "
+                         f"{weight_channels} weight channels, got {tuple(values.shape)} for x1 {tuple(x1.shape)}")
+
+
 def pairwise_attention(
     x1: torch.Tensor,
     x2: torch.Tensor,
@@ -464,12 +475,7 @@ def pairwise_attention(
     if norm1[3] is None or norm2[3] is None:
         raise ValueError("pairwise_attention applies the BNs' running statistics (inference); with batch statistics "
                          "use pairwise_logits, then softmax_aggregation")
-    _checks.check_feature_map("values", values)
-    _checks.check_same_kind("x1", x1, "values", values)
-    cw = conv2_weight.shape[0]
-    if values.shape[0] != x1.shape[0] or values.shape[2:] != x1.shape[2:] or cw < 1 or values.shape[1] % cw:
-        raise ValueError(f"values must be (N, Cv, H, W) with x1's N, H and W and Cv divisible by the {cw} weight "
-                         f"channels, got {tuple(values.shape)} for x1 {tuple(x1.shape)}")
+    _check_values(x1, values, conv2_weight.shape[0])
     return implementation(x1).pairwise_attention(x1, x2, values, append, norm1, conv1_weight, norm2, conv2_weight,
                                                  conv2_bias, fp)
 
@@ -514,6 +520,57 @@ def patchwise_weights(
     norm1 = _checks.check_norm("norm1", x1, norm1, shape)
     norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
     return implementation(x1).patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)
+
+
+def patchwise_attention(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    values: torch.Tensor,
+    norm1: tuple[Any, ...],
+    conv1_weight: torch.Tensor,
+    norm2: tuple[Any, ...],
+    conv2_weight: torch.Tensor,
+    conv2_bias: torch.Tensor | None = None,
+    kernel_size: int = 7,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """The patchwise layer (concatenation relation) after its transforms, for inference: ``aggregation(values,
+    weights)`` with the weights of :func:`patchwise_weights` read as (N, Cout / K, K, L), both BNs applying their
+    running statistics.
+
+    The ``cpu`` backend's inference kernel (no gradient, stride 1) computes the weights of a block of output rows
+    into a per-thread buffer and aggregates with them there: neither z, gamma's hidden layer nor the weights are
+    written. Otherwise, and on the other backends, the composition.
+
+    Args:
+        x1, x2: (N, C, H, W) (phi(x), psi(x)); values: (N, Cv, H, W) (beta(x)), Cv % (Cout / K) == 0.
+        norm1, norm2: each BN as ``(weight, bias, eps, running_mean, running_var)``, the running statistics given.
+        conv1_weight: (Cm, C (K + 1)); conv2_weight: (Cout, Cm), Cout % K == 0; conv2_bias: (Cout,) or None.
+        kernel_size, stride, padding, dilation, pad_mode: the footprint, as in :func:`unfold`.
+    Returns:
+        (N, Cv, H_out, W_out).
+    """
+    fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
+    x1, x2, values, conv1_weight, conv2_weight, conv2_bias = _autocast(x1, x2, values, conv1_weight, conv2_weight,
+                                                                       conv2_bias)
+    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
+    c = x1.shape[1] * (fp.area + 1)
+    _checks.check_conv1x1("x1", x1, c, conv1_weight, None, "conv1_weight")
+    _checks.check_conv1x1("x1", x1, conv1_weight.shape[0], conv2_weight, conv2_bias, "conv2_weight", "conv2_bias")
+    shape = (x1.shape[0], c, 1, h_out * w_out)
+    norm1 = _checks.check_norm("norm1", x1, norm1, shape)
+    norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
+    if norm1[3] is None or norm2[3] is None:
+        raise ValueError("patchwise_attention applies the BNs' running statistics (inference); with batch "
+                         "statistics use patchwise_weights, then aggregation")
+    if conv2_weight.shape[0] % fp.area:
+        raise ValueError(f"conv2_weight's {conv2_weight.shape[0]} outputs must be a multiple of K = {fp.area}")
+    _check_values(x1, values, conv2_weight.shape[0] // fp.area)
+    return implementation(x1).patchwise_attention(x1, x2, values, norm1, conv1_weight, norm2, conv2_weight,
+                                                  conv2_bias, fp)
 
 
 def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,8 @@ FUSED_OPS = {
     "softmax_aggregation": "the softmax over the footprint and the aggregation",
     "pairwise_attention": "subtraction2, the whole mapping gamma, the softmax over the footprint and the aggregation "
                           "(inference)",
+    "patchwise_attention": "the patchwise concatenation relation, the whole mapping gamma and the aggregation "
+                           "(inference)",
     "tap_softmax": "nn.Softmax(dim=2) over the footprint taps",
     "stacked_conv1x1": "phi, psi and beta as three 1x1 convolutions (one convolution with stacked weights)",
     "conv1x1_matmul": "a 1x1 Conv2d, no gradient (one matrix product per image instead of the convolution)",
@@ -96,8 +98,8 @@ def should_fuse(op: str, x: torch.Tensor, *modules: nn.Module, **shape: int) -> 
     ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``; ``in_channels`` and
     ``out_channels`` for ``conv1x1_matmul``; ``batch_statistics`` (whether a BN normalises with the batch's
     statistics) for ``pairwise_logits`` and ``patchwise_weights``, and with ``stride``, ``out_height`` and
-    ``out_width`` (the footprint's and the output's) for ``pairwise_attention``; ``in_channels`` (the conv's) for
-    ``conv1x1_affine_relu_maxpool2x2`` and ``conv1x1_batchnorm_relu_maxpool2x2``.
+    ``out_width`` (the footprint's and the output's) for ``pairwise_attention`` and ``patchwise_attention``;
+    ``in_channels`` (the conv's) for ``conv1x1_affine_relu_maxpool2x2`` and ``conv1x1_batchnorm_relu_maxpool2x2``.
     """
     if op not in FUSED_OPS:
         raise ValueError(f"unknown fused op {op!r}; one of {tuple(FUSED_OPS)}")

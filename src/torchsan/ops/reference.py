@@ -184,6 +184,14 @@ def patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bi
     return F.conv2d(F.relu(y), conv2_weight[:, :, None, None], conv2_bias), mean1, var1, mean2, var2
 
 
+def patchwise_attention(x1, x2, values, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp: Footprint):
+    """aggregation(values, patchwise_weights(...) as (N, Cout / K, K, L)): the patchwise layer after its transforms
+    (running statistics)."""
+    w = patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)[0]
+    h_out, w_out = fp.out_hw(x1.shape[2], x1.shape[3])
+    return aggregation(values, w.view(w.shape[0], w.shape[1] // fp.area, fp.area, w.shape[3]), fp, h_out, w_out)
+
+
 # The ops the layers run in place of their modules (torchsan.ops._fusion): stacking phi, psi and beta into one
 # convolution is plain PyTorch and pays on any backend; every other fused op is, here, just its parts.
 _FUSES = frozenset({"stacked_conv1x1"})

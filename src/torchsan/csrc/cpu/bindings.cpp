@@ -52,6 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("subtraction2_affine_relu_conv1x1_backward", &cpu::subtraction2_affine_relu_conv1x1_backward);
   m.def("subtraction2_affine_relu_conv1x1_twice_forward", &cpu::subtraction2_affine_relu_conv1x1_twice_forward);
   m.def("pairwise_attention_inference", &cpu::pairwise_attention_inference);
+  m.def("patchwise_attention_inference", &cpu::patchwise_attention_inference);
   m.def("patchwise_concat_affine_relu_conv1x1_twice_forward",
         &cpu::patchwise_concat_affine_relu_conv1x1_twice_forward);
   m.def("kernel_constants", &cpu::kernel_constants);

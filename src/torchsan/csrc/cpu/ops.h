@@ -100,12 +100,20 @@ at::Tensor subtraction2_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Ten
                                                           at::Tensor shift2, at::Tensor weight2,
                                                           c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
                                                           int64_t p, int64_t d, bool reflect);
-// Returns {grad z (holding scale and shift fixed) (N, C + E, K, L), grad scale, grad shift, grad weight, grad bias}.
+// Inference: the patchwise concatenation relation's whole mapping, z and the hidden layer never written:
+// (N, Cout, 1, L). No backward.
 at::Tensor patchwise_concat_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2, at::Tensor scale1,
                                                               at::Tensor shift1, at::Tensor weight1, at::Tensor scale2,
                                                               at::Tensor shift2, at::Tensor weight2,
                                                               c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
                                                               int64_t p, int64_t d, bool reflect);
+// For inference at stride 1, the patchwise layer after its transforms in one pass: aggregation(v,
+// patchwise_concat_affine_relu_conv1x1_twice_forward(...) as (N, Cw, K, L)) (N, C, Ho, Wo), the weights never written.
+at::Tensor patchwise_attention_inference(at::Tensor x1, at::Tensor x2, at::Tensor v, at::Tensor scale1,
+                                         at::Tensor shift1, at::Tensor weight1, at::Tensor scale2, at::Tensor shift2,
+                                         at::Tensor weight2, c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
+                                         int64_t p, int64_t d, bool reflect);
+// Returns {grad z (holding scale and shift fixed) (N, C + E, K, L), grad scale, grad shift, grad weight, grad bias}.
 std::vector<at::Tensor> subtraction2_affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x1, at::Tensor x2,
                                                                   c10::optional<at::Tensor> append, at::Tensor scale,
                                                                   at::Tensor shift, at::Tensor weight, int64_t k,

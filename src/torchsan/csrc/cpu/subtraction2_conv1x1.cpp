@@ -250,33 +250,99 @@ at::Tensor affine_relu_conv1x1_twice(MakeRows&& make_rows, const at::Tensor& x, 
   return y;
 }
 
-// The pairwise layer after its transforms, for inference at stride 1: y = aggregation(v, softmax_K(gamma(z))), z
-// = [x1_i - x2_j, append] gathered as Subtraction2Rows gives it. Per task, an image's block of whole output rows (at
-// most kSubBlock positions): gamma's two triples run tap by tap into a per-thread (Cw, K, m) block of logits, the
-// softmax over K normalises it in place, and the block's outputs aggregate with it while it is in cache. Neither z,
-// gamma's hidden layer nor the logits are written. v_planes: v's padded planes (N, C, Hp, Wp), VW values of slack.
-template <typename T, int R1, int R2>
-void pairwise_attention_kernel(const Subtraction2Rows<T>& src, const TwoTriples<T, R1, R2>& triples,
-                               const T* v_planes, T* y, int64_t N, int64_t C, const Geometry& g) {
-  const int64_t K = g.K(), L = g.L(), Cw = triples.Cout, S = C / Cw, plane = g.plane();
+// A layer after its transforms, for inference at stride 1: y = aggregation(v, w) with w the output of gamma's two
+// triples on the rows src gives, and for the pairwise layer (per_tap) w = softmax_K(gamma(z)), z = [x1_i - x2_j,
+// append] (Subtraction2Rows). Per task, an image's block of whole output rows (at most kSubBlock positions): the
+// triples write the block's (Cw, K, m) weights into a per-thread buffer (pairwise: tap by tap, Cw outputs each;
+// patchwise: once, Cw K outputs, channel cw K + k), the pairwise softmax normalises them over K in place, and the
+// block's outputs aggregate with them while they are in cache. Neither z, gamma's hidden layer nor the (N, Cw, K, L)
+// weights are written. v_planes: v's padded planes (N, C, Hp, Wp), VW values of slack.
+template <typename T, int R1, int R2, typename Rows>
+void attention_kernel(const Rows& src, const TwoTriples<T, R1, R2>& triples, bool per_tap, const T* v_planes, T* y,
+                      int64_t N, int64_t C, const Geometry& g) {
+  const int64_t K = g.K(), L = g.L(), plane = g.plane();
+  const int64_t Cw = per_tap ? triples.Cout : triples.Cout / K, S = C / Cw;
   const int64_t rows = std::min(g.Ho, kSubBlock / g.Wo), blocks = (g.Ho + rows - 1) / rows;
   parallel_range(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> relu_rows(triples.Cin * kSubBlock), hidden_rows(triples.Cmid * kSubBlock), scratch(kSubBlock);
-    std::vector<T> logits(Cw * K * rows * g.Wo);
+    std::vector<T> weights(Cw * K * rows * g.Wo);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks, hb = (t % blocks) * rows, he = std::min(g.Ho, hb + rows), m = (he - hb) * g.Wo;
-      for (int64_t tap = 0; tap < K; ++tap)
-        triples.run(src, n, tap * L + hb * g.Wo, m, relu_rows.data(), hidden_rows.data(), scratch.data(),
-                    logits.data() + tap * m, K * m);
+      if (per_tap) {
+        for (int64_t tap = 0; tap < K; ++tap)
+          triples.run(src, n, tap * L + hb * g.Wo, m, relu_rows.data(), hidden_rows.data(), scratch.data(),
+                      weights.data() + tap * m, K * m);
+      } else {
+        triples.run(src, n, hb * g.Wo, m, relu_rows.data(), hidden_rows.data(), scratch.data(), weights.data(), m);
+      }
       for (int64_t cw = 0; cw < Cw; ++cw) {
-        T* w_plane = logits.data() + cw * K * m;
-        tap_softmax_forward_plane(w_plane, w_plane, K, m);
+        T* w_plane = weights.data() + cw * K * m;
+        if (per_tap) tap_softmax_forward_plane(w_plane, w_plane, K, m);
         for (int64_t ho = hb; ho < he; ++ho)
           aggregation_forward_row(v_planes + (n * C + cw) * plane, Cw * plane, S, w_plane + (ho - hb) * g.Wo, m,
                                   y + (n * C + cw) * L, Cw * L, ho, g);
       }
     }
   });
+}
+
+// The entry points' shared part: checks, v's padded planes, the output, and attention_kernel with the register
+// blocks for gamma's widths. make_rows(T{}) gives the rows of z (Cin of them per image).
+template <typename MakeRows>
+at::Tensor attention_inference(MakeRows&& make_rows, bool per_tap, const Geometry& g, int64_t N, int64_t Cin,
+                               const at::Tensor& like, at::Tensor v, at::Tensor scale1, at::Tensor shift1,
+                               at::Tensor weight1, at::Tensor scale2, at::Tensor shift2, at::Tensor weight2,
+                               const c10::optional<at::Tensor>& bias2, const char* name) {
+  TORCH_CHECK(g.s == 1 && g.Wo <= kSubBlock, name, ": stride 1 and output rows of at most ", kSubBlock,
+              " positions");
+  check_cpu(v, "v");
+  v = v.contiguous();
+  TORCH_CHECK(v.dim() == 4 && v.size(0) == N && v.size(2) == g.H && v.size(3) == g.W &&
+                  v.scalar_type() == like.scalar_type(),
+              name, ": v must be (N, C, H, W) like x1, of its dtype");
+  scale1 = scale1.contiguous();
+  shift1 = shift1.contiguous();
+  weight1 = weight1.contiguous();
+  scale2 = scale2.contiguous();
+  shift2 = shift2.contiguous();
+  weight2 = weight2.contiguous();
+  at::Tensor b2 = bias2.has_value() ? bias2->contiguous() : at::Tensor();
+  const int64_t Cmid = weight1.size(0), Cout = weight2.size(0), C = v.size(1);
+  const int64_t Cw = per_tap ? Cout : Cout / g.K();
+  TORCH_CHECK(weight1.dim() == 2 && weight1.size(1) == Cin && scale1.numel() == Cin && shift1.numel() == Cin &&
+                  weight2.dim() == 2 && weight2.size(1) == Cmid && scale2.numel() == Cmid && shift2.numel() == Cmid &&
+                  (!b2.defined() || b2.numel() == Cout) && Cw > 0 && (per_tap || Cout % g.K() == 0) &&
+                  C % Cw == 0,
+              name, ": shape mismatch");
+  auto y = at::empty({N, C, g.Ho, g.Wo}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "attention_inference", [&] {
+    using T = scalar_t;
+    const int64_t values = N * C * g.plane();
+    at::Tensor v_planes = at::empty({values + VW<T>}, v.options());  // slack: full-width loads past the last row
+    T* vp = v_planes.data_ptr<T>();
+    const T* src = v.data_ptr<T>();
+    std::fill(vp + values, vp + values + VW<T>, T(0));
+    parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) pad_plane(src + t * g.H * g.W, vp + t * g.plane(), g);
+    });
+    const auto rows = make_rows(T{});
+    const T* bias = b2.defined() ? b2.data_ptr<T>() : nullptr;
+    // R1, R2: rows per register block of gamma's two products (see pick_block_rows)
+    auto run = [&](auto r1, auto r2) {
+      const TwoTriples<T, decltype(r1)::value, decltype(r2)::value> triples(
+          scale1.data_ptr<T>(), shift1.data_ptr<T>(), weight1.data_ptr<T>(), scale2.data_ptr<T>(),
+          shift2.data_ptr<T>(), weight2.data_ptr<T>(), bias, Cin, Cmid, Cout);
+      attention_kernel(rows, triples, per_tap, vp, y.data_ptr<T>(), N, C, g);
+    };
+    using Four = std::integral_constant<int, 4>;
+    using Six = std::integral_constant<int, 6>;
+    const bool mid6 = pick_block_rows(Cmid) == 6, out6 = pick_block_rows(Cout) == 6;
+    if (mid6)
+      out6 ? run(Six{}, Six{}) : run(Six{}, Four{});
+    else
+      out6 ? run(Four{}, Six{}) : run(Four{}, Four{});
+  });
+  return y;
 }
 
 at::Tensor subtraction2_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2,
@@ -296,55 +362,29 @@ at::Tensor pairwise_attention_inference(at::Tensor x1, at::Tensor x2, c10::optio
                                         at::Tensor shift2, at::Tensor weight2, c10::optional<at::Tensor> bias2,
                                         int64_t k, int64_t s, int64_t p, int64_t d, bool reflect) {
   const Subtraction2Inputs in(x1, x2, append, k, s, p, d, reflect);
-  const Geometry& g = in.g;
-  TORCH_CHECK(g.s == 1 && g.Wo <= kSubBlock, "pairwise_attention_inference: stride 1 and output rows of at most ",
-              kSubBlock, " positions");
-  check_cpu(v, "v");
-  v = v.contiguous();
-  TORCH_CHECK(v.dim() == 4 && v.size(0) == in.N && v.size(2) == g.H && v.size(3) == g.W &&
-                  v.scalar_type() == in.x1.scalar_type(),
-              "pairwise_attention_inference: v must be (N, C, H, W) like x1, of its dtype");
-  scale1 = scale1.contiguous();
-  shift1 = shift1.contiguous();
-  weight1 = weight1.contiguous();
-  scale2 = scale2.contiguous();
-  shift2 = shift2.contiguous();
-  weight2 = weight2.contiguous();
-  at::Tensor b2 = bias2.has_value() ? bias2->contiguous() : at::Tensor();
-  const int64_t Cin = in.Ct, Cmid = weight1.size(0), Cw = weight2.size(0), C = v.size(1);
-  TORCH_CHECK(weight1.dim() == 2 && weight1.size(1) == Cin && scale1.numel() == Cin && shift1.numel() == Cin &&
-                  weight2.dim() == 2 && weight2.size(1) == Cmid && scale2.numel() == Cmid && shift2.numel() == Cmid &&
-                  (!b2.defined() || b2.numel() == Cw) && Cw > 0 && C % Cw == 0,
-              "pairwise_attention_inference: shape mismatch");
-  auto y = at::empty({in.N, C, g.Ho, g.Wo}, v.options());
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "pairwise_attention_inference", [&] {
-    using T = scalar_t;
-    const int64_t values = in.N * C * g.plane();
-    auto v_planes = at::empty({values + VW<T>}, v.options());  // slack: full-width loads past the last row
-    T* vp = v_planes.data_ptr<T>();
-    const T* src = v.data_ptr<T>();
-    std::fill(vp + values, vp + values + VW<T>, T(0));
-    parallel_range(0, in.N * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) pad_plane(src + t * g.H * g.W, vp + t * g.plane(), g);
-    });
-    const auto rows = in.rows<T>();
-    const T* bias = b2.defined() ? b2.data_ptr<T>() : nullptr;
-    // R1, R2: rows per register block of gamma's two products (see pick_block_rows)
-    auto run = [&](auto r1, auto r2) {
-      const TwoTriples<T, decltype(r1)::value, decltype(r2)::value> triples(
-          scale1.data_ptr<T>(), shift1.data_ptr<T>(), weight1.data_ptr<T>(), scale2.data_ptr<T>(),
-          shift2.data_ptr<T>(), weight2.data_ptr<T>(), bias, Cin, Cmid, Cw);
-      pairwise_attention_kernel(rows, triples, vp, y.data_ptr<T>(), in.N, C, g);
-    };
-    using Four = std::integral_constant<int, 4>;
-    using Six = std::integral_constant<int, 6>;
-    const bool mid6 = pick_block_rows(Cmid) == 6, out6 = pick_block_rows(Cw) == 6;
-    if (mid6)
-      out6 ? run(Six{}, Six{}) : run(Six{}, Four{});
-    else
-      out6 ? run(Four{}, Six{}) : run(Four{}, Four{});
-  });
-  return y;
+  return attention_inference([&](auto t) { return in.rows<decltype(t)>(); }, true, in.g, in.N, in.Ct, in.x1, v,
+                             scale1, shift1, weight1, scale2, shift2, weight2, bias2, "pairwise_attention_inference");
+}
+
+at::Tensor patchwise_attention_inference(at::Tensor x1, at::Tensor x2, at::Tensor v, at::Tensor scale1,
+                                         at::Tensor shift1, at::Tensor weight1, at::Tensor scale2, at::Tensor shift2,
+                                         at::Tensor weight2, c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
+                                         int64_t p, int64_t d, bool reflect) {
+  x1 = x1.contiguous();
+  x2 = x2.contiguous();
+  check_cpu(x1, "x1");
+  check_cpu(x2, "x2");
+  const Geometry g(x1.size(2), x1.size(3), k, s, p, d, reflect);
+  check_geometry(g);
+  TORCH_CHECK(x1.sizes() == x2.sizes() && x1.scalar_type() == x2.scalar_type(), "x1 and x2 must match");
+  const int64_t C = x1.size(1);
+  const at::Tensor x1_planes = pad_planes(x1, g), x2_planes = pad_planes(x2, g);
+  auto make_rows = [&](auto t) {
+    using T = decltype(t);
+    return PatchwiseConcatRows<T>{x1_planes.data_ptr<T>(), x2_planes.data_ptr<T>(), C, g};
+  };
+  return attention_inference(make_rows, false, g, x1.size(0), C * (g.K() + 1), x1, v, scale1, shift1, weight1, scale2,
+                             shift2, weight2, bias2, "patchwise_attention_inference");
 }
 
 at::Tensor patchwise_concat_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2, at::Tensor scale1,

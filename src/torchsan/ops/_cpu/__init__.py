@@ -10,7 +10,7 @@ One module per op family, mirroring the C++ sources:
 | ``conv1x1`` | affine_relu_conv1x1, batchnorm_relu_conv1x1 | ``conv1x1.cpp`` |
 | ``pooling`` | affine_relu_maxpool2x2, batchnorm_relu_maxpool2x2; the stem: conv1x1_ + each | ``pooling.cpp`` |
 | ``statistics`` | channel_var_mean; gradients through a training BN's statistics | ``statistics.cpp`` |
-| ``subtraction2_conv1x1`` | subtraction2_batchnorm_relu_conv1x1, pairwise_logits/_attention, patchwise_weights | same |
+| ``subtraction2_conv1x1`` | subtraction2_batchnorm_relu_conv1x1; the inference mappings and attention ops | same |
 
 ``policy`` holds every rule of when a kernel runs: where a fused op beats its parts run one by one (:func:`fuses`)
 and where an op hands a shape to the library instead (``CLIQUE_MAX_CHANNELS``).
@@ -52,6 +52,7 @@ from .statistics import channel_var_mean
 from .subtraction2_conv1x1 import (
     pairwise_attention,
     pairwise_logits,
+    patchwise_attention,
     patchwise_weights,
     subtraction2_batchnorm_relu_conv1x1,
 )
@@ -63,7 +64,8 @@ __all__ = [
     "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1", "batchnorm_relu_maxpool2x2",
     "centre", "channel_var_mean", "clique_products", "conv1x1_affine_relu_maxpool2x2",
     "conv1x1_batchnorm_relu_maxpool2x2", "describe", "extension",
-    "fuses", "kernel_constants", "pairwise_attention", "pairwise_logits", "patchwise_weights", "requested_arch",
+    "fuses", "kernel_constants", "pairwise_attention", "pairwise_logits", "patchwise_attention", "patchwise_weights",
+    "requested_arch",
     "softmax_aggregation",
     "subtraction", "subtraction2", "subtraction2_batchnorm_relu_conv1x1", "tap_softmax", "unavailable_reason",
     "unfold", "vector_isa",

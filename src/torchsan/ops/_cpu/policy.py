@@ -30,11 +30,11 @@ CONV1X1_POOL_MAX_IN_CHANNELS = 8
 # A plain 1x1 convolution for inference: on large NCHW maps oneDNN's convolution is slower than a batched matrix
 # product on the map as it is (at::bmm), from this many positions per image (benchmarks/conv1x1_route.py).
 CONV1X1_MATMUL_MIN_POSITIONS = 784
-# The longest output row the pairwise attention kernel takes: a block of whole rows is one of its sub-blocks
+# The longest output row the attention kernels take: a block of whole rows is one of its sub-blocks
 # (kernel_constants()["sub_block"]).
 ATTENTION_MAX_ROW = 256
-# The pairwise layer after its transforms as one inference kernel (logits per block of whole output rows, never
-# written): it pays where a block holds at least this many positions (half a sub-block: short rows waste the
+# A pairwise or patchwise layer after its transforms as one inference kernel (its weights per block of whole output
+# rows, never written): it pays where a block holds at least this many positions (half a sub-block: short rows waste the
 # products' vector columns) and the batch's blocks give every thread one.
 ATTENTION_MIN_BLOCK_POSITIONS = 128
 # The clique relation's products (benchmarks/ops.py): the kernel's sums are bound by loads; with more channels than
@@ -58,7 +58,8 @@ def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int =
     ``torchsan.ops._fusion.should_fuse``). ``out_channels``: the conv1x1's output width; for
     ``subtraction2_batchnorm_relu_conv1x1`` also ``in_channels`` (z's channels, the conv's input) and ``positions``
     (output pixels per image); for ``pairwise_logits``, ``batch_statistics``: whether a BN of gamma normalises with
-    the batch's statistics (training mode); for ``pairwise_attention`` also the footprint's ``stride`` and the
+    the batch's statistics (training mode); for ``pairwise_attention`` and ``patchwise_attention`` also the
+    footprint's ``stride`` and the
     output's ``out_height`` and ``out_width``."""
     if op in _ALWAYS:
         return True
@@ -66,7 +67,7 @@ def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int =
         return not batch_statistics and not (torch.is_grad_enabled() and x.requires_grad)
     if op in ("conv1x1_affine_relu_maxpool2x2", "conv1x1_batchnorm_relu_maxpool2x2"):  # narrow inputs: the stem
         return in_channels <= CONV1X1_POOL_MAX_IN_CHANNELS
-    if op == "pairwise_attention":  # inference kernel: running statistics, no gradient, stride 1
+    if op in ("pairwise_attention", "patchwise_attention"):  # inference kernels: running statistics, no gradient
         if batch_statistics or (torch.is_grad_enabled() and x.requires_grad) or stride != 1:
             return False
         if not 0 < out_width <= ATTENTION_MAX_ROW or out_height < 1:

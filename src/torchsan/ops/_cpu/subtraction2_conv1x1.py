@@ -18,7 +18,7 @@ from .._checks import Footprint
 from ..reference import batchnorm_scale_shift
 from ._register import custom_op, differentiable_backward, kernels
 from .policy import ATTENTION_MAX_ROW
-from .softmax_aggregation import softmax_aggregation
+from .softmax_aggregation import aggregation, softmax_aggregation
 from .statistics import batchnorm_statistics_grads
 
 
@@ -243,3 +243,43 @@ def patchwise_weights(x1: Tensor, x2: Tensor, norm1: tuple, conv1_weight: Tensor
     weights = patchwise_weights_inference_op(x1, x2, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight,
                                              conv2_bias, *fp.kernel_args())
     return weights, None, None, None, None
+
+
+# --- inference: the patchwise layer (concatenation relation) after its transforms -----------------------------------
+def _patchwise_attention_inference(x1: Tensor, x2: Tensor, values: Tensor, scale1: Tensor, shift1: Tensor,
+                                   conv1_weight: Tensor, scale2: Tensor, shift2: Tensor, conv2_weight: Tensor,
+                                   conv2_bias: Tensor | None, kernel_size: int, stride: int, padding: int,
+                                   dilation: int, reflect: bool) -> Tensor:
+    """aggregation(values, w) with the weights w of ``patchwise_weights_inference`` as (N, Cout / K, K, L), stride 1:
+    (N, Cv, Ho, Wo). Per block of output rows, the weights live in a per-thread buffer only. No backward."""
+    return kernels().patchwise_attention_inference(
+        x1, x2, values, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight, conv2_bias, kernel_size, stride,
+        padding, dilation, reflect)
+
+
+def _patchwise_attention_inference_fake(x1, x2, values, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight,
+                                        conv2_bias, kernel_size, stride, padding, dilation, reflect):
+    fp = Footprint.from_kernel_args(kernel_size, stride, padding, dilation, reflect)
+    return values.new_empty((values.shape[0], values.shape[1], *fp.out_hw(x1.shape[2], x1.shape[3])))
+
+
+patchwise_attention_inference_op = custom_op("patchwise_attention_inference", _patchwise_attention_inference,
+                                             _patchwise_attention_inference_fake)
+
+
+def patchwise_attention(x1: Tensor, x2: Tensor, values: Tensor, norm1: tuple, conv1_weight: Tensor, norm2: tuple,
+                        conv2_weight: Tensor, conv2_bias: Tensor | None, fp: Footprint) -> Tensor:
+    """``ops.patchwise_attention`` on this backend: the inference kernel where nothing needs a gradient and the
+    footprint has stride 1 with output rows of at most ``ATTENTION_MAX_ROW`` positions; else the composition of this
+    backend's ``patchwise_weights`` and ``aggregation``."""
+    tensors = (x1, x2, values, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    h_out, w_out = fp.out_hw(x1.shape[2], x1.shape[3])
+    if needs_grad or fp.stride != 1 or w_out > ATTENTION_MAX_ROW:
+        w = patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)[0]
+        return aggregation(values, w.view(w.shape[0], w.shape[1] // fp.area, fp.area, w.shape[3]), fp, h_out, w_out)
+    (w1, b1, eps1, mean1, var1), (w2, b2, eps2, mean2, var2) = norm1, norm2
+    scale1, shift1 = batchnorm_scale_shift(w1, b1, mean1, var1, eps1)
+    scale2, shift2 = batchnorm_scale_shift(w2, b2, mean2, var2, eps2)
+    return patchwise_attention_inference_op(x1, x2, values, scale1, shift1, conv1_weight, scale2, shift2,
+                                            conv2_weight, conv2_bias, *fp.kernel_args())

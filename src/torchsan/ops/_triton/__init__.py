@@ -48,8 +48,8 @@ __all__ = [
     "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
     "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "clique_products", "conv1x1_affine_relu_maxpool2x2",
     "conv1x1_batchnorm_relu_maxpool2x2", "fuses",
-    "interpreting", "pairwise_attention", "pairwise_logits", "patchwise_weights", "softmax_aggregation", "subtraction",
-    "subtraction2",
+    "interpreting", "pairwise_attention", "pairwise_logits", "patchwise_attention", "patchwise_weights",
+    "softmax_aggregation", "subtraction", "subtraction2",
     "subtraction2_batchnorm_relu_conv1x1", "tap_softmax", "tap_softmax_backward", "unavailable_reason", "unfold",
 ]
 
@@ -218,3 +218,10 @@ def pairwise_attention(x1: Tensor, x2: Tensor, values: Tensor, append: Tensor | 
                        norm2: tuple, w2: Tensor, b2: Tensor | None, fp: Footprint) -> Tensor:
     logits = pairwise_logits(x1, x2, append, norm1, w1, norm2, w2, b2, fp)[0]
     return softmax_aggregation(values, logits, fp, *fp.out_hw(x1.shape[2], x1.shape[3]))
+
+
+def patchwise_attention(x1: Tensor, x2: Tensor, values: Tensor, norm1: tuple, w1: Tensor, norm2: tuple, w2: Tensor,
+                        b2: Tensor | None, fp: Footprint) -> Tensor:
+    w = patchwise_weights(x1, x2, norm1, w1, norm2, w2, b2, fp)[0]
+    h_out, w_out = fp.out_hw(x1.shape[2], x1.shape[3])
+    return aggregation(values, w.view(w.shape[0], w.shape[1] // fp.area, fp.area, w.shape[3]), fp, h_out, w_out)
