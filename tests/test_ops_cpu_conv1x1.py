@@ -351,6 +351,24 @@ def test_pairwise_attention_inference_matches_reference(case, mode, dtype):
         assert ref.abs().max() > 0.01 and (ref > 0).any() and (ref < 0).any()  # not a trivial output
 
 
+# maps of several blocks of rows: narrow rows (read from column-shifted copies), dilation, padding edges
+BLOCK_ROW_CASES = [(7, 1, 1, None, 40, 16, 1), (5, 1, 2, None, 30, 14, None), (3, 1, 1, 0, 40, 27, 1),
+                   (3, 1, 3, None, 23, 50, 1)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", BLOCK_ROW_CASES, ids=lambda c: case_id(c) + f"_append{c[6]}")
+def test_attention_inference_over_several_blocks_of_rows(case, mode):
+    args, fp = _logits_inputs(case, torch.float64)
+    values = _values(args, 9)
+    patchwise, values_p, fp_p = _patchwise_attention_inputs(case, torch.float64, 2, 9)
+    with torch.no_grad():
+        ours, ref = (_attention(args, values, mode, fp, b) for b in ("cpu", "reference"))
+        ours_p, ref_p = (_patchwise_attention(patchwise, values_p, mode, fp_p, b) for b in ("cpu", "reference"))
+    torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(ours_p, ref_p, rtol=1e-11, atol=1e-11)
+
+
 def test_pairwise_attention_inference_runs_the_kernel_only_at_stride_1_without_gradient(monkeypatch):
     from torchsan.ops._cpu import subtraction2_conv1x1 as module
 
@@ -588,6 +606,7 @@ def test_patchwise_attention_inference_same_bits_with_1_and_2_threads():
 def test_layer_in_eval_runs_the_whole_attention_as_one_op_and_matches_its_modules(sa_type, kernel_op, monkeypatch):
     """An eval-mode layer on a map whose blocks of rows are large enough (ops.should_fuse): the relation, gamma,
     (the softmax) and the aggregation as one op; the same function as the modules one by one."""
+    from _helpers import num_threads
     from torchsan.layers import ATTENTION_TYPES
     from torchsan.ops._cpu import subtraction2_conv1x1 as module
 
@@ -602,7 +621,7 @@ def test_layer_in_eval_runs_the_whole_attention_as_one_op_and_matches_its_module
     calls = []
     original = getattr(module, kernel_op)
     monkeypatch.setattr(module, kernel_op, lambda *a: calls.append(1) or original(*a))
-    with torch.no_grad(), ops.use_backend("cpu"):
+    with torch.no_grad(), ops.use_backend("cpu"), num_threads(2):  # 4 blocks of 12 rows: fused up to 4 threads
         fused = layer(x)
         with ops.fusion(False):
             modules = layer(x)

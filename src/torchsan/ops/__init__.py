@@ -446,9 +446,10 @@ def pairwise_attention(
     """The pairwise layer after its transforms, for inference: ``softmax_aggregation(values, logits)`` with the
     logits of :func:`pairwise_logits`, both BNs applying their running statistics.
 
-    The ``cpu`` backend's inference kernel (no gradient, stride 1) computes the logits of a block of output rows tap
-    by tap into a per-thread buffer, normalises them and aggregates with them there: neither z, gamma's hidden layer
-    nor the (N, Cw, K, L) logits are written. Otherwise, and on the other backends, the composition.
+    The ``cpu`` backend's inference kernel (no gradient, stride 1, output rows of at most 256 positions) computes
+    the logits of a block of output rows tap by tap into a per-thread buffer, normalises them and aggregates with
+    them there: neither z, gamma's hidden layer nor the (N, Cw, K, L) logits are written. Otherwise, and on the
+    other backends, the composition.
 
     Args:
         x1, x2: (N, C, H, W) (phi(x), psi(x)); values: (N, Cv, H, W) (beta(x)), Cv % Cw == 0; append: (1 or N, E, K,
@@ -541,9 +542,9 @@ def patchwise_attention(
     weights)`` with the weights of :func:`patchwise_weights` read as (N, Cout / K, K, L), both BNs applying their
     running statistics.
 
-    The ``cpu`` backend's inference kernel (no gradient, stride 1) computes the weights of a block of output rows
-    into a per-thread buffer and aggregates with them there: neither z, gamma's hidden layer nor the weights are
-    written. Otherwise, and on the other backends, the composition.
+    The ``cpu`` backend's inference kernel (no gradient, stride 1, output rows of at most 256 positions) computes
+    the weights of a block of output rows into a per-thread buffer and aggregates with them there: neither z,
+    gamma's hidden layer nor the weights are written. Otherwise, and on the other backends, the composition.
 
     Args:
         x1, x2: (N, C, H, W) (phi(x), psi(x)); values: (N, Cv, H, W) (beta(x)), Cv % (Cout / K) == 0.

@@ -133,11 +133,12 @@ void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t
   const int64_t S = C / Cw, K = g.K(), L = g.L(), HW = g.H * g.W;
   parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xp(S * g.plane() + VW<T>, T(0));  // slack: full-width loads at the end of the last row
-    std::vector<T> scratch(softmax_scratch ? K * L : 0);
+    // (not zero-filled: the softmax writes every value before the aggregation reads it)
+    const std::unique_ptr<T[]> scratch(softmax_scratch ? new T[K * L] : nullptr);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
       const T* w_plane = w + (n * Cw + cw) * K * L;
-      T* softmax_plane = softmax_scratch ? scratch.data() : softmax_out ? softmax_out + (n * Cw + cw) * K * L : nullptr;
+      T* softmax_plane = softmax_scratch ? scratch.get() : softmax_out ? softmax_out + (n * Cw + cw) * K * L : nullptr;
       if (softmax_plane) {
         tap_softmax_forward_plane(w_plane, softmax_plane, K, L);
         w_plane = softmax_plane;

@@ -133,8 +133,8 @@ TORCHSAN_ALWAYS_INLINE void aggregation_forward_block(const T* xp, int64_t plane
   for (int j = 0; j < G; ++j) store_partial(y0 + j * ystride + ho * g.Wo + q, acc[j], lanes);
 }
 
-// One output row of the stride-1 aggregation for the S channels sharing a weight channel (planes S * plane apart in
-// xp, outputs ystride apart from y0), in blocks of 8 channels and VW pixels.
+// One output row of the stride-1 aggregation for the S channels sharing a weight channel (their padded planes
+// `plane` values apart from xp, their outputs ystride apart from y0), in blocks of 8 channels and VW pixels.
 template <typename T>
 inline void aggregation_forward_row(const T* xp, int64_t plane, int64_t S, const T* w_row, int64_t wstride, T* y0,
                                     int64_t ystride, int64_t ho, const Geometry& g) {
