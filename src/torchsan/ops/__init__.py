@@ -367,6 +367,24 @@ def subtraction2_batchnorm_relu_conv1x1(
                                                                   conv_weight, conv_bias, fp)
 
 
+def _check_mapping(x1: torch.Tensor, x2: torch.Tensor, append: torch.Tensor | None, norm1: object,
+                   conv1_weight: torch.Tensor, norm2: object, conv2_weight: torch.Tensor,
+                   conv2_bias: torch.Tensor | None, fp: Footprint, patchwise: bool = False) -> tuple[tuple, tuple]:
+    """Validate the operands of a whole mapping gamma on the pairwise z = [x1_i - x2_j, append] (N, C + E, K, L) or
+    the patchwise z = [x1_i, x2_j for j in R(i)] (N, C (K + 1), 1, L); return the norms as tuples."""
+    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
+    c = x1.shape[1] * (fp.area + 1) if patchwise else x1.shape[1]
+    if append is not None:
+        _checks.check_append(append, x1, fp.area, h_out * w_out)
+        c += append.shape[1]
+    _checks.check_conv1x1("x1", x1, c, conv1_weight, None, "conv1_weight")
+    _checks.check_conv1x1("x1", x1, conv1_weight.shape[0], conv2_weight, conv2_bias, "conv2_weight", "conv2_bias")
+    shape = (x1.shape[0], c, 1 if patchwise else fp.area, h_out * w_out)
+    norm1 = _checks.check_norm("norm1", x1, norm1, shape)
+    norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
+    return norm1, norm2
+
+
 def pairwise_logits(
     x1: torch.Tensor,
     x2: torch.Tensor,
@@ -402,16 +420,7 @@ def pairwise_logits(
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     x1, x2, append, conv1_weight, conv2_weight, conv2_bias = _autocast(x1, x2, append, conv1_weight, conv2_weight,
                                                                        conv2_bias)
-    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
-    c = x1.shape[1]
-    if append is not None:
-        _checks.check_append(append, x1, fp.area, h_out * w_out)
-        c += append.shape[1]
-    _checks.check_conv1x1("x1", x1, c, conv1_weight, None, "conv1_weight")
-    _checks.check_conv1x1("x1", x1, conv1_weight.shape[0], conv2_weight, conv2_bias, "conv2_weight", "conv2_bias")
-    shape = (x1.shape[0], c, fp.area, h_out * w_out)
-    norm1 = _checks.check_norm("norm1", x1, norm1, shape)
-    norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
+    norm1, norm2 = _check_mapping(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)
     return implementation(x1).pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias,
                                               fp)
 
@@ -463,16 +472,7 @@ def pairwise_attention(
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     x1, x2, values, append, conv1_weight, conv2_weight, conv2_bias = _autocast(
         x1, x2, values, append, conv1_weight, conv2_weight, conv2_bias)
-    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
-    c = x1.shape[1]
-    if append is not None:
-        _checks.check_append(append, x1, fp.area, h_out * w_out)
-        c += append.shape[1]
-    _checks.check_conv1x1("x1", x1, c, conv1_weight, None, "conv1_weight")
-    _checks.check_conv1x1("x1", x1, conv1_weight.shape[0], conv2_weight, conv2_bias, "conv2_weight", "conv2_bias")
-    shape = (x1.shape[0], c, fp.area, h_out * w_out)
-    norm1 = _checks.check_norm("norm1", x1, norm1, shape)
-    norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
+    norm1, norm2 = _check_mapping(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)
     if norm1[3] is None or norm2[3] is None:
         raise ValueError("pairwise_attention applies the BNs' running statistics (inference); with batch statistics "
                          "use pairwise_logits, then softmax_aggregation")
@@ -513,13 +513,8 @@ def patchwise_weights(
     """
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     x1, x2, conv1_weight, conv2_weight, conv2_bias = _autocast(x1, x2, conv1_weight, conv2_weight, conv2_bias)
-    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
-    c = x1.shape[1] * (fp.area + 1)
-    _checks.check_conv1x1("x1", x1, c, conv1_weight, None, "conv1_weight")
-    _checks.check_conv1x1("x1", x1, conv1_weight.shape[0], conv2_weight, conv2_bias, "conv2_weight", "conv2_bias")
-    shape = (x1.shape[0], c, 1, h_out * w_out)
-    norm1 = _checks.check_norm("norm1", x1, norm1, shape)
-    norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
+    norm1, norm2 = _check_mapping(x1, x2, None, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp,
+                                  patchwise=True)
     return implementation(x1).patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)
 
 
@@ -557,13 +552,8 @@ def patchwise_attention(
     fp = resolve_footprint(kernel_size, stride, padding, dilation, pad_mode)
     x1, x2, values, conv1_weight, conv2_weight, conv2_bias = _autocast(x1, x2, values, conv1_weight, conv2_weight,
                                                                        conv2_bias)
-    h_out, w_out = _checks.check_subtraction2(x1, x2, fp)
-    c = x1.shape[1] * (fp.area + 1)
-    _checks.check_conv1x1("x1", x1, c, conv1_weight, None, "conv1_weight")
-    _checks.check_conv1x1("x1", x1, conv1_weight.shape[0], conv2_weight, conv2_bias, "conv2_weight", "conv2_bias")
-    shape = (x1.shape[0], c, 1, h_out * w_out)
-    norm1 = _checks.check_norm("norm1", x1, norm1, shape)
-    norm2 = _checks.check_norm("norm2", x1, norm2, (shape[0], conv1_weight.shape[0], *shape[2:]))
+    norm1, norm2 = _check_mapping(x1, x2, None, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp,
+                                  patchwise=True)
     if norm1[3] is None or norm2[3] is None:
         raise ValueError("patchwise_attention applies the BNs' running statistics (inference); with batch "
                          "statistics use patchwise_weights, then aggregation")

@@ -320,8 +320,8 @@ at::Tensor tap_softmax_backward(at::Tensor g, at::Tensor y) {
   return gx;
 }
 
-std::vector<at::Tensor> aggregation_forward(at::Tensor x, at::Tensor w, int64_t k, int64_t s, int64_t p, int64_t d,
-                                            bool reflect, bool softmax) {
+// The forward's operands, checked and contiguous: x (N, C, H, W), w (N, Cw, K, L) with C % Cw == 0.
+static Geometry aggregation_operands(at::Tensor& x, at::Tensor& w, int64_t k, int64_t s, int64_t p, int64_t d, bool reflect) {
   check_cpu(x, "x");
   check_cpu(w, "weight");
   x = x.contiguous();
@@ -329,8 +329,16 @@ std::vector<at::Tensor> aggregation_forward(at::Tensor x, at::Tensor w, int64_t 
   const Geometry g(x.size(2), x.size(3), k, s, p, d, reflect);
   check_geometry(g);
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "weight dtype must match x");
+  TORCH_CHECK(w.dim() == 4 && w.size(0) == x.size(0) && w.size(1) > 0 && x.size(1) % w.size(1) == 0 &&
+                  w.size(2) == g.K() && w.size(3) == g.L(),
+              "weight shape mismatch");
+  return g;
+}
+
+std::vector<at::Tensor> aggregation_forward(at::Tensor x, at::Tensor w, int64_t k, int64_t s, int64_t p, int64_t d,
+                                            bool reflect, bool softmax) {
+  const Geometry g = aggregation_operands(x, w, k, s, p, d, reflect);
   const int64_t N = x.size(0), C = x.size(1), Cw = w.size(1);
-  TORCH_CHECK(w.size(0) == N && C % Cw == 0 && w.size(2) == g.K() && w.size(3) == g.L(), "weight shape mismatch");
   auto y = at::empty({N, C, g.Ho, g.Wo}, x.options());
   auto softmax_out = softmax ? at::empty_like(w) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_forward", [&] {
@@ -348,17 +356,8 @@ std::vector<at::Tensor> aggregation_forward(at::Tensor x, at::Tensor w, int64_t 
 
 at::Tensor softmax_aggregation_inference(at::Tensor x, at::Tensor logits, int64_t k, int64_t s, int64_t p, int64_t d,
                                          bool reflect) {
-  check_cpu(x, "x");
-  check_cpu(logits, "logits");
-  x = x.contiguous();
-  logits = logits.contiguous();
-  const Geometry g(x.size(2), x.size(3), k, s, p, d, reflect);
-  check_geometry(g);
-  TORCH_CHECK(logits.scalar_type() == x.scalar_type(), "logits dtype must match x");
+  const Geometry g = aggregation_operands(x, logits, k, s, p, d, reflect);
   const int64_t N = x.size(0), C = x.size(1), Cw = logits.size(1);
-  TORCH_CHECK(logits.dim() == 4 && logits.size(0) == N && Cw > 0 && C % Cw == 0 && logits.size(2) == g.K() &&
-                  logits.size(3) == g.L(),
-              "logits shape mismatch");
   auto y = at::empty({N, C, g.Ho, g.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_aggregation_inference", [&] {
     aggregation_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),

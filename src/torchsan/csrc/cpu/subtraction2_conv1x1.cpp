@@ -185,6 +185,30 @@ struct Subtraction2Inputs {
   }
 };
 
+// The patchwise concatenation relation's checked inputs and their padded planes, as PatchwiseConcatRows reads
+// them: Ct = C (K + 1) rows of z per image.
+struct PatchwiseConcatInputs {
+  at::Tensor x1, x2, x1_planes, x2_planes;
+  Geometry g;
+  int64_t N, C, Ct;
+  PatchwiseConcatInputs(at::Tensor a, at::Tensor b, int64_t k, int64_t s, int64_t p, int64_t d, bool reflect)
+      : x1(a.contiguous()), x2(b.contiguous()), g(a.size(2), a.size(3), k, s, p, d, reflect) {
+    check_cpu(x1, "x1");
+    check_cpu(x2, "x2");
+    check_geometry(g);
+    TORCH_CHECK(x1.sizes() == x2.sizes() && x1.scalar_type() == x2.scalar_type(), "x1 and x2 must match");
+    N = x1.size(0);
+    C = x1.size(1);
+    Ct = C * (g.K() + 1);
+    x1_planes = pad_planes(x1, g);
+    x2_planes = pad_planes(x2, g);
+  }
+  template <typename T>
+  PatchwiseConcatRows<T> rows() const {
+    return PatchwiseConcatRows<T>{x1_planes.data_ptr<T>(), x2_planes.data_ptr<T>(), C, g};
+  }
+};
+
 }  // namespace
 
 std::vector<at::Tensor> subtraction2_var_mean(at::Tensor x1, at::Tensor x2, c10::optional<at::Tensor> append, int64_t k,
@@ -370,21 +394,10 @@ at::Tensor patchwise_attention_inference(at::Tensor x1, at::Tensor x2, at::Tenso
                                          at::Tensor shift1, at::Tensor weight1, at::Tensor scale2, at::Tensor shift2,
                                          at::Tensor weight2, c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
                                          int64_t p, int64_t d, bool reflect) {
-  x1 = x1.contiguous();
-  x2 = x2.contiguous();
-  check_cpu(x1, "x1");
-  check_cpu(x2, "x2");
-  const Geometry g(x1.size(2), x1.size(3), k, s, p, d, reflect);
-  check_geometry(g);
-  TORCH_CHECK(x1.sizes() == x2.sizes() && x1.scalar_type() == x2.scalar_type(), "x1 and x2 must match");
-  const int64_t C = x1.size(1);
-  const at::Tensor x1_planes = pad_planes(x1, g), x2_planes = pad_planes(x2, g);
-  auto make_rows = [&](auto t) {
-    using T = decltype(t);
-    return PatchwiseConcatRows<T>{x1_planes.data_ptr<T>(), x2_planes.data_ptr<T>(), C, g};
-  };
-  return attention_inference(make_rows, false, g, x1.size(0), C * (g.K() + 1), x1, v, scale1, shift1, weight1, scale2,
-                             shift2, weight2, bias2, "patchwise_attention_inference");
+  const PatchwiseConcatInputs in(x1, x2, k, s, p, d, reflect);
+  auto make_rows = [&](auto t) { return in.rows<decltype(t)>(); };
+  return attention_inference(make_rows, false, in.g, in.N, in.Ct, in.x1, v, scale1, shift1, weight1, scale2, shift2,
+                             weight2, bias2, "patchwise_attention_inference");
 }
 
 at::Tensor patchwise_concat_affine_relu_conv1x1_twice_forward(at::Tensor x1, at::Tensor x2, at::Tensor scale1,
@@ -392,22 +405,10 @@ at::Tensor patchwise_concat_affine_relu_conv1x1_twice_forward(at::Tensor x1, at:
                                                               at::Tensor shift2, at::Tensor weight2,
                                                               c10::optional<at::Tensor> bias2, int64_t k, int64_t s,
                                                               int64_t p, int64_t d, bool reflect) {
-  x1 = x1.contiguous();
-  x2 = x2.contiguous();
-  check_cpu(x1, "x1");
-  check_cpu(x2, "x2");
-  const Geometry g(x1.size(2), x1.size(3), k, s, p, d, reflect);
-  check_geometry(g);
-  TORCH_CHECK(x1.sizes() == x2.sizes() && x1.scalar_type() == x2.scalar_type(), "x1 and x2 must match");
-  const int64_t C = x1.size(1);
-  const at::Tensor x1_planes = pad_planes(x1, g), x2_planes = pad_planes(x2, g);
-  auto make_rows = [&](auto t) {
-    using T = decltype(t);
-    return PatchwiseConcatRows<T>{x1_planes.data_ptr<T>(), x2_planes.data_ptr<T>(), C, g};
-  };
-  return affine_relu_conv1x1_twice(make_rows, x1, x1.size(0), C * (g.K() + 1), g.L(), {1, g.L()}, scale1, shift1,
-                                   weight1, scale2, shift2, weight2, bias2,
-                                   "patchwise_concat_affine_relu_conv1x1_twice");
+  const PatchwiseConcatInputs in(x1, x2, k, s, p, d, reflect);
+  auto make_rows = [&](auto t) { return in.rows<decltype(t)>(); };
+  return affine_relu_conv1x1_twice(make_rows, in.x1, in.N, in.Ct, in.g.L(), {1, in.g.L()}, scale1, shift1, weight1,
+                                   scale2, shift2, weight2, bias2, "patchwise_concat_affine_relu_conv1x1_twice");
 }
 
 std::vector<at::Tensor> subtraction2_affine_relu_conv1x1_backward(at::Tensor gy, at::Tensor x1, at::Tensor x2,

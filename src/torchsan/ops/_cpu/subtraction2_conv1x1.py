@@ -126,6 +126,17 @@ def subtraction2_batchnorm_relu_conv1x1(x1: Tensor, x2: Tensor, append: Tensor |
                                                   *fp.kernel_args())
 
 
+# --- inference: shared by the kernels below --------------------------------------------------------------------------
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _affine_maps(norm1: tuple, norm2: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both BNs (running statistics) as their affine maps: scale1, shift1, scale2, shift2."""
+    (w1, b1, eps1, mean1, var1), (w2, b2, eps2, mean2, var2) = norm1, norm2
+    return (*batchnorm_scale_shift(w1, b1, mean1, var1, eps1), *batchnorm_scale_shift(w2, b2, mean2, var2, eps2))
+
+
 # --- inference: the whole mapping gamma ------------------------------------------------------------------------------
 def _pairwise_logits_inference(x1: Tensor, x2: Tensor, append: Tensor | None, scale1: Tensor, shift1: Tensor,
                                conv1_weight: Tensor, scale2: Tensor, shift2: Tensor, conv2_weight: Tensor,
@@ -154,13 +165,10 @@ def pairwise_logits(x1: Tensor, x2: Tensor, append: Tensor | None, norm1: tuple,
                     fp: Footprint) -> tuple[Tensor, None, None, None, None] | tuple:
     """``ops.pairwise_logits`` on this backend: one inference kernel where both BNs apply running statistics and
     nothing needs a gradient; else the reference composition (the layers fuse only gamma's first triple there)."""
-    tensors = (x1, x2, append, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = _needs_grad(x1, x2, append, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
     if needs_grad or norm1[3] is None or norm2[3] is None:
         return reference.pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)
-    (w1, b1, eps1, mean1, var1), (w2, b2, eps2, mean2, var2) = norm1, norm2
-    scale1, shift1 = batchnorm_scale_shift(w1, b1, mean1, var1, eps1)
-    scale2, shift2 = batchnorm_scale_shift(w2, b2, mean2, var2, eps2)
+    scale1, shift1, scale2, shift2 = _affine_maps(norm1, norm2)
     logits = pairwise_logits_inference_op(x1, x2, append, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight,
                                           conv2_bias, *fp.kernel_args())
     return logits, None, None, None, None
@@ -194,15 +202,12 @@ def pairwise_attention(x1: Tensor, x2: Tensor, values: Tensor, append: Tensor | 
     """``ops.pairwise_attention`` on this backend: the inference kernel where nothing needs a gradient and the
     footprint has stride 1 with output rows of at most ``ATTENTION_MAX_ROW`` positions; else the composition of this
     backend's ``pairwise_logits`` and ``softmax_aggregation``."""
-    tensors = (x1, x2, values, append, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = _needs_grad(x1, x2, values, append, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
     h_out, w_out = fp.out_hw(x1.shape[2], x1.shape[3])
     if needs_grad or fp.stride != 1 or w_out > ATTENTION_MAX_ROW:
         logits = pairwise_logits(x1, x2, append, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)[0]
         return softmax_aggregation(values, logits, fp, h_out, w_out)
-    (w1, b1, eps1, mean1, var1), (w2, b2, eps2, mean2, var2) = norm1, norm2
-    scale1, shift1 = batchnorm_scale_shift(w1, b1, mean1, var1, eps1)
-    scale2, shift2 = batchnorm_scale_shift(w2, b2, mean2, var2, eps2)
+    scale1, shift1, scale2, shift2 = _affine_maps(norm1, norm2)
     return pairwise_attention_inference_op(x1, x2, append, values, scale1, shift1, conv1_weight, scale2, shift2,
                                            conv2_weight, conv2_bias, *fp.kernel_args())
 
@@ -233,13 +238,10 @@ def patchwise_weights(x1: Tensor, x2: Tensor, norm1: tuple, conv1_weight: Tensor
                       conv2_bias: Tensor | None, fp: Footprint) -> tuple:
     """``ops.patchwise_weights`` on this backend: one inference kernel where both BNs apply running statistics and
     nothing needs a gradient; else the reference composition."""
-    tensors = (x1, x2, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = _needs_grad(x1, x2, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
     if needs_grad or norm1[3] is None or norm2[3] is None:
         return reference.patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)
-    (w1, b1, eps1, mean1, var1), (w2, b2, eps2, mean2, var2) = norm1, norm2
-    scale1, shift1 = batchnorm_scale_shift(w1, b1, mean1, var1, eps1)
-    scale2, shift2 = batchnorm_scale_shift(w2, b2, mean2, var2, eps2)
+    scale1, shift1, scale2, shift2 = _affine_maps(norm1, norm2)
     weights = patchwise_weights_inference_op(x1, x2, scale1, shift1, conv1_weight, scale2, shift2, conv2_weight,
                                              conv2_bias, *fp.kernel_args())
     return weights, None, None, None, None
@@ -272,14 +274,11 @@ def patchwise_attention(x1: Tensor, x2: Tensor, values: Tensor, norm1: tuple, co
     """``ops.patchwise_attention`` on this backend: the inference kernel where nothing needs a gradient and the
     footprint has stride 1 with output rows of at most ``ATTENTION_MAX_ROW`` positions; else the composition of this
     backend's ``patchwise_weights`` and ``aggregation``."""
-    tensors = (x1, x2, values, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = _needs_grad(x1, x2, values, *norm1[:2], conv1_weight, *norm2[:2], conv2_weight, conv2_bias)
     h_out, w_out = fp.out_hw(x1.shape[2], x1.shape[3])
     if needs_grad or fp.stride != 1 or w_out > ATTENTION_MAX_ROW:
         w = patchwise_weights(x1, x2, norm1, conv1_weight, norm2, conv2_weight, conv2_bias, fp)[0]
         return aggregation(values, w.view(w.shape[0], w.shape[1] // fp.area, fp.area, w.shape[3]), fp, h_out, w_out)
-    (w1, b1, eps1, mean1, var1), (w2, b2, eps2, mean2, var2) = norm1, norm2
-    scale1, shift1 = batchnorm_scale_shift(w1, b1, mean1, var1, eps1)
-    scale2, shift2 = batchnorm_scale_shift(w2, b2, mean2, var2, eps2)
+    scale1, shift1, scale2, shift2 = _affine_maps(norm1, norm2)
     return patchwise_attention_inference_op(x1, x2, values, scale1, shift1, conv1_weight, scale2, shift2,
                                             conv2_weight, conv2_bias, *fp.kernel_args())
