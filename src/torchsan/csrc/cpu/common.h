@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <cstring>
 #include <fstream>
 #include <string>
@@ -66,6 +67,21 @@ template <typename F>
 void parallel_range(int64_t begin, int64_t end, int64_t grain, const F& f) {
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { run_out_of_line(f, b, e); });
 }
+
+// Buffers whose vectors start on cache lines: a 64-byte vector load from a 16-byte-aligned heap block straddles two.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const CacheLineAllocator&) const { return true; }
+  bool operator!=(const CacheLineAllocator&) const { return false; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
 // A k x k footprint with stride s, padding p and dilation d over an H x W plane: the output is Ho x Wo, the padded
 // plane Hp x Wp. L = Ho * Wo output positions, K = k * k taps.

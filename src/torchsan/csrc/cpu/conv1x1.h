@@ -7,6 +7,8 @@
 
 #include "common.h"
 
+#include <type_traits>
+
 namespace torchsan {
 namespace __attribute__((visibility("hidden"))) cpu {
 
@@ -14,11 +16,20 @@ constexpr int64_t kColumnVectors = 2;  // column vectors per register block of t
 constexpr int64_t kSubBlock = 256;     // pixels per sub-block: its staged rows stay in L1/L2 (a multiple of
                                        // kColumnVectors * VW)
 constexpr int64_t kInputTile = 2;      // input channels per register block of the weight-gradient reduction
+constexpr int64_t kStagedStride = kSubBlock + 16;  // staged rows apart: not a multiple of 4 KB (L1 set aliasing)
 
-// Rows per register block (R) of the small GEMMs: 6 x kColumnVectors = 12 accumulators (of AVX2's 16 registers)
-// hide the FMA latency better than 4 x kColumnVectors = 8, but pad 8 rows to 12. Pick the one with less padded
-// work, counting a 6-row block as 1.2 times as fast.
-inline int pick_block_rows(int64_t rows) { return round_up(rows, 6) * 10 < round_up(rows, 4) * 12 ? 6 : 4; }
+// Rows per register block (R) of the small GEMMs: kWideRows or 4. With AVX2's 16 registers, 6 x kColumnVectors = 12
+// accumulators hide the FMA latency better than 4 x kColumnVectors = 8, but pad 8 rows to 12; AVX-512's 32 registers
+// hold 8 x kColumnVectors, which SAN's widths (multiples of 8) fill without padding. Pick the one with less padded
+// work, counting a wide block as 1.2 times as fast.
+#if defined(TORCHSAN_ZMM)
+constexpr int kWideRows = 8;
+#else
+constexpr int kWideRows = 6;
+#endif
+inline int pick_block_rows(int64_t rows) {
+  return round_up(rows, kWideRows) * 10 < round_up(rows, 4) * 12 ? kWideRows : 4;
+}
 
 // A (rows x cols) packed in blocks of R rows, column-major within a block, zero-padded:
 // out[(b * cols + c) * R + j] = A[b * R + j][c]. `transpose` reads A as the transpose of a (cols x rows) src.
@@ -40,17 +51,30 @@ std::vector<T> pack_row_blocks(const T* src, int64_t rows, int64_t cols, bool tr
 // columns [0, m) in steps of kColumnVectors * VW; epilogue(j, q, acc) receives row j, columns
 // q .. q + kColumnVectors * VW (kColumnVectors vectors). R x kColumnVectors accumulators stay in registers; each step
 // loads kColumnVectors B vectors and broadcasts R weights.
+// One register tile: acc = A_block (R x inner) @ B[:, 0 .. kColumnVectors * VW), B's rows bstride apart. Each step
+// loads kColumnVectors B vectors and broadcasts R weights.
+template <typename T, int R>
+TORCHSAN_ALWAYS_INLINE void gemm_tile(const T* ap, int64_t inner, const T* B, int64_t bstride,
+                                      V<T> (&acc)[R][kColumnVectors]) {
+  for (int64_t j = 0; j < R; ++j)
+    for (int64_t c = 0; c < kColumnVectors; ++c) acc[j][c] = V<T>{};
+  for (int64_t i = 0; i < inner; ++i) {
+    V<T> b[kColumnVectors];
+    for (int64_t c = 0; c < kColumnVectors; ++c) std::memcpy(&b[c], B + i * bstride + c * VW<T>, sizeof(V<T>));
+    const T* a = ap + i * R;
+    for (int64_t j = 0; j < R; ++j)
+      for (int64_t c = 0; c < kColumnVectors; ++c) acc[j][c] += a[j] * b[c];
+  }
+}
+
+// For one packed block of R rows of A: acc = A_block (R x inner) @ B (inner x kSubBlock staged rows), for the
+// columns [0, m) in steps of kColumnVectors * VW; epilogue(j, q, acc) receives row j, columns
+// q .. q + kColumnVectors * VW (kColumnVectors vectors). R x kColumnVectors accumulators stay in registers.
 template <typename T, int R, typename Epilogue>
 inline void gemm_block(const T* ap, int64_t inner, const T* B, int64_t m, Epilogue&& epilogue) {
   for (int64_t q = 0; q < m; q += kColumnVectors * VW<T>) {
-    V<T> acc[R][kColumnVectors] = {};
-    for (int64_t i = 0; i < inner; ++i) {
-      V<T> b[kColumnVectors];
-      for (int64_t c = 0; c < kColumnVectors; ++c) std::memcpy(&b[c], B + i * kSubBlock + q + c * VW<T>, sizeof(V<T>));
-      const T* a = ap + i * R;
-      for (int64_t j = 0; j < R; ++j)
-        for (int64_t c = 0; c < kColumnVectors; ++c) acc[j][c] += a[j] * b[c];
-    }
+    V<T> acc[R][kColumnVectors];
+    gemm_tile<T, R>(ap, inner, B + q, kStagedStride, acc);
     for (int64_t j = 0; j < R; ++j) epilogue(j, q, acc[j]);
   }
 }
@@ -85,12 +109,23 @@ inline int64_t forward_chunk(int64_t N, int64_t P) {
   return kSubBlock * std::clamp<int64_t>((sub_blocks + per_image - 1) / per_image, 1, kPixelChunk / kSubBlock);
 }
 
+// Row sources that stage a row themselves (stage_affine_relu(n, ci, q0, m, a, b, staged, scratch), the values of
+// stage_affine_relu_row on row()), computing it in one pass instead of writing it to scratch first.
+template <typename Rows, typename = void>
+struct StagesRows : std::false_type {};
+template <typename Rows>
+struct StagesRows<Rows, std::void_t<decltype(&Rows::stage_affine_relu)>> : std::true_type {};
+
 // staged[ci][0 .. kSubBlock) <- relu(scale[ci] * x[n, ci, q0 .. q0 + m) + shift[ci]) for the rows [c0, c1) of src.
 template <typename T, typename Rows>
 inline void stage_affine_relu_rows(const Rows& src, int64_t n, int64_t q0, int64_t m, const T* scale, const T* shift,
                                    int64_t c0, int64_t c1, T* staged, T* scratch) {
-  for (int64_t ci = c0; ci < c1; ++ci)
-    stage_affine_relu_row(src.row(n, ci, q0, m, scratch), scale[ci], shift[ci], staged + ci * kSubBlock, m);
+  for (int64_t ci = c0; ci < c1; ++ci) {
+    if constexpr (StagesRows<Rows>::value)
+      src.stage_affine_relu(n, ci, q0, m, scale[ci], shift[ci], staged + ci * kStagedStride, scratch);
+    else
+      stage_affine_relu_row(src.row(n, ci, q0, m, scratch), scale[ci], shift[ci], staged + ci * kStagedStride, m);
+  }
 }
 
 // y0[co * P + (0 .. m)] <- (W staged)[co] + bias[co] (+ r0[co * P + (0 .. m)], a residual, unless null) for the
@@ -124,7 +159,7 @@ void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T
   const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
   const std::vector<T> w_packed = pack_row_blocks<T, R>(w, Cout, Cin, false);
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> relu_rows(Cin * kSubBlock), scratch(kSubBlock);
+    AlignedVector<T> relu_rows(Cin * kStagedStride), scratch(kSubBlock);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(P, p0 + chunk);
       for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
@@ -157,7 +192,7 @@ struct TwoTriples {
     gemm_block<T, R1>(w1_packed.data() + b * Cin * R1, Cin, relu_rows, m, [&](int64_t j, int64_t q, const V<T>* acc) {
       const int64_t cm = b * R1 + j;
       if (cm >= Cmid) return;
-      T* row = hidden_rows + cm * kSubBlock + q;
+      T* row = hidden_rows + cm * kStagedStride + q;
       for (int64_t c = 0; c < kColumnVectors; ++c) {
         V<T> pre = acc[c] * scale2[cm] + shift2[cm];
         pre = pre <= 0 ? V<T>{} : pre;  // NaN passes through, like torch.relu
@@ -169,13 +204,39 @@ struct TwoTriples {
   void second(const T* hidden_rows, int64_t m, T* y0, int64_t ystride, int64_t b0 = 0, int64_t b1 = -1) const {
     product_to_output<T, R2>(w2_packed.data(), Cmid, hidden_rows, m, bias2, Cout, y0, ystride, nullptr, b0, b1);
   }
-  // The columns [q0, q0 + m) (m <= kSubBlock) of image n of src, on this thread, with its work buffers.
+  // The columns [q0, q0 + m) (m <= kSubBlock) of image n of src, on this thread, with its work buffers. Both
+  // products run per tile of kColumnVectors * VW columns: the tile's staged rows, its hidden rows and the weights stay
+  // in L1 (the values are those of first() and second()).
   template <typename Rows>
   void run(const Rows& src, int64_t n, int64_t q0, int64_t m, T* relu_rows, T* hidden_rows, T* scratch, T* y0,
            int64_t ystride) const {
+    constexpr int64_t tile = kColumnVectors * VW<T>;
     stage_affine_relu_rows(src, n, q0, m, scale1, shift1, 0, Cin, relu_rows, scratch);
-    for (int64_t b = 0; b < blocks1; ++b) first(relu_rows, hidden_rows, m, b);
-    second(hidden_rows, m, y0, ystride);
+    for (int64_t q = 0; q < m; q += tile) {
+      for (int64_t b = 0; b < blocks1; ++b) {
+        V<T> acc[R1][kColumnVectors];
+        gemm_tile<T, R1>(w1_packed.data() + b * Cin * R1, Cin, relu_rows + q, kStagedStride, acc);
+        for (int64_t j = 0; j < R1 && b * R1 + j < Cmid; ++j) {
+          const int64_t cm = b * R1 + j;
+          for (int64_t c = 0; c < kColumnVectors; ++c) {
+            V<T> pre = acc[j][c] * scale2[cm] + shift2[cm];
+            pre = pre <= 0 ? V<T>{} : pre;  // NaN passes through, like torch.relu
+            std::memcpy(hidden_rows + cm * tile + c * VW<T>, &pre, sizeof(V<T>));
+          }
+        }
+      }
+      for (int64_t b = 0; b < blocks2; ++b) {
+        V<T> acc[R2][kColumnVectors];
+        gemm_tile<T, R2>(w2_packed.data() + b * Cmid * R2, Cmid, hidden_rows, tile, acc);
+        for (int64_t j = 0; j < R2 && b * R2 + j < Cout; ++j) {
+          const int64_t co = b * R2 + j;
+          const T bv = bias2 ? bias2[co] : T(0);
+          V<T> out[kColumnVectors];
+          for (int64_t c = 0; c < kColumnVectors; ++c) out[c] = acc[j][c] + bv;
+          store_columns<T>(y0 + co * ystride, q, m, out);
+        }
+      }
+    }
   }
 };
 
@@ -189,7 +250,7 @@ void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, 
   if (N * ((P + kSubBlock - 1) / kSubBlock) < at::get_num_threads()) {
     // Fewer sub-blocks than threads (a small map at batch 1): the threads share each sub-block's work instead, its
     // staged rows, then the first product's row blocks, then the second's. Every value is computed as below.
-    std::vector<T> relu_rows(Cin * kSubBlock), hidden_rows(Cmid * kSubBlock);
+    AlignedVector<T> relu_rows(Cin * kStagedStride), hidden_rows(Cmid * kStagedStride);
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t q0 = 0; q0 < P; q0 += kSubBlock) {
         const int64_t m = std::min(kSubBlock, P - q0);
@@ -209,7 +270,7 @@ void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, 
   }
   const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> relu_rows(Cin * kSubBlock), hidden_rows(Cmid * kSubBlock), scratch(kSubBlock);
+    AlignedVector<T> relu_rows(Cin * kStagedStride), hidden_rows(Cmid * kStagedStride), scratch(kSubBlock);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * chunk, p1 = std::min(P, p0 + chunk);
       for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock)
@@ -221,10 +282,10 @@ void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, 
 
 template <typename T, typename Rows>
 auto affine_relu_conv1x1_twice_forward_for(int64_t Cmid, int64_t Cout) {
-  const bool mid6 = pick_block_rows(Cmid) == 6, out6 = pick_block_rows(Cout) == 6;
-  return mid6 ? (out6 ? affine_relu_conv1x1_twice_forward_kernel<T, 6, 6, Rows>
-                      : affine_relu_conv1x1_twice_forward_kernel<T, 6, 4, Rows>)
-              : (out6 ? affine_relu_conv1x1_twice_forward_kernel<T, 4, 6, Rows>
+  const bool mid_wide = pick_block_rows(Cmid) == kWideRows, out_wide = pick_block_rows(Cout) == kWideRows;
+  return mid_wide ? (out_wide ? affine_relu_conv1x1_twice_forward_kernel<T, kWideRows, kWideRows, Rows>
+                      : affine_relu_conv1x1_twice_forward_kernel<T, kWideRows, 4, Rows>)
+              : (out_wide ? affine_relu_conv1x1_twice_forward_kernel<T, 4, kWideRows, Rows>
                       : affine_relu_conv1x1_twice_forward_kernel<T, 4, 4, Rows>);
 }
 
@@ -243,9 +304,9 @@ void affine_relu_conv1x1_backward_kernel(const T* gy, const Rows& src, const T* 
   std::vector<T> partial(tasks * width, T(0));
   parallel_range(0, tasks, 1, [&](int64_t begin, int64_t end) {
     // padding rows stay zero
-    std::vector<T> relu_rows(cin_pad * kSubBlock, T(0)), grad_rows(cout_pad * kSubBlock, T(0));
+    AlignedVector<T> relu_rows(cin_pad * kStagedStride, T(0)), grad_rows(cout_pad * kStagedStride, T(0));
     std::vector<V<T>> acc_w(cout_pad * cin_pad), acc_gscale(Cin), acc_gshift(Cin), acc_bias(Cout);
-    std::vector<T> scratch(Cin * kSubBlock);  // raw input rows that src computes (not read in place)
+    std::vector<T> scratch(Cin * kStagedStride);  // raw input rows that src computes (not read in place)
     std::vector<const T*> xrows(Cin);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / chunks, p0 = (t % chunks) * kPixelChunk, p1 = std::min(P, p0 + kPixelChunk);
@@ -256,12 +317,12 @@ void affine_relu_conv1x1_backward_kernel(const T* gy, const Rows& src, const T* 
       for (int64_t q0 = p0; q0 < p1; q0 += kSubBlock) {
         const int64_t m = std::min(kSubBlock, p1 - q0), m_padded = round_up(m, VW<T>);
         for (int64_t ci = 0; ci < Cin; ++ci) {
-          xrows[ci] = src.row(n, ci, q0, m, scratch.data() + ci * kSubBlock);
-          stage_affine_relu_row(xrows[ci], scale[ci], shift[ci], relu_rows.data() + ci * kSubBlock, m);
+          xrows[ci] = src.row(n, ci, q0, m, scratch.data() + ci * kStagedStride);
+          stage_affine_relu_row(xrows[ci], scale[ci], shift[ci], relu_rows.data() + ci * kStagedStride, m);
         }
         for (int64_t co = 0; co < Cout; ++co) {
           const T* gy_row = gy + (n * Cout + co) * P + q0;
-          T* gr = grad_rows.data() + co * kSubBlock;
+          T* gr = grad_rows.data() + co * kStagedStride;
           std::copy(gy_row, gy_row + m, gr);
           std::fill(gr + m, gr + kSubBlock, T(0));
           V<T> s = {};
@@ -275,9 +336,9 @@ void affine_relu_conv1x1_backward_kernel(const T* gy, const Rows& src, const T* 
             for (int64_t q = 0; q < m_padded; q += VW<T>) {
               V<T> rv[kInputTile];
               for (int64_t i = 0; i < kInputTile; ++i)
-                rv[i] = load_partial(relu_rows.data() + (ib + i) * kSubBlock + q, VW<T>);
+                rv[i] = load_partial(relu_rows.data() + (ib + i) * kStagedStride + q, VW<T>);
               for (int64_t j = 0; j < R; ++j) {
-                const V<T> gv = load_partial(grad_rows.data() + (cb + j) * kSubBlock + q, VW<T>);
+                const V<T> gv = load_partial(grad_rows.data() + (cb + j) * kStagedStride + q, VW<T>);
                 for (int64_t i = 0; i < kInputTile; ++i) acc[j][i] += gv * rv[i];
               }
             }
@@ -291,7 +352,7 @@ void affine_relu_conv1x1_backward_kernel(const T* gy, const Rows& src, const T* 
                             [&](int64_t j, int64_t q, const V<T>* acc) {
                               const int64_t ci = b * RI + j;
                               if (ci >= Cin) return;
-                              const T* relu_row = relu_rows.data() + ci * kSubBlock + q;
+                              const T* relu_row = relu_rows.data() + ci * kStagedStride + q;
                               const T* x_row = xrows[ci] + q;
                               V<T> grad_pre[kColumnVectors];
                               for (int64_t c = 0; c < kColumnVectors; ++c) {
@@ -331,17 +392,17 @@ void affine_relu_conv1x1_backward_kernel(const T* gy, const Rows& src, const T* 
 // The forward kernel with the register-block size for Cout output channels.
 template <typename T, typename Rows>
 auto affine_relu_conv1x1_forward_for(int64_t Cout) {
-  return pick_block_rows(Cout) == 6 ? affine_relu_conv1x1_forward_kernel<T, 6, Rows>
+  return pick_block_rows(Cout) == kWideRows ? affine_relu_conv1x1_forward_kernel<T, kWideRows, Rows>
                                     : affine_relu_conv1x1_forward_kernel<T, 4, Rows>;
 }
 
 // The backward kernel with the register-block sizes for these channel counts.
 template <typename T, typename Rows>
 auto affine_relu_conv1x1_backward_for(int64_t Cin, int64_t Cout) {
-  const bool out6 = pick_block_rows(Cout) == 6, in6 = pick_block_rows(Cin) == 6;
-  return out6 ? (in6 ? affine_relu_conv1x1_backward_kernel<T, 6, 6, Rows>
-                     : affine_relu_conv1x1_backward_kernel<T, 6, 4, Rows>)
-              : (in6 ? affine_relu_conv1x1_backward_kernel<T, 4, 6, Rows>
+  const bool out_wide = pick_block_rows(Cout) == kWideRows, in_wide = pick_block_rows(Cin) == kWideRows;
+  return out_wide ? (in_wide ? affine_relu_conv1x1_backward_kernel<T, kWideRows, kWideRows, Rows>
+                     : affine_relu_conv1x1_backward_kernel<T, kWideRows, 4, Rows>)
+              : (in_wide ? affine_relu_conv1x1_backward_kernel<T, 4, kWideRows, Rows>
                      : affine_relu_conv1x1_backward_kernel<T, 4, 4, Rows>);
 }
 

@@ -25,42 +25,32 @@ struct Subtraction2Rows {
   int64_t append_batch, C, E;
   Geometry g;
   bool shifted;  // the planes are centre planes and column-shifted copies (stride 1, narrow maps), not padded planes
-  const T* row(int64_t n, int64_t ci, int64_t q0, int64_t m, T* scratch) const {
-    const int64_t L = g.L(), P = g.K() * L, c0 = (g.k / 2) * g.d;
-    if (ci >= C) return append + ((append_batch == 1 ? 0 : n) * E + ci - C) * P + q0;
+  // f(at, centre, other, len) for each run of z's row ci < C over [q0, q0 + m): z[q0 + at + i] = centre[i * s] -
+  // other[i * s] for i < len (s = 1 on the shifted copies).
+  template <typename F>
+  void runs(int64_t n, int64_t ci, int64_t q0, int64_t m, F&& f) const {
+    const int64_t L = g.L(), c0 = (g.k / 2) * g.d;
     if (shifted) {  // x1_planes: the centre planes (L each); x2_planes: the column-shifted copies (see shift_columns)
       const T* centre = x1_planes + (n * C + ci) * L;
       const T* S = x2_planes + (n * C + ci) * g.k * g.Hp * g.Wo;
       int64_t tap = q0 / L, o = q0 % L;
       for (int64_t left = m, at = 0; left > 0; ++tap, o = 0) {
         const int64_t len = std::min(L - o, left);
-        const T* src = S + ((tap % g.k) * g.Hp + (tap / g.k) * g.d) * g.Wo + o;
-        const T* cr = centre + o;
-        T* out = scratch + at;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) out[i] = cr[i] - src[i];
+        f(at, centre + o, S + ((tap % g.k) * g.Hp + (tap / g.k) * g.d) * g.Wo + o, len);
         at += len;
         left -= len;
       }
-      return scratch;
+      return;
     }
     const T* p1 = x1_planes + (n * C + ci) * g.plane();
     const T* p2 = x2_planes + (n * C + ci) * g.plane();
     // Runs along one output row of one tap; (tap, ho, wo) advance without divisions (short rows on small maps).
     const int64_t tap = q0 / L;
     int64_t ho = (q0 % L) / g.Wo, wo = (q0 % L) % g.Wo, kh = tap / g.k, kw = tap % g.k;
-    T* out = scratch;
-    for (int64_t left = m; left > 0;) {
+    for (int64_t left = m, at = 0; left > 0;) {
       const int64_t len = std::min(g.Wo - wo, left);
-      const T* crow = p1 + (ho * g.s + c0) * g.Wp + c0 + wo * g.s;
-      const T* xrow = p2 + (ho * g.s + kh * g.d) * g.Wp + kw * g.d + wo * g.s;
-      if (g.s == 1) {
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) out[i] = crow[i] - xrow[i];
-      } else {
-        for (int64_t i = 0; i < len; ++i) out[i] = crow[i * g.s] - xrow[i * g.s];
-      }
-      out += len;
+      f(at, p1 + (ho * g.s + c0) * g.Wp + c0 + wo * g.s, p2 + (ho * g.s + kh * g.d) * g.Wp + kw * g.d + wo * g.s, len);
+      at += len;
       left -= len;
       wo = 0;
       if (++ho == g.Ho) {
@@ -68,7 +58,37 @@ struct Subtraction2Rows {
         if (++kw == g.k) kw = 0, ++kh;
       }
     }
+  }
+  const T* row(int64_t n, int64_t ci, int64_t q0, int64_t m, T* scratch) const {
+    if (ci >= C) return append + ((append_batch == 1 ? 0 : n) * E + ci - C) * g.K() * g.L() + q0;
+    const int64_t s = shifted ? 1 : g.s;
+    runs(n, ci, q0, m, [&](int64_t at, const T* cr, const T* xr, int64_t len) {
+      T* out = scratch + at;
+      if (s == 1) {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) out[i] = cr[i] - xr[i];
+      } else {
+        for (int64_t i = 0; i < len; ++i) out[i] = cr[i * s] - xr[i * s];
+      }
+    });
     return scratch;
+  }
+  // stage_affine_relu_row(row(...), a, b, staged, m) in one pass at stride 1: the same values.
+  void stage_affine_relu(int64_t n, int64_t ci, int64_t q0, int64_t m, T a, T b, T* staged, T* scratch) const {
+    if (ci >= C || (!shifted && g.s != 1)) {
+      stage_affine_relu_row(row(n, ci, q0, m, scratch), a, b, staged, m);
+      return;
+    }
+    runs(n, ci, q0, m, [&](int64_t at, const T* cr, const T* xr, int64_t len) {
+      T* out = staged + at;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const T diff = cr[i] - xr[i];
+        const T pre = diff * a + b;
+        out[i] = pre <= 0 ? T(0) : pre;  // NaN passes through, like torch.relu
+      }
+    });
+    std::fill(staged + m, staged + kSubBlock, T(0));
   }
 };
 
@@ -288,11 +308,16 @@ void attention_kernel(const Rows& src, const TwoTriples<T, R1, R2>& triples, boo
   const int64_t Cw = per_tap ? triples.Cout : triples.Cout / K, S = C / Cw;
   const int64_t rows = std::min(g.Ho, kSubBlock / g.Wo), blocks = (g.Ho + rows - 1) / rows;
   parallel_range(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> relu_rows(triples.Cin * kSubBlock), hidden_rows(triples.Cmid * kSubBlock), scratch(kSubBlock);
-    std::vector<T> weights(Cw * K * rows * g.Wo);
+    AlignedVector<T> relu_rows(triples.Cin * kStagedStride), hidden_rows(triples.Cmid * kStagedStride), scratch(kSubBlock);
+    AlignedVector<T> weights(Cw * K * rows * g.Wo);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks, hb = (t % blocks) * rows, he = std::min(g.Ho, hb + rows), m = (he - hb) * g.Wo;
-      if (per_tap) {
+      if (per_tap && m == L) {
+        // the whole map: its (K, L) columns in one run, full sub-blocks across the taps (no padded tile per tap)
+        for (int64_t q0 = 0; q0 < K * L; q0 += kSubBlock)
+          triples.run(src, n, q0, std::min(kSubBlock, K * L - q0), relu_rows.data(), hidden_rows.data(),
+                      scratch.data(), weights.data() + q0, K * L);
+      } else if (per_tap) {
         for (int64_t tap = 0; tap < K; ++tap)
           triples.run(src, n, tap * L + hb * g.Wo, m, relu_rows.data(), hidden_rows.data(), scratch.data(),
                       weights.data() + tap * m, K * m);
@@ -359,12 +384,12 @@ at::Tensor attention_inference(MakeRows&& make_rows, bool per_tap, const Geometr
       attention_kernel(rows, triples, per_tap, vp, y.data_ptr<T>(), N, C, g);
     };
     using Four = std::integral_constant<int, 4>;
-    using Six = std::integral_constant<int, 6>;
-    const bool mid6 = pick_block_rows(Cmid) == 6, out6 = pick_block_rows(Cout) == 6;
-    if (mid6)
-      out6 ? run(Six{}, Six{}) : run(Six{}, Four{});
+    using Wide = std::integral_constant<int, kWideRows>;
+    const bool mid_wide = pick_block_rows(Cmid) == kWideRows, out_wide = pick_block_rows(Cout) == kWideRows;
+    if (mid_wide)
+      out_wide ? run(Wide{}, Wide{}) : run(Wide{}, Four{});
     else
-      out6 ? run(Four{}, Six{}) : run(Four{}, Four{});
+      out_wide ? run(Four{}, Wide{}) : run(Four{}, Four{});
   });
   return y;
 }
