@@ -13,6 +13,12 @@ shrinking between steps; the peak itself is what it was, plus some fragmentation
 ``torchsan eval`` call it, and so do the benchmarks; set ``TORCHSAN_MALLOC=system`` to keep glibc's
 defaults. It does nothing on other C libraries (macOS, musl) or when ``MALLOC_*`` variables already
 configure malloc.
+
+Independently of malloc, the fused CPU kernels allocate their outputs of 1 MiB or more from a pool of their own
+freed outputs, kept by size (as ONNX Runtime's arena keeps its tensors), so that an eval forward at a fixed input size
+faults in no new pages after its first call, whatever malloc is set to. The pool keeps at most
+``TORCHSAN_POOL_MAX_MB`` (2048 by default; 0 keeps nothing); :func:`pooled_memory` says how much it holds now and
+:func:`release_pooled_memory` hands it back.
 """
 
 from __future__ import annotations
@@ -59,3 +65,23 @@ def malloc_setting() -> str:
         return "system default (TORCHSAN_MALLOC=system)"
     user = sorted(k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
     return f"user settings ({', '.join(user)})" if user else "system default"
+
+
+def pooled_memory() -> int:
+    """Bytes of freed kernel outputs the fused CPU kernels hold for reuse (see the module docstring); 0 before they
+    are loaded."""
+    ext = _loaded_kernels()
+    return int(ext.pooled_bytes()) if ext is not None else 0
+
+
+def release_pooled_memory() -> int:
+    """Free the blocks the fused CPU kernels hold for reuse; returns how many bytes. Outputs still in use are not
+    affected: their memory returns to the pool when they are freed."""
+    ext = _loaded_kernels()
+    return int(ext.release_pooled_memory()) if ext is not None else 0
+
+
+def _loaded_kernels():  # noqa: ANN202 (the extension module, or None: never builds it)
+    from .ops._cpu import _build
+
+    return _build._ext

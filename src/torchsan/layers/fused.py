@@ -134,7 +134,10 @@ def norm_act_conv(bn: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tenso
         y = norm_act_conv1x1(bn, x, conv.weight, conv.bias)
     else:
         y = conv1x1(conv, act(bn(x)))
-    return y if residual is None else y + residual
+    if residual is None:
+        return y
+    # y is this call's own new tensor: without autograd, add in place rather than allocate a third map
+    return y.add_(residual) if not torch.is_grad_enabled() else y + residual
 
 
 def norm_act_pool(bn: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:

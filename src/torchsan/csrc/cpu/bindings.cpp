@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "common.h"
+#include "memory_pool.h"
 #include "ops.h"
 
 namespace torchsan {
@@ -55,6 +56,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patchwise_attention_inference", &cpu::patchwise_attention_inference);
   m.def("patchwise_concat_affine_relu_conv1x1_twice_forward",
         &cpu::patchwise_concat_affine_relu_conv1x1_twice_forward);
+  m.def("pooled_bytes", &cpu::pooled_bytes);
+  m.def("release_pooled_memory", &cpu::release_pooled_memory);
   m.def("kernel_constants", &cpu::kernel_constants);
   m.def("vector_isa", [] { return std::string(TORCHSAN_VECTOR_ISA); });
 }

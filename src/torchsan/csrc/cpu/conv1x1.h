@@ -6,6 +6,7 @@
 #pragma once
 
 #include "common.h"
+#include "memory_pool.h"
 
 #include <type_traits>
 

@@ -339,7 +339,7 @@ std::vector<at::Tensor> aggregation_forward(at::Tensor x, at::Tensor w, int64_t 
                                             bool reflect, bool softmax) {
   const Geometry g = aggregation_operands(x, w, k, s, p, d, reflect);
   const int64_t N = x.size(0), C = x.size(1), Cw = w.size(1);
-  auto y = at::empty({N, C, g.Ho, g.Wo}, x.options());
+  auto y = pooled_empty({N, C, g.Ho, g.Wo}, x.options());
   auto softmax_out = softmax ? at::empty_like(w) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_forward", [&] {
     const bool per_task = softmax && g.K() * g.L() * int64_t(sizeof(scalar_t)) <= softmax_plane_bytes();
@@ -358,7 +358,7 @@ at::Tensor softmax_aggregation_inference(at::Tensor x, at::Tensor logits, int64_
                                          bool reflect) {
   const Geometry g = aggregation_operands(x, logits, k, s, p, d, reflect);
   const int64_t N = x.size(0), C = x.size(1), Cw = logits.size(1);
-  auto y = at::empty({N, C, g.Ho, g.Wo}, x.options());
+  auto y = pooled_empty({N, C, g.Ho, g.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_aggregation_inference", [&] {
     aggregation_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                                          N, C, Cw, g, nullptr, true);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.h"
+#include "memory_pool.h"
 
 namespace torchsan {
 namespace __attribute__((visibility("hidden"))) cpu {

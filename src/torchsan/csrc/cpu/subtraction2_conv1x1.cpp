@@ -128,7 +128,7 @@ constexpr int64_t kShiftedMaxWidth = 16;
 
 // x (N, C, H, W) -> its padded planes (N, C, Hp, Wp).
 at::Tensor pad_planes(const at::Tensor& x, const Geometry& g) {
-  auto out = at::empty({x.size(0), x.size(1), g.Hp, g.Wp}, x.options());
+  auto out = pooled_empty({x.size(0), x.size(1), g.Hp, g.Wp}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pad_planes", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -143,7 +143,7 @@ at::Tensor pad_planes(const at::Tensor& x, const Geometry& g) {
 // planes (N, C, Ho * Wo) (see shift_columns, centre_plane).
 at::Tensor shifted_planes(const at::Tensor& x, const Geometry& g, bool centres) {
   const int64_t size = centres ? g.L() : g.k * g.Hp * g.Wo;
-  auto out = at::empty({x.size(0), x.size(1), size}, x.options());
+  auto out = pooled_empty({x.size(0), x.size(1), size}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shifted_planes", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -283,7 +283,7 @@ at::Tensor affine_relu_conv1x1_twice(MakeRows&& make_rows, const at::Tensor& x, 
                   (!b2.defined() || b2.numel() == Cout),
               name, ": shape mismatch");
   tail.insert(tail.begin(), {N, Cout});
-  auto y = at::empty(tail, x.options());
+  auto y = pooled_empty(tail, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_relu_conv1x1_twice", [&] {
     const auto rows = make_rows(scalar_t{});
     auto kernel = affine_relu_conv1x1_twice_forward_for<scalar_t, std::decay_t<decltype(rows)>>(Cmid, Cout);
@@ -363,11 +363,11 @@ at::Tensor attention_inference(MakeRows&& make_rows, bool per_tap, const Geometr
                   (!b2.defined() || b2.numel() == Cout) && Cw > 0 && (per_tap || Cout % g.K() == 0) &&
                   C % Cw == 0,
               name, ": shape mismatch");
-  auto y = at::empty({N, C, g.Ho, g.Wo}, v.options());
+  auto y = pooled_empty({N, C, g.Ho, g.Wo}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "attention_inference", [&] {
     using T = scalar_t;
     const int64_t values = N * C * g.plane();
-    at::Tensor v_planes = at::empty({values + VW<T>}, v.options());  // slack: full-width loads past the last row
+    at::Tensor v_planes = pooled_empty({values + VW<T>}, v.options());  // slack: full-width loads past the last row
     T* vp = v_planes.data_ptr<T>();
     const T* src = v.data_ptr<T>();
     std::fill(vp + values, vp + values + VW<T>, T(0));
