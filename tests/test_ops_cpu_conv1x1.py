@@ -72,6 +72,25 @@ def test_affine_relu_conv1x1_adds_a_residual_in_its_epilogue(dtype, n, cin, cout
     assert_matches_reference(with_gradients, x, *(p for p in params if p is not None), residual, **tol)
 
 
+@pytest.mark.parametrize("spatial,residual", [((14, 14), True), ((7, 9), False), ((300,), True)])
+def test_affine_relu_conv1x1_one_small_image_same_bits_with_1_and_2_threads(spatial, residual):
+    # one image of at most a few sub-blocks: with 2 threads they share its staged rows and its product's row blocks
+    from _helpers import per_thread_count
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 70, *spatial, generator=gen)
+    params = [torch.rand(70, generator=gen) + 0.5, torch.randn(70, generator=gen),
+              torch.randn(45, 70, generator=gen) / 8, torch.randn(45, generator=gen)]
+    r = torch.randn(1, 45, *spatial, generator=gen) if residual else None
+    with torch.no_grad():
+        with ops.use_backend("cpu"):
+            outs = per_thread_count(lambda: ops.affine_relu_conv1x1(x, *params, residual=r))
+        with ops.use_backend("reference"):
+            expected = ops.affine_relu_conv1x1(x, *params) + (0 if r is None else r)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_affine_relu_conv1x1_residual_gradcheck_and_rejects_a_bad_residual():
     args = [torch.randn(2, 3, 4, 5, **F64), torch.randn(3, **F64), torch.randn(3, **F64), torch.randn(2, 3, **F64),
             torch.randn(2, **F64), torch.randn(2, 2, 4, 5, **F64)]

@@ -157,8 +157,28 @@ inline void product_to_output(const T* w_packed, int64_t inner, const T* staged,
 template <typename T, int R, typename Rows>
 void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T* shift, const T* w, const T* bias,
                                         T* y, int64_t N, int64_t Cin, int64_t Cout, int64_t P, const T* residual) {
-  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
   const std::vector<T> w_packed = pack_row_blocks<T, R>(w, Cout, Cin, false);
+  if (N * ((P + kSubBlock - 1) / kSubBlock) < at::get_num_threads()) {
+    // Fewer sub-blocks than threads (a small map at batch 1): the threads share each sub-block's staged rows, then
+    // its product's row blocks. Every value is computed as below.
+    AlignedVector<T> relu_rows(Cin * kStagedStride);
+    const int64_t blocks = round_up(Cout, R) / R;
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t q0 = 0; q0 < P; q0 += kSubBlock) {
+        const int64_t m = std::min(kSubBlock, P - q0);
+        parallel_range(0, Cin, 64, [&](int64_t begin, int64_t end) {
+          AlignedVector<T> scratch(kSubBlock);
+          stage_affine_relu_rows(src, n, q0, m, scale, shift, begin, end, relu_rows.data(), scratch.data());
+        });
+        parallel_range(0, blocks, 1, [&](int64_t begin, int64_t end) {
+          product_to_output<T, R>(w_packed.data(), Cin, relu_rows.data(), m, bias, Cout, y + n * Cout * P + q0, P,
+                                  residual ? residual + n * Cout * P + q0 : nullptr, begin, end);
+        });
+      }
+    }
+    return;
+  }
+  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     AlignedVector<T> relu_rows(Cin * kStagedStride), scratch(kSubBlock);
     for (int64_t t = begin; t < end; ++t) {
