@@ -151,37 +151,3 @@ def test_the_1x1_conv_matrix_product_is_the_convolution(bias):
     assert seen == [1]
     y = fused.conv1x1(conv, x.requires_grad_())  # with gradients: the module
     assert y.grad_fn is not None and "Convolution" in type(y.grad_fn).__name__
-
-
-def _bn_args(bn, eps=None):
-    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps if eps is None else eps
-
-
-def test_running_scale_shift_is_kept_until_a_source_changes():
-    import gc
-    import weakref
-
-    from torchsan.ops._affine_cache import running_scale_shift
-    from torchsan.ops.reference import batchnorm_scale_shift
-
-    bn = randomise(nn.BatchNorm2d(6)).eval()
-    with torch.no_grad():
-        first = running_scale_shift(*_bn_args(bn))
-        for a, b in zip(first, batchnorm_scale_shift(*_bn_args(bn)), strict=True):
-            assert torch.equal(a, b)
-        assert running_scale_shift(*_bn_args(bn))[0] is first[0]  # kept
-        bn.running_var.mul_(2.0)  # in place: a new version
-        second = running_scale_shift(*_bn_args(bn))
-        assert second[0] is not first[0] and torch.equal(second[0], batchnorm_scale_shift(*_bn_args(bn))[0])
-        bn.weight.data = bn.weight.data + 1.0  # other storage
-        third = running_scale_shift(*_bn_args(bn))
-        assert torch.equal(third[0], batchnorm_scale_shift(*_bn_args(bn))[0]) and not torch.equal(third[0], second[0])
-        assert running_scale_shift(*_bn_args(bn, eps=0.5))[0] is not third[0]
-    # a gradient wanted from the map: computed afresh, in the graph
-    scale, shift = running_scale_shift(*_bn_args(bn))
-    assert scale.requires_grad and shift.requires_grad
-    # the entries do not keep a freed BN alive
-    ref = weakref.ref(bn.weight)
-    del bn, scale, shift
-    gc.collect()
-    assert ref() is None

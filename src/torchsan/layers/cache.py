@@ -17,11 +17,21 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from ..ops._affine_cache import cacheable
+from ..ops._dispatch import exporting
 
 __all__ = ["reuse"]
 
 Value = TypeVar("Value")
+
+
+def _cacheable(sources: Sequence[torch.Tensor]) -> bool:
+    """No gradient flows from the value, and the sources are plain tensors of an eager run (not a trace's fakes,
+    nor inference-mode tensors, which keep no version counter)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting():
+        return False
+    return all(type(t) in (torch.Tensor, nn.Parameter) and not t.is_inference() for t in sources)
 
 
 def reuse(module: nn.Module, slot: str, sources: Sequence[torch.Tensor | None], build: Callable[[], Value],
@@ -29,7 +39,7 @@ def reuse(module: nn.Module, slot: str, sources: Sequence[torch.Tensor | None], 
     """``build()``, or the value it returned for ``module``'s ``slot`` last time if no gradient is wanted from it and
     neither ``sources`` (the tensors it is computed from; None entries ignored) nor ``extra`` have changed since."""
     tensors = [t for t in sources if t is not None]
-    if not cacheable(tensors):
+    if not _cacheable(tensors):
         return build()
     autocast = tuple((device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
                      for device in sorted({t.device.type for t in tensors}))

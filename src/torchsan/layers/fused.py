@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._affine_cache import running_scale_shift
+from ..ops.reference import batchnorm_scale_shift
 
 __all__ = [
     "batchnorm_affine",
@@ -50,7 +50,7 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tens
 
 def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval-mode BN (running statistics) as the per-channel affine map it applies: (scale, shift)."""
-    return running_scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    return batchnorm_scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
 
 def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._affine_cache import running_scale_shift
 from .._checks import Footprint
 from ..reference import batchnorm_scale_shift
 from ._register import custom_op, differentiable_backward, kernels
@@ -135,7 +134,7 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 def _affine_maps(norm1: tuple, norm2: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Both BNs (running statistics) as their affine maps: scale1, shift1, scale2, shift2."""
     (w1, b1, eps1, mean1, var1), (w2, b2, eps2, mean2, var2) = norm1, norm2
-    return (*running_scale_shift(w1, b1, mean1, var1, eps1), *running_scale_shift(w2, b2, mean2, var2, eps2))
+    return (*batchnorm_scale_shift(w1, b1, mean1, var1, eps1), *batchnorm_scale_shift(w2, b2, mean2, var2, eps2))
 
 
 # --- inference: the whole mapping gamma ------------------------------------------------------------------------------
