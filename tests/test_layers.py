@@ -193,6 +193,31 @@ def test_block_shared_all_and_residual():
     torch.testing.assert_close(block(x), x)  # zero projection: the block is the identity shortcut
 
 
+@pytest.mark.parametrize("size", [5, 30])  # 30 px: the projection as one matrix product (conv1x1's eval route)
+def test_block_shortcut_leaves_a_hooked_projection_output_alone(size):
+    """Without autograd the block adds its shortcut in place into the projection's output, which it owns; a forward
+    hook on the projection has seen that output, so then it must add out of place."""
+    torch.manual_seed(0)
+    block = randomise(SelfAttentionBlock(16, "pairwise", kernel_size=3, rel_reduction=4, mid_reduction=4,
+                                         share_planes=2)).eval()
+    x = torch.randn(2, 16, size, size)
+    seen = {}
+
+    def keep(module, inputs, output):
+        seen["output"], seen["copy"] = output, output.clone()
+
+    with torch.no_grad():
+        expected = block(x)
+        handle = block.proj.register_forward_hook(keep)
+        try:
+            out = block(x)
+        finally:
+            handle.remove()
+    assert torch.equal(seen["output"], seen["copy"])  # not written after the hook saw it
+    torch.testing.assert_close(out, seen["copy"] + x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_layer_stride_output_shape():
     layer = PairwiseSelfAttention(8, 2, 8, share_planes=4, kernel_size=3, stride=2)
     assert layer(torch.randn(1, 8, 7, 9)).shape == (1, 8, 4, 5)

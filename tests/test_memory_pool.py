@@ -43,6 +43,9 @@ def _cases() -> dict:
                       torch.randn(2, 96, 40, 40, generator=g))
     gamma = (_norm(4, g), torch.randn(8, 4, generator=g) / 2, _norm(8, g), torch.randn(4, 8, generator=g) / 3,
              torch.randn(4, generator=g))
+    # patchwise (concatenation relation), 3 x 3: z has 4 (9 + 1) channels, gamma's output 4 weights per tap
+    patch = (_norm(40, g), torch.randn(8, 40, generator=g) / 6, _norm(8, g), torch.randn(36, 8, generator=g) / 3,
+             torch.randn(36, generator=g))
     return {
         "affine_relu_conv1x1": lambda: ops.affine_relu_conv1x1(x, scale, shift, w, b),
         "affine_relu_conv1x1 with a residual": lambda: ops.affine_relu_conv1x1(x, scale, shift, w, b,
@@ -53,6 +56,9 @@ def _cases() -> dict:
         "softmax_aggregation": lambda: ops.softmax_aggregation(v, logits, 7),
         "pairwise_logits": lambda: ops.pairwise_logits(x1, x2, *gamma, kernel_size=7)[0],
         "pairwise_attention": lambda: ops.pairwise_attention(x1, x2, values, *gamma, kernel_size=7),
+        "patchwise_weights": lambda: ops.patchwise_weights(torch.cat([x1] * 4), torch.cat([x2] * 4), *patch,
+                                                           kernel_size=3)[0],
+        "patchwise_attention": lambda: ops.patchwise_attention(x1, x2, values, *patch, kernel_size=3),
     }
 
 
@@ -104,3 +110,33 @@ def test_small_outputs_and_a_zero_limit_bypass_the_pool():
     env = {**os.environ, "TORCHSAN_POOL_MAX_MB": "0"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_outputs_that_need_a_gradient_bypass_the_pool():
+    """A training step frees its forward's outputs during the backward, which must be able to reuse that memory:
+    the kernels that also run in training pool only inputs that need no gradient."""
+    x = torch.randn(2, 16, 96, 96, requires_grad=True)
+    scale, shift, w = torch.rand(16) + 0.5, torch.randn(16), torch.randn(24, 16) / 4
+    with ops.use_backend("cpu"):
+        allocator.release_pooled_memory()
+        y = ops.affine_relu_conv1x1(x, scale, shift, w, None)
+        assert y.numel() * y.element_size() >= MIB
+        y.sum().backward()
+        del y
+        assert allocator.pooled_memory() == 0
+        with torch.no_grad():
+            ops.affine_relu_conv1x1(x.detach(), scale, shift, w, None)  # freed at once, into the pool
+        assert allocator.pooled_memory() >= MIB
+
+
+def test_the_oldest_blocks_make_room_beyond_the_limit():
+    script = ("import torch; from torchsan import allocator, ops\n"
+              "x, s, t = torch.randn(1, 8, 512, 512), torch.ones(8), torch.zeros(8)\n"  # 2 MiB pooled outputs
+              "with torch.no_grad(), ops.use_backend('cpu'):\n"
+              "    for rows in (512, 510, 508, 506):\n"  # four sizes, 2 MiB each, into a pool of 5 MiB
+              "        ops.affine_relu_maxpool2x2(x[:, :, :rows].contiguous(), s, t)\n"
+              "print(allocator.pooled_memory())")
+    env = {**os.environ, "TORCHSAN_POOL_MAX_MB": "5"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    pooled = int(out.stdout.strip().splitlines()[-1])
+    assert 2 * MIB < pooled <= 5 * MIB  # the newest two kept, the oldest two given back

@@ -73,8 +73,9 @@ def test_affine_relu_conv1x1_adds_a_residual_in_its_epilogue(dtype, n, cin, cout
 
 
 @pytest.mark.parametrize("spatial,residual", [((14, 14), True), ((7, 9), False), ((300,), True)])
-def test_affine_relu_conv1x1_one_small_image_same_bits_with_1_and_2_threads(spatial, residual):
-    # one image of at most a few sub-blocks: with 2 threads they share its staged rows and its product's row blocks
+def test_affine_relu_conv1x1_one_small_image_same_bits_with_1_and_3_threads(spatial, residual):
+    # one image of fewer sub-blocks than threads (300 positions: two, the second partial): with 3 threads they share
+    # its staged rows and its product's row blocks
     from _helpers import per_thread_count
 
     gen = torch.Generator().manual_seed(11)
@@ -84,7 +85,7 @@ def test_affine_relu_conv1x1_one_small_image_same_bits_with_1_and_2_threads(spat
     r = torch.randn(1, 45, *spatial, generator=gen) if residual else None
     with torch.no_grad():
         with ops.use_backend("cpu"):
-            outs = per_thread_count(lambda: ops.affine_relu_conv1x1(x, *params, residual=r))
+            outs = per_thread_count(lambda: ops.affine_relu_conv1x1(x, *params, residual=r), counts=(1, 3))
         with ops.use_backend("reference"):
             expected = ops.affine_relu_conv1x1(x, *params) + (0 if r is None else r)
     assert torch.equal(outs[0], outs[1])

@@ -14,10 +14,11 @@ shrinking between steps; the peak itself is what it was, plus some fragmentation
 defaults. It does nothing on other C libraries (macOS, musl) or when ``MALLOC_*`` variables already
 configure malloc.
 
-Independently of malloc, the fused CPU kernels allocate their outputs of 1 MiB or more from a pool of their own
-freed outputs, kept by size (as ONNX Runtime's arena keeps its tensors), so that an eval forward at a fixed input size
-faults in no new pages after its first call, whatever malloc is set to. The pool keeps at most
-``TORCHSAN_POOL_MAX_MB`` (2048 by default; 0 keeps nothing); :func:`pooled_memory` says how much it holds now and
+Independently of malloc, where no gradient is wanted the fused CPU kernels take their outputs and work buffers of
+1 MiB or more from a pool of the blocks such tensors freed, kept by size (as ONNX Runtime's arena keeps its
+tensors), so that an eval forward at a fixed input size faults in no new pages after its first call, whatever
+malloc is set to. The pool keeps at most ``TORCHSAN_POOL_MAX_MB`` (2048 by default, read once; 0 keeps nothing),
+giving back its oldest blocks first; :func:`pooled_memory` says how much it holds now and
 :func:`release_pooled_memory` hands it back.
 """
 

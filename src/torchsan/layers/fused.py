@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._fusion import has_hooks
 from ..ops.reference import batchnorm_scale_shift
 
 __all__ = [
@@ -131,13 +132,15 @@ def norm_act_conv(bn: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tenso
         if residual is not None and not _uses_batch_stats(bn):
             scale, shift = batchnorm_affine(bn)
             return ops.affine_relu_conv1x1(x, scale, shift, conv.weight.flatten(1), conv.bias, residual=residual)
-        y = norm_act_conv1x1(bn, x, conv.weight, conv.bias)
+        y, owned = norm_act_conv1x1(bn, x, conv.weight, conv.bias), True
     else:
-        y = conv1x1(conv, act(bn(x)))
+        # a plain Conv2d without hooks returns a new tensor that nothing else has seen
+        y, owned = conv1x1(conv, act(bn(x))), is_conv1x1(conv) and not has_hooks(conv)
     if residual is None:
         return y
-    # y is this call's own new tensor: without autograd, add in place rather than allocate a third map
-    return y.add_(residual) if not torch.is_grad_enabled() else y + residual
+    if owned and not torch.is_grad_enabled() and y.shape == residual.shape and y.dtype == residual.dtype:
+        return y.add_(residual)  # without autograd, into y rather than into a third map
+    return y + residual
 
 
 def norm_act_pool(bn: nn.Module, act: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ at::Tensor affine_relu_conv1x1_forward(at::Tensor x, at::Tensor scale, at::Tenso
               "affine_relu_conv1x1: shape mismatch");
   auto sizes = x.sizes().vec();
   sizes[1] = Cout;
-  auto y = pooled_empty(sizes, x.options());
+  auto y = pooled_empty(sizes, x.options(), !x.requires_grad());
   at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
   TORCH_CHECK(!r.defined() || (r.sizes() == y.sizes() && r.scalar_type() == y.scalar_type() && r.device().is_cpu()),
               "affine_relu_conv1x1: the residual must be a CPU tensor of the output's shape and dtype");

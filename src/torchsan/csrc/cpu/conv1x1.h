@@ -48,10 +48,6 @@ std::vector<T> pack_row_blocks(const T* src, int64_t rows, int64_t cols, bool tr
   return out;
 }
 
-// For one packed block of R rows of A: acc = A_block (R x inner) @ B (inner x kSubBlock staged rows), for the
-// columns [0, m) in steps of kColumnVectors * VW; epilogue(j, q, acc) receives row j, columns
-// q .. q + kColumnVectors * VW (kColumnVectors vectors). R x kColumnVectors accumulators stay in registers; each step
-// loads kColumnVectors B vectors and broadcasts R weights.
 // One register tile: acc = A_block (R x inner) @ B[:, 0 .. kColumnVectors * VW), B's rows bstride apart. Each step
 // loads kColumnVectors B vectors and broadcasts R weights.
 template <typename T, int R>

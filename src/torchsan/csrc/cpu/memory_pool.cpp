@@ -6,25 +6,42 @@
 #include <c10/core/Allocator.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <list>
 #include <mutex>
 #include <new>
 #include <unordered_map>
+#include <utility>
 
 namespace torchsan {
 namespace __attribute__((visibility("hidden"))) cpu {
 namespace {
 
-constexpr std::size_t kAlignment = 64;     // and the header before each block, which records its size
+constexpr std::size_t kAlignment = 64;       // and the header before each block, which records its size
 constexpr std::size_t kPooledMin = 1 << 20;  // smaller blocks come from the heap without faulting pages in
+constexpr std::size_t kDefaultLimitMb = 2048;
 
+// TORCHSAN_POOL_MAX_MB, read at the first pooled allocation: a whole number of MiB, else the default.
+std::size_t limit_from_environment() {
+  const char* text = std::getenv("TORCHSAN_POOL_MAX_MB");
+  if (!text || !*text) return kDefaultLimitMb << 20;
+  char* end = nullptr;
+  errno = 0;
+  const long long mb = std::strtoll(text, &end, 10);
+  if (errno || *end || mb < 0) {
+    TORCH_WARN("torchsan: TORCHSAN_POOL_MAX_MB=", text, " is not a whole number of MiB; using ", kDefaultLimitMb);
+    return kDefaultLimitMb << 20;
+  }
+  return static_cast<std::size_t>(std::min<long long>(mb, 1LL << 40)) << 20;
+}
+
+// Free blocks by size, oldest first in `order`; a block that would take the pool past its limit evicts the oldest.
 struct Pool {
   std::mutex mutex;
-  std::unordered_multimap<std::size_t, char*> free_blocks;  // by size
-  std::size_t cached = 0, limit = std::size_t(2048) << 20;
-  Pool() {
-    if (const char* mb = std::getenv("TORCHSAN_POOL_MAX_MB")) limit = std::size_t(std::max(0L, std::atol(mb))) << 20;
-  }
+  std::list<std::pair<std::size_t, char*>> order;
+  std::unordered_multimap<std::size_t, std::list<std::pair<std::size_t, char*>>::iterator> by_size;
+  std::size_t cached = 0, limit = limit_from_environment();
 };
 
 Pool& pool() {
@@ -32,19 +49,35 @@ Pool& pool() {
   return *p;
 }
 
+void free_block(char* base) { ::operator delete(base, std::align_val_t(kAlignment)); }
+
 void release(void* ctx) {
   char* base = static_cast<char*>(ctx);
   const std::size_t size = *reinterpret_cast<std::size_t*>(base);
+  std::list<std::pair<std::size_t, char*>> evicted;
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mutex);
-    if (p.cached + size <= p.limit) {
-      p.free_blocks.emplace(size, base);
+    if (size <= p.limit) {
+      while (p.cached + size > p.limit) {
+        const auto oldest = p.order.begin();
+        auto range = p.by_size.equal_range(oldest->first);
+        for (auto it = range.first; it != range.second; ++it)
+          if (it->second == oldest) {
+            p.by_size.erase(it);
+            break;
+          }
+        p.cached -= oldest->first;
+        evicted.splice(evicted.end(), p.order, oldest);
+      }
+      p.order.emplace_back(size, base);
+      p.by_size.emplace(size, std::prev(p.order.end()));
       p.cached += size;
-      return;
+      base = nullptr;
     }
   }
-  ::operator delete(base, std::align_val_t(kAlignment));
+  for (auto& [s, b] : evicted) free_block(b);
+  if (base) free_block(base);
 }
 
 struct PoolAllocator final : c10::Allocator {
@@ -54,10 +87,11 @@ struct PoolAllocator final : c10::Allocator {
     Pool& p = pool();
     {
       std::lock_guard<std::mutex> lock(p.mutex);
-      auto it = p.free_blocks.find(size);
-      if (it != p.free_blocks.end()) {
-        base = it->second;
-        p.free_blocks.erase(it);
+      const auto it = p.by_size.find(size);
+      if (it != p.by_size.end()) {
+        base = it->second->second;
+        p.order.erase(it->second);
+        p.by_size.erase(it);
         p.cached -= size;
       }
     }
@@ -76,10 +110,10 @@ PoolAllocator pool_allocator;
 
 }  // namespace
 
-at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options, bool pool) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
-  if (numel * static_cast<int64_t>(options.dtype().itemsize()) < static_cast<int64_t>(kPooledMin))
+  if (!pool || numel * static_cast<int64_t>(options.dtype().itemsize()) < static_cast<int64_t>(kPooledMin))
     return at::empty(sizes, options);
   return at::detail::empty_generic(sizes, &pool_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
@@ -92,16 +126,17 @@ int64_t pooled_bytes() {
 }
 
 int64_t release_pooled_memory() {
-  std::unordered_multimap<std::size_t, char*> blocks;
+  std::list<std::pair<std::size_t, char*>> blocks;
   std::size_t released = 0;
   {
     Pool& p = pool();
     std::lock_guard<std::mutex> lock(p.mutex);
-    blocks.swap(p.free_blocks);
+    blocks.swap(p.order);
+    p.by_size.clear();
     released = p.cached;
     p.cached = 0;
   }
-  for (auto& [size, base] : blocks) ::operator delete(base, std::align_val_t(kAlignment));
+  for (auto& [size, base] : blocks) free_block(base);
   return static_cast<int64_t>(released);
 }
 

@@ -250,7 +250,7 @@ at::Tensor affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor scale, at::Te
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(scale.numel() == C && shift.numel() == C, "affine_relu_maxpool2x2: scale and shift need C values");
   TORCH_CHECK(H >= 2 && W >= 2, "affine_relu_maxpool2x2: a 2x2 max-pool needs at least 2x2 pixels, got ", H, "x", W);
-  auto y = pooled_empty({N, C, H / 2, W / 2}, x.options());
+  auto y = pooled_empty({N, C, H / 2, W / 2}, x.options(), !x.requires_grad());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_relu_maxpool2x2_forward", [&] {
     affine_relu_maxpool2x2_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
                                                     shift.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), N, C, H, W);
@@ -290,7 +290,7 @@ at::Tensor conv1x1_affine_relu_maxpool2x2_forward(at::Tensor x, at::Tensor weigh
               "conv1x1_affine_relu_maxpool2x2: shape mismatch");
   TORCH_CHECK(H >= 2 && W >= 2, "conv1x1_affine_relu_maxpool2x2: a 2x2 max-pool needs at least 2x2 pixels, got ", H,
               "x", W);
-  auto y = pooled_empty({N, C, H / 2, W / 2}, x.options());
+  auto y = pooled_empty({N, C, H / 2, W / 2}, x.options(), !x.requires_grad());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_affine_relu_maxpool2x2_forward", [&] {
     conv1x1_affine_relu_maxpool2x2_forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                                                             scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(),

@@ -1,6 +1,7 @@
 // The softmax over the K taps of (N, C, K, L), the pairwise attention's normalisation, and the aggregation
 // y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)], forward and backward, optionally fused with the softmax.
 // The unfolded (N, C, K, L) value tensor is never allocated.
+#include "memory_pool.h"
 #include "ops.h"
 #include "softmax_aggregation.h"
 
@@ -339,7 +340,7 @@ std::vector<at::Tensor> aggregation_forward(at::Tensor x, at::Tensor w, int64_t 
                                             bool reflect, bool softmax) {
   const Geometry g = aggregation_operands(x, w, k, s, p, d, reflect);
   const int64_t N = x.size(0), C = x.size(1), Cw = w.size(1);
-  auto y = pooled_empty({N, C, g.Ho, g.Wo}, x.options());
+  auto y = pooled_empty({N, C, g.Ho, g.Wo}, x.options(), !x.requires_grad());
   auto softmax_out = softmax ? at::empty_like(w) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aggregation_forward", [&] {
     const bool per_task = softmax && g.K() * g.L() * int64_t(sizeof(scalar_t)) <= softmax_plane_bytes();

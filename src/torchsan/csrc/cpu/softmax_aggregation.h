@@ -3,7 +3,6 @@
 #pragma once
 
 #include "common.h"
-#include "memory_pool.h"
 
 namespace torchsan {
 namespace __attribute__((visibility("hidden"))) cpu {

@@ -128,7 +128,7 @@ constexpr int64_t kShiftedMaxWidth = 16;
 
 // x (N, C, H, W) -> its padded planes (N, C, Hp, Wp).
 at::Tensor pad_planes(const at::Tensor& x, const Geometry& g) {
-  auto out = pooled_empty({x.size(0), x.size(1), g.Hp, g.Wp}, x.options());
+  auto out = pooled_empty({x.size(0), x.size(1), g.Hp, g.Wp}, x.options(), !x.requires_grad());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pad_planes", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -143,7 +143,7 @@ at::Tensor pad_planes(const at::Tensor& x, const Geometry& g) {
 // planes (N, C, Ho * Wo) (see shift_columns, centre_plane).
 at::Tensor shifted_planes(const at::Tensor& x, const Geometry& g, bool centres) {
   const int64_t size = centres ? g.L() : g.k * g.Hp * g.Wo;
-  auto out = pooled_empty({x.size(0), x.size(1), size}, x.options());
+  auto out = pooled_empty({x.size(0), x.size(1), size}, x.options(), !x.requires_grad());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shifted_planes", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -308,7 +308,8 @@ void attention_kernel(const Rows& src, const TwoTriples<T, R1, R2>& triples, boo
   const int64_t Cw = per_tap ? triples.Cout : triples.Cout / K, S = C / Cw;
   const int64_t rows = std::min(g.Ho, kSubBlock / g.Wo), blocks = (g.Ho + rows - 1) / rows;
   parallel_range(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    AlignedVector<T> relu_rows(triples.Cin * kStagedStride), hidden_rows(triples.Cmid * kStagedStride), scratch(kSubBlock);
+    AlignedVector<T> relu_rows(triples.Cin * kStagedStride), hidden_rows(triples.Cmid * kStagedStride);
+    AlignedVector<T> scratch(kSubBlock);
     AlignedVector<T> weights(Cw * K * rows * g.Wo);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks, hb = (t % blocks) * rows, he = std::min(g.Ho, hb + rows), m = (he - hb) * g.Wo;
