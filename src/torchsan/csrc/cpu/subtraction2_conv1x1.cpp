@@ -9,6 +9,8 @@
 #include "softmax_aggregation.h"
 #include "statistics.h"
 
+#include <utility>
+
 namespace torchsan {
 namespace __attribute__((visibility("hidden"))) cpu {
 namespace {
@@ -164,14 +166,12 @@ at::Tensor shifted_planes(const at::Tensor& x, const Geometry& g, bool centres) 
   return out;
 }
 
-// The inputs of subtraction2 with append, checked, with the planes Subtraction2Rows reads.
-struct Subtraction2Inputs {
-  at::Tensor x1, x2, x1_planes, x2_planes, append;
+// x1 and x2 of a relation (N, C, H, W), checked, with the footprint's geometry; the planes its rows read.
+struct RelationInputs {
+  at::Tensor x1, x2, x1_planes, x2_planes;
   Geometry g;
-  int64_t N, C, E, Ct, P;
-  bool shifted;
-  Subtraction2Inputs(at::Tensor a, at::Tensor b, c10::optional<at::Tensor> appended, int64_t k, int64_t s, int64_t p,
-                     int64_t d, bool reflect)
+  int64_t N, C;
+  RelationInputs(at::Tensor a, at::Tensor b, int64_t k, int64_t s, int64_t p, int64_t d, bool reflect)
       : x1(a.contiguous()), x2(b.contiguous()), g(a.size(2), a.size(3), k, s, p, d, reflect) {
     check_cpu(x1, "x1");
     check_cpu(x2, "x2");
@@ -179,6 +179,17 @@ struct Subtraction2Inputs {
     TORCH_CHECK(x1.sizes() == x2.sizes() && x1.scalar_type() == x2.scalar_type(), "x1 and x2 must match");
     N = x1.size(0);
     C = x1.size(1);
+  }
+};
+
+// The inputs of subtraction2 with append, checked, with the planes Subtraction2Rows reads.
+struct Subtraction2Inputs : RelationInputs {
+  at::Tensor append;
+  int64_t E, Ct, P;
+  bool shifted;
+  Subtraction2Inputs(at::Tensor a, at::Tensor b, c10::optional<at::Tensor> appended, int64_t k, int64_t s, int64_t p,
+                     int64_t d, bool reflect)
+      : RelationInputs(std::move(a), std::move(b), k, s, p, d, reflect) {
     P = g.K() * g.L();
     E = 0;
     if (appended.has_value() && appended->defined()) {
@@ -207,18 +218,10 @@ struct Subtraction2Inputs {
 
 // The patchwise concatenation relation's checked inputs and their padded planes, as PatchwiseConcatRows reads
 // them: Ct = C (K + 1) rows of z per image.
-struct PatchwiseConcatInputs {
-  at::Tensor x1, x2, x1_planes, x2_planes;
-  Geometry g;
-  int64_t N, C, Ct;
+struct PatchwiseConcatInputs : RelationInputs {
+  int64_t Ct;
   PatchwiseConcatInputs(at::Tensor a, at::Tensor b, int64_t k, int64_t s, int64_t p, int64_t d, bool reflect)
-      : x1(a.contiguous()), x2(b.contiguous()), g(a.size(2), a.size(3), k, s, p, d, reflect) {
-    check_cpu(x1, "x1");
-    check_cpu(x2, "x2");
-    check_geometry(g);
-    TORCH_CHECK(x1.sizes() == x2.sizes() && x1.scalar_type() == x2.scalar_type(), "x1 and x2 must match");
-    N = x1.size(0);
-    C = x1.size(1);
+      : RelationInputs(std::move(a), std::move(b), k, s, p, d, reflect) {
     Ct = C * (g.K() + 1);
     x1_planes = pad_planes(x1, g);
     x2_planes = pad_planes(x2, g);
