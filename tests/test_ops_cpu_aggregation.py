@@ -89,8 +89,8 @@ def test_softmax_aggregation_without_gradient_matches_reference(case, mode, dtyp
     aggregation is the reference's all the same."""
     k, s, d, p, h, w = case
     ho, wo = ops.output_size((h, w), k, s, p, d)
-    x = torch.randn(2, 12, h, w, dtype=dtype)
-    for cw in (1, 3, 12):
+    x = torch.randn(2, 24, h, w, dtype=dtype)
+    for cw in (1, 3, 12, 24):  # 24 and 8 channels per weight: the softmax folded into the aggregation; 2, 1: not
         logits = 3 * torch.randn(2, cw, k * k, ho * wo, dtype=dtype)
         with ops.use_backend("reference"):
             expected = ops.softmax_aggregation(x, logits, k, s, p, d, mode)

@@ -135,10 +135,20 @@ void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t
   parallel_range(0, N * Cw, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xp(S * g.plane() + VW<T>, T(0));  // slack: full-width loads at the end of the last row
     // (not zero-filled: the softmax writes every value before the aggregation reads it)
-    const std::unique_ptr<T[]> scratch(softmax_scratch ? new T[K * L] : nullptr);
+    // inference at stride 1: the softmax folded into the aggregation (only the taps' max computed ahead)
+    const bool folded = softmax_scratch && g.s == 1 && folds_softmax(S);
+    const std::unique_ptr<T[]> scratch(softmax_scratch ? new T[folded ? L : K * L] : nullptr);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / Cw, cw = t % Cw;
       const T* w_plane = w + (n * Cw + cw) * K * L;
+      if (folded) {
+        tap_max_plane(w_plane, K, L, scratch.get());
+        for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
+        for (int64_t ho = 0; ho < g.Ho; ++ho)
+          softmax_aggregation_forward_row(xp.data(), g.plane(), S, w_plane + ho * g.Wo, L, scratch.get() + ho * g.Wo,
+                                          y + (n * C + cw) * L, Cw * L, ho, g);
+        continue;
+      }
       T* softmax_plane = softmax_scratch ? scratch.get() : softmax_out ? softmax_out + (n * Cw + cw) * K * L : nullptr;
       if (softmax_plane) {
         tap_softmax_forward_plane(w_plane, softmax_plane, K, L);

@@ -155,5 +155,68 @@ inline void aggregation_forward_row(const T* xp, int64_t plane, int64_t S, const
   }
 }
 
+// The max over the K taps of every position of a (K, L) plane: mx[0 .. L).
+template <typename T>
+inline void tap_max_plane(const T* w, int64_t K, int64_t L, T* mx) {
+  for (int64_t q = 0; q < L; q += VW<T>) {
+    const int64_t lanes = std::min(VW<T>, L - q);
+    V<T> m = load_partial(w + q, lanes);
+    for (int64_t k = 1; k < K; ++k) {
+      const V<T> v = load_partial(w + k * L + q, lanes);
+      m = v > m ? v : m;
+    }
+    store_partial(mx + q, m, lanes);
+  }
+}
+
+// aggregation_forward_block with the softmax over the K taps folded in, for G feature channels that share the
+// weight channel: it reads the logits and their max over the taps (mx_row, the output row's), aggregates with
+// exp(logit - max) and scales the G sums by 1 / sum of the exps once, instead of normalising K weights per position
+// in a pass of their own.
+template <typename T, int G, bool FULL>
+TORCHSAN_ALWAYS_INLINE void softmax_aggregation_forward_block(const T* xp, int64_t plane, const T* w_row,
+                                                              int64_t wstride, const T* mx_row, T* y0,
+                                                              int64_t ystride, int64_t ho, int64_t q, int64_t lanes,
+                                                              const Geometry& g) {
+  if (FULL) lanes = VW<T>;
+  V<T> acc[G] = {}, sum = {};
+  const V<T> mv = load_partial(mx_row + q, lanes);  // (lanes past the row: logits and max 0, exp 1, never stored)
+  for (int64_t kh = 0; kh < g.k; ++kh) {
+    const T* xrow = xp + (ho + kh * g.d) * g.Wp + q;
+    for (int64_t kw = 0; kw < g.k; ++kw) {
+      const T* wp = w_row + (kh * g.k + kw) * wstride + q;
+      __builtin_prefetch(wp + 8 * VW<T>);
+      const V<T> e = vector_exp(load_partial(wp, lanes) - mv);
+      sum += e;
+      const T* xb = xrow + kw * g.d;
+      for (int j = 0; j < G; ++j) acc[j] += e * load_partial(xb + j * plane, VW<T>);
+    }
+  }
+  const V<T> inv = T(1) / sum;
+  for (int j = 0; j < G; ++j) store_partial(y0 + j * ystride + ho * g.Wo + q, acc[j] * inv, lanes);
+}
+
+// Whether softmax_aggregation_forward_row serves S channels per weight channel: whole blocks of 8 (each weight's exp
+// computed once per block).
+inline bool folds_softmax(int64_t S) { return S % 8 == 0; }
+
+// aggregation_forward_row on softmax_K(logits) (folds_softmax(S)): w_row the output row's logits of tap 0, mx_row
+// their max over the taps.
+template <typename T>
+inline void softmax_aggregation_forward_row(const T* xp, int64_t plane, int64_t S, const T* w_row, int64_t wstride,
+                                            const T* mx_row, T* y0, int64_t ystride, int64_t ho, const Geometry& g) {
+  for (int64_t q = 0; q < g.Wo; q += VW<T>) {
+    const int64_t lanes = std::min(VW<T>, g.Wo - q);
+    for (int64_t j = 0; j < S; j += 8) {
+      if (lanes == VW<T>)
+        softmax_aggregation_forward_block<T, 8, true>(xp + j * plane, plane, w_row, wstride, mx_row, y0 + j * ystride,
+                                                      ystride, ho, q, lanes, g);
+      else
+        softmax_aggregation_forward_block<T, 8, false>(xp + j * plane, plane, w_row, wstride, mx_row,
+                                                       y0 + j * ystride, ystride, ho, q, lanes, g);
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace torchsan

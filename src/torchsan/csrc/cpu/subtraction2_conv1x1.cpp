@@ -313,7 +313,7 @@ void attention_kernel(const Rows& src, const TwoTriples<T, R1, R2>& triples, boo
   parallel_range(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     AlignedVector<T> relu_rows(triples.Cin * kStagedStride), hidden_rows(triples.Cmid * kStagedStride);
     AlignedVector<T> scratch(kSubBlock);
-    AlignedVector<T> weights(Cw * K * rows * g.Wo);
+    AlignedVector<T> weights(Cw * K * rows * g.Wo), tap_max(rows * g.Wo);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks, hb = (t % blocks) * rows, he = std::min(g.Ho, hb + rows), m = (he - hb) * g.Wo;
       if (per_tap && m == L) {
@@ -330,6 +330,13 @@ void attention_kernel(const Rows& src, const TwoTriples<T, R1, R2>& triples, boo
       }
       for (int64_t cw = 0; cw < Cw; ++cw) {
         T* w_plane = weights.data() + cw * K * m;
+        if (per_tap && folds_softmax(S)) {
+          tap_max_plane(w_plane, K, m, tap_max.data());
+          for (int64_t ho = hb; ho < he; ++ho)
+            softmax_aggregation_forward_row(v_planes + (n * C + cw) * plane, Cw * plane, S, w_plane + (ho - hb) * g.Wo,
+                                            m, tap_max.data() + (ho - hb) * g.Wo, y + (n * C + cw) * L, Cw * L, ho, g);
+          continue;
+        }
         if (per_tap) tap_softmax_forward_plane(w_plane, w_plane, K, m);
         for (int64_t ho = hb; ho < he; ++ho)
           aggregation_forward_row(v_planes + (n * C + cw) * plane, Cw * plane, S, w_plane + (ho - hb) * g.Wo, m,
