@@ -321,6 +321,7 @@ inline T hsum(V<T> v) {
 }
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t v, int64_t m) { return (v + m - 1) / m; }
 
 // Pixels per task of the 1x1 convolutions and the channel statistics: fixed, so that their reductions (per chunk,
 // then over the chunks in order) do not depend on the thread count.

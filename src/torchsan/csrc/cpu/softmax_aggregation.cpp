@@ -122,8 +122,6 @@ inline void aggregation_backward_block(const T* gy0, int64_t gystride, const T* 
 constexpr int64_t kGradBlockPositions = 256;
 constexpr int64_t kBufferedMinTaps = 25;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // y[n, c, o] = sum_k w[n, c % Cw, k, o] * x[n, c, nbr_k(o)]
 // softmax_out: if given, w holds logits; each task first writes the softmax over K of its (K, L) plane into
 // softmax_out and then aggregates with it while it is in cache. softmax_scratch: the same, the softmax written into a

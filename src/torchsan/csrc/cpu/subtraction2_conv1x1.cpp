@@ -297,6 +297,31 @@ at::Tensor affine_relu_conv1x1_twice(MakeRows&& make_rows, const at::Tensor& x, 
   return y;
 }
 
+// Output rows per block of attention_kernel: as many as a sub-block holds, or fewer where the batch gives the
+// threads few blocks and fewer rows spread them better (SAN's 28 x 28 map at batch 1: 4 blocks of 7 rows, not 9, 9,
+// 9 and 1). Tasks go to the threads in contiguous chunks (at::parallel_for), and a block costs its products' column
+// tiles; the fewest rows that do not lower the busiest thread's cost are not taken. Every output is computed the same
+// way whatever the blocks.
+template <typename T>
+int64_t attention_block_rows(int64_t N, int64_t Ho, int64_t Wo) {
+  const int64_t most = std::min(Ho, kSubBlock / Wo), threads = std::max(1, at::get_num_threads());
+  if (N * ceil_div(Ho, most) >= 8 * threads) return most;  // enough blocks to even out
+  constexpr int64_t tile = kColumnVectors * VW<T>;
+  int64_t best = most, best_cost = -1;
+  for (int64_t r = most; r >= 1; --r) {
+    const int64_t blocks = ceil_div(Ho, r), tasks = N * blocks, chunk = ceil_div(tasks, threads);
+    int64_t cost = 0;
+    for (int64_t t0 = 0; t0 < tasks; t0 += chunk) {
+      int64_t tiles = 0;
+      for (int64_t t = t0; t < std::min(tasks, t0 + chunk); ++t)
+        tiles += ceil_div(std::min(r, Ho - (t % blocks) * r) * Wo, tile);
+      cost = std::max(cost, tiles);
+    }
+    if (best_cost < 0 || cost < best_cost) best = r, best_cost = cost;
+  }
+  return best;
+}
+
 // A layer after its transforms, for inference at stride 1: y = aggregation(v, w) with w the output of gamma's two
 // triples on the rows src gives, and for the pairwise layer (per_tap) w = softmax_K(gamma(z)), z = [x1_i - x2_j,
 // append] (Subtraction2Rows). Per task, an image's block of whole output rows (at most kSubBlock positions): the
@@ -309,7 +334,7 @@ void attention_kernel(const Rows& src, const TwoTriples<T, R1, R2>& triples, boo
                       int64_t N, int64_t C, const Geometry& g) {
   const int64_t K = g.K(), L = g.L(), plane = g.plane();
   const int64_t Cw = per_tap ? triples.Cout : triples.Cout / K, S = C / Cw;
-  const int64_t rows = std::min(g.Ho, kSubBlock / g.Wo), blocks = (g.Ho + rows - 1) / rows;
+  const int64_t rows = attention_block_rows<T>(N, g.Ho, g.Wo), blocks = (g.Ho + rows - 1) / rows;
   parallel_range(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     AlignedVector<T> relu_rows(triples.Cin * kStagedStride), hidden_rows(triples.Cmid * kStagedStride);
     AlignedVector<T> scratch(kSubBlock);
