@@ -1,9 +1,11 @@
-"""CPU inference time: torchsan eager against ONNX Runtime on the exported model, per model and batch size.
+"""CPU inference time: torchsan eager and its InferenceSession against ONNX Runtime on the exported model, per model
+and batch size.
 
     python benchmarks/inference.py [--models san10_pairwise san10_patchwise san_resnet26] [--batches 1 8]
 
-Each model (eval mode, 224 px, random weights and input) runs in torchsan eager under ``torch.inference_mode``
-and in ONNX Runtime (CPU provider, as many threads as torch uses) on the file ``torch.onnx.export(dynamo=True)``
+Each model (eval mode, 224 px, random weights and input) runs in torchsan eager under ``torch.inference_mode``, in
+``torchsan.InferenceSession`` (the eager forward recorded once per batch size and replayed without its Python) and
+in ONNX Runtime (CPU provider, as many threads as torch uses) on the file ``torch.onnx.export(dynamo=True)``
 writes, with a free batch dimension. Each (model, runtime) lives in a process of its own, as a deployment runs one
 model: no other model's tensors (GBs for SAN's reference composition in ONNX Runtime) share its heap. Rounds are
 interleaved over every (model, batch, runtime), one process timing at a time while the others wait, so a slow
@@ -28,7 +30,7 @@ import _common
 _common.use_checkout()  # measure this checkout's src/, installed or not
 
 BASELINE = "san_resnet26"
-RUNTIMES = ("eager", "onnxruntime")
+RUNTIMES = ("eager", "session", "onnxruntime")
 
 
 def _worker(conn: Connection, name: str, runtime: str, batches: list[int], image_size: int, threads: int,
@@ -39,7 +41,7 @@ def _worker(conn: Connection, name: str, runtime: str, batches: list[int], image
     import timm
     import torch
 
-    import torchsan  # noqa: F401  (registers the models)
+    import torchsan  # (registers the models)
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -49,6 +51,11 @@ def _worker(conn: Connection, name: str, runtime: str, batches: list[int], image
         def run(b: int) -> None:
             with torch.inference_mode():
                 model(inputs[b])
+    elif runtime == "session":
+        replay = torchsan.InferenceSession(model)
+
+        def run(b: int) -> None:
+            replay(inputs[b])
     else:
         path = Path(folder) / f"{name}.onnx"
         dim = torch.export.Dim("batch", min=1, max=64)
@@ -132,19 +139,18 @@ def main() -> None:
     rows, results = [], []
     for name in dict.fromkeys([*args.models, BASELINE]):
         for b in args.batches:
-            eager, onnx = med[(name, b, "eager")], med[(name, b, "onnxruntime")]
-            best = min(eager, onnx)
+            ms = {runtime: med[(name, b, runtime)] for runtime in RUNTIMES}
+            fastest = min(RUNTIMES, key=ms.__getitem__)
             base = med[(BASELINE, b, "onnxruntime")]
-            rows.append([name, str(b), f"{eager:.1f}", f"{onnx:.1f}", "eager" if eager <= onnx else "onnxruntime",
-                         f"{best / base:.2f}"])
-            results.append(dict(model=name, batch=b, eager_ms=eager, onnxruntime_ms=onnx,
-                                eager_times_s=times[(name, b, "eager")],
-                                onnxruntime_times_s=times[(name, b, "onnxruntime")], best_over_baseline=best / base))
+            rows.append([name, str(b), *(f"{ms[r]:.1f}" for r in RUNTIMES), fastest, f"{ms[fastest] / base:.2f}"])
+            results.append(dict(model=name, batch=b, **{f"{r}_ms": ms[r] for r in RUNTIMES},
+                                **{f"{r}_times_s": times[(name, b, r)] for r in RUNTIMES}, fastest=fastest,
+                                best_over_baseline=ms[fastest] / base))
     text = (f"== inference (eval), {args.image_size} px, {threads} threads, a process per model and runtime, "
             f"{args.rounds} interleaved rounds after {args.warmup} warm-up runs each, each timed run after "
             f"{args.lead_in} of its own; malloc: {malloc}; onnxruntime {ort_version} ==\n"
-            + _common.table(["model", "batch", "eager ms", "onnxruntime ms", "faster", f"best / {BASELINE} ORT"],
-                            rows))
+            + _common.table(["model", "batch", "eager ms", "session ms", "onnxruntime ms", "fastest",
+                             f"best / {BASELINE} ORT"], rows))
     machine = _common.machine_info() | {"malloc": malloc}
     _common.finish("inference", args.json, machine, vars(args), results, text, start)
 
