@@ -15,8 +15,10 @@ reflect padding; float32), the layer after its transforms, for inference (eval-m
 Columns (milliseconds, median of ``--repeats`` round-robin samples): ``fused`` the ``cpu`` backend (its inference
 kernel where the op takes one: stride 1, rows of at most 256 positions), ``reference`` the ``reference`` backend
 (the unfolded (N, C, K, L) tensors), ``dw conv`` a depthwise k x k convolution on the values (channels-last, as in
-benchmarks/ops.py: the aggregation's multiply-adds), and their ratios. ``--json`` (default
-benchmarks/results/attention.json) keeps every sample. A measurement, not a test.
+benchmarks/ops.py: the aggregation's multiply-adds), and their ratios. Freed memory is kept for reuse
+(``--malloc keep``, as in the other benchmarks), so that the reference's large tensors are not faulted in afresh
+between samples. ``--json`` (default benchmarks/results/attention.json) keeps every sample. A measurement, not a
+test.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-reference", action="store_true", help="skip the reference backend (slow at batch 8)")
     p.add_argument("--json", default=str(_common.RESULTS / "attention.json"))
+    _common.add_malloc_flag(p)
     args = p.parse_args()
     start = time.perf_counter()
+    malloc = _common.apply_malloc(args.malloc)  # (the reference's GB-sized tensors would be faulted in per call)
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -105,10 +109,11 @@ def main() -> None:
                     records.append(dict(stage=stage, op=name, batch=batch, fused_ms=fused, reference_ms=ref,
                                         dw_conv_ms=med["dw conv"], samples=samples[f"{name} fused"]))
     text = (f"== attention ops for inference at SAN10's shapes, 224 px, {torch.get_num_threads()} threads, median of "
-            f"{args.repeats} round-robin samples ==\n"
+            f"{args.repeats} round-robin samples; malloc: {malloc} ==\n"
             + _common.table(["stage op", "batch", "fused ms", "reference ms", "ref/fused", "dw conv ms",
                              "fused/conv"], rows))
-    _common.finish("attention", args.json, _common.machine_info(), vars(args), records, text, start)
+    _common.finish("attention", args.json, _common.machine_info() | {"malloc": malloc}, vars(args), records, text,
+                   start)
 
 
 def _depthwise(v: torch.Tensor, k: int, gen: torch.Generator) -> Callable[[], torch.Tensor]:
