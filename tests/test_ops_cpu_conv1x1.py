@@ -437,8 +437,8 @@ def test_pairwise_attention_inference_rows_up_to_a_sub_block(width, monkeypatch)
     assert len(calls) == (width <= ATTENTION_MAX_ROW)
 
 
-# (case, batch): two images of 30 x 31; one of 28 x 28, whose blocks of rows differ with the thread count (9, 9, 9
-# and 1 rows on one thread; 8, 8, 8 and 4 on two, which share them better)
+# (case, batch): two images of 30 x 31; one of 28 x 28, whose blocks of rows differ with the thread count (fewer
+# rows per block on two threads, which share them better: 9 -> 8 rows with 512-bit vectors, 8 -> 7 with 256-bit)
 THREAD_CASES = [((7, 1, 1, None, 30, 31, 1), 2), ((7, 1, 1, None, 28, 28, 1), 1)]
 
 

@@ -132,6 +132,45 @@ class _DataDependent(nn.Module):
         return x * 2 if x.sum() > 0 else x * 3
 
 
+class _ThroughNumpy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.from_numpy(x.numpy()).sum()  # the input's memory in a tensor no op made
+
+
+class _Writes(nn.Module):
+    """Writes into its input, and splits a tensor into one piece (an op that returns a list of one tensor)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (whole,) = x.mul_(2).split(x.shape[1], dim=1)
+        return whole + 1
+
+
+class _OffPathWrite(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = torch.ones(1, 3, 1, 1)
+        y = x + c
+        c.add_(1)  # a value off the input's path, written after a read: a replay would keep the first read's value
+        return y * c
+
+
+class _ValueSized(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[x > 0]  # a size that depends on the values
+        return x * v.numel()
+
+
+class _Poisson(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.poisson(x.abs())
+
+
+class _Layout(nn.Module):
+    """Takes a route by the input's layout, in Python: the recording must see the layout of the calls it serves."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.is_contiguous() else x * 3
+
+
 class _Pair(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return x.relu(), {"scaled": x * 2, "constant": torch.ones(3)}
@@ -149,8 +188,46 @@ def test_session_refuses_forwards_a_replay_would_change():
         InferenceSession(_Counting())(x)
     with pytest.raises(ValueError, match="reads a value of the input's path into Python"):
         InferenceSession(_DataDependent())(x)
+    with pytest.raises(ValueError, match="through a tensor that no op made"):
+        InferenceSession(_ThroughNumpy())(x)
+    with pytest.raises(ValueError, match="writes into a tensor that is not on the input's path"):
+        InferenceSession(_OffPathWrite())(x)
+    with pytest.raises(ValueError, match="depends on the input's values"):
+        InferenceSession(_ValueSized())(x)
+    with pytest.raises(ValueError, match="random numbers"):
+        InferenceSession(_Poisson())(x)
     with pytest.raises(TypeError, match="one tensor"):
         InferenceSession(_Pair())([x])
+
+
+def test_session_records_each_layout_as_it_comes():
+    session, base = InferenceSession(_Layout()), torch.randn(1, 3, 4, 6)
+    sliced, expanded = base[..., :4], torch.randn(1, 3, 1, 1).expand(1, 3, 4, 4)
+    for x in (base, sliced, sliced.clone(), expanded):
+        assert torch.equal(session(x), _Layout()(x.contiguous() if x.stride()[-1] == 0 else x))
+
+
+def test_session_keeps_its_own_copy_of_the_model():
+    model = nn.Conv2d(3, 4, 1)
+    session = InferenceSession(model)
+    x = torch.randn(1, 3, 4, 4)
+    with torch.inference_mode():
+        expected = model(x)
+    with torch.no_grad():
+        model.weight.mul_(3)
+    model.register_forward_hook(lambda *args: None)  # nor do the model's hooks reach it
+    assert torch.equal(session(x), expected)
+    # a new kind of input: recorded with the weights it copied (the tripled ones would give 3x)
+    torch.testing.assert_close(session(torch.cat([x, x]))[1:], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_session_writes_into_its_input_as_the_forward_does():
+    session = InferenceSession(_Writes())
+    for _ in range(2):  # the recording, then a replay
+        x = torch.randn(1, 3, 4, 4)
+        original = x.clone()
+        out = session(x)
+        assert torch.equal(x, original * 2) and torch.equal(out, original * 2 + 1)
 
 
 def test_session_returns_the_forwards_structure():

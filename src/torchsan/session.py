@@ -1,10 +1,10 @@
 """A model's eval forward as a flat list of its ops, recorded once per input and replayed: what ONNX Runtime's
 ``InferenceSession`` does for an exported graph, for the model as it runs in PyTorch with torchsan's kernels.
 
-    session = torchsan.InferenceSession(model)   # a snapshot of the model in eval mode
+    session = torchsan.InferenceSession(model)   # a copy of the model, in eval mode
     logits = session(images)                     # (N, C, H, W) -> what model(images) returns
 
-The first call for an input of a new (shape, strides, dtype, device) runs the model's forward in eval mode under
+The first call for an input of a new (shape, strides, dtype, device) runs the forward in eval mode under
 ``torch.inference_mode`` and records every op it dispatches (aten ops and torchsan's custom ops). What does not
 depend on the input (the BatchNorms' affine maps, stacked weights, the position encoding) is computed there once
 and kept; each later call with such an input replays only the ops on the input's path, with their recorded
@@ -12,14 +12,20 @@ arguments. The Python around them (module calls, the fusion rules, argument chec
 batch 1 is a tenth of a SAN10 forward. Every op runs as in the model's own forward, so the result is the same, bit
 for bit.
 
-The session holds copies of the tensors it keeps (it is a snapshot, like an exported model): later changes to the
-model's parameters or buffers do not reach it; build a new session after them. A recording is refused (ValueError)
-where a replay could not give what the model gives: a forward that mutates a parameter or buffer, draws random
-numbers, or runs a forward hook (a hook must see each call).
+The session is a snapshot: it runs its own copy of the model, made on construction, so later changes to the model
+(its weights, hooks, modules) do not reach it; build a new session after them. A recording is refused (ValueError)
+where a replay could not give what the forward gives: a forward that runs a forward hook (a hook must see each
+call), draws random numbers, writes into a tensor that is not on the input's path (a parameter, a buffer, a kept
+value), makes a tensor whose size depends on the input's values (``x[x > 0]``), reads a value of the input into
+Python through PyTorch (``.item()``, ``if x.sum() > 0``) or reads the input's memory through a tensor no op made
+(``torch.from_numpy(x.numpy())``). Reads that bypass PyTorch altogether (``x.tolist()``, NumPy's own arithmetic on
+``x.numpy()``) cannot be seen: a forward that branches on them is replayed with the recorded branch. An expanded
+input (elements sharing memory, which no forward can write into) runs as ``x.contiguous()``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +36,31 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["InferenceSession"]
 
-# Ops whose result is drawn at random: a replay would repeat the recorded draw.
-_RANDOM_OPS = ("bernoulli", "rand", "randn", "randint", "randperm", "normal", "uniform", "multinomial",
-               "exponential", "geometric", "cauchy", "log_normal", "random", "native_dropout")
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """The address of a tensor's memory, shared by its views (None for a tensor without memory)."""
+    return t.untyped_storage().data_ptr() or None
+
+
+def _not_training(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a random op runs with its ``train``/``training`` argument False (dropout in eval: no draw)."""
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.name in ("train", "training"):
+            value = args[i] if i < len(args) else kwargs.get(argument.name, argument.default_value)
+            return value is False
+    return False
+
+
+def _copy(x: torch.Tensor) -> torch.Tensor:
+    """x's values in new memory with x's strides (a clone would make a sliced x contiguous)."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+
+
+def _expanded(x: torch.Tensor) -> bool:
+    """Whether elements of x share memory (an expanded tensor): no forward can write into it, and it has no copy
+    with its strides."""
+    return any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride()))
 
 
 class _Slot:
@@ -48,31 +76,37 @@ class _Recorder(TorchDispatchMode):
     """Runs a forward, keeping each op on the input's path as (op, args with _Slot placeholders, kwargs, output
     slots); ops on constants alone run once and their outputs become constants."""
 
-    def __init__(self, x: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, owned: set[int]) -> None:
         super().__init__()
         self.slots = {id(x): 0}
         self.count = 1
-        self.steps: list[tuple[Any, Any, Any, list[int | None]]] = []
+        self.steps: list[tuple[Any, Any, Any, int | list[int | None]]] = []
         self.keep: list[torch.Tensor] = [x]  # no recorded tensor may be freed (its id reused) while recording
         self.constants: dict[int, torch.Tensor] = {}  # id -> the snapshot of a tensor off the path
+        self.storages = {_storage(x)}  # the memory of the tensors on the path
+        self.owned = owned  # the memory of the session's own parameters and buffers, kept without a copy
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        name = func.overloadpacket.__name__.strip("_")
-        if name in _RANDOM_OPS or any(name.startswith(op) for op in ("rand", "bernoulli")):
+        if torch.Tag.nondeterministic_seeded in func.tags and not _not_training(func, args, kwargs):
             raise ValueError(f"InferenceSession: the forward draws random numbers ({func}); a replay would repeat "
                              "the recorded draw")
-        out = func(*args, **kwargs)
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        self.keep.extend(tensors)
-        on_path = any(id(t) in self.slots for t in tensors)
+        if any(id(t) not in self.slots and _storage(t) is not None and _storage(t) in self.storages for t in tensors):
+            raise ValueError(f"InferenceSession: the forward reads the input's path through a tensor that no op made "
+                             f"({func}); a replay would repeat the recorded values")
         for i, argument in enumerate(func._schema.arguments):
             if argument.alias_info is not None and argument.alias_info.is_write:
                 target = args[i] if i < len(args) else kwargs.get(argument.name)
-                written = [t for t in pytree.tree_leaves(target) if isinstance(t, torch.Tensor)]
-                if any(id(t) not in self.slots for t in written) and on_path:
+                if any(isinstance(t, torch.Tensor) and id(t) not in self.slots for t in pytree.tree_leaves(target)):
                     raise ValueError(f"InferenceSession: the forward writes into a tensor that is not on the "
-                                     f"input's path ({func}): a parameter, buffer or kept value")
+                                     f"input's path ({func}): a parameter, a buffer or a kept value")
+        on_path = any(id(t) in self.slots for t in tensors)
+        if on_path and (torch.Tag.dynamic_output_shape in func.tags or torch.Tag.data_dependent_output in func.tags):
+            raise ValueError(f"InferenceSession: the forward makes a tensor whose size or value depends on the input's "
+                             f"values ({func}); a replay would repeat the recorded one")
+        out = func(*args, **kwargs)
+        self.keep.extend(tensors)
         if not on_path:
             return out  # constant: its value is recorded where an op on the path reads it
         if any(not isinstance(t, torch.Tensor) and t is not None for t in pytree.tree_leaves(out)):
@@ -84,8 +118,8 @@ class _Recorder(TorchDispatchMode):
                 return a
             if id(a) in self.slots:
                 return _Slot(self.slots[id(a)])
-            if id(a) not in self.constants:
-                self.constants[id(a)] = a.clone()  # a snapshot, one per tensor
+            if id(a) not in self.constants:  # a snapshot, one per tensor (the session's own weights as they are)
+                self.constants[id(a)] = a if _storage(a) in self.owned else a.clone()
             return self.constants[id(a)]
 
         step_args, step_kwargs = pytree.tree_map(placeholder, args), pytree.tree_map(placeholder, kwargs)
@@ -94,11 +128,13 @@ class _Recorder(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.keep.append(t)
                 self.slots[id(t)] = self.count
+                self.storages.add(_storage(t))
                 outputs.append(self.count)
                 self.count += 1
             else:
                 outputs.append(None)
-        self.steps.append((func, step_args, step_kwargs, outputs))
+        # outputs: one slot for a bare tensor, else a slot or None per leaf of what the op returns
+        self.steps.append((func, step_args, step_kwargs, outputs[0] if isinstance(out, torch.Tensor) else outputs))
         return out
 
 
@@ -107,7 +143,7 @@ class _Plan:
 
     def __init__(self, recorder: _Recorder, output: Any) -> None:
         self.size = recorder.count
-        self.steps: list[tuple[Any, Callable[[list], tuple], Callable[[list], dict], list[int | None]]] = []
+        self.steps: list[tuple[Any, Callable[[list], tuple], Callable[[list], dict], int | list[int | None]]] = []
         for func, args, kwargs, outputs in recorder.steps:
             self.steps.append((func, _filler(args), _filler(kwargs), outputs))
         leaves, self.spec = pytree.tree_flatten(output)
@@ -120,13 +156,15 @@ class _Plan:
         env[0] = x
         for func, args, kwargs, outputs in self.steps:
             out = func(*args(env), **kwargs(env))
-            if len(outputs) == 1:
-                env[outputs[0]] = out
+            if isinstance(outputs, int):
+                env[outputs] = out
             else:
                 for slot, t in zip(outputs, pytree.tree_leaves(out)):
                     if slot is not None:
                         env[slot] = t
-        leaves = [env[v] if is_slot else v for v, is_slot in zip(self.output, self.output_slots)]
+        # (a constant output is copied, as the forward would make it afresh)
+        leaves = [env[v] if is_slot else v.clone() if isinstance(v, torch.Tensor) else v
+                  for v, is_slot in zip(self.output, self.output_slots)]
         return pytree.tree_unflatten(leaves, self.spec)
 
 
@@ -161,12 +199,13 @@ class InferenceSession:
     """``model``'s eval forward, recorded once per kind of input and replayed (see the module docstring).
 
     Args:
-        model: the module; it is switched to eval mode. The session keeps a reference to it (to record new kinds of
-            input) and copies of every tensor it reads.
+        model: the module. The session runs a copy of it in eval mode (``copy.deepcopy``, made here: the memory of
+            its weights again), and keeps what each recording computes from the weights.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model.eval()
+        self.model = copy.deepcopy(model).eval()
+        self._owned = {_storage(t) for t in (*self.model.parameters(), *self.model.buffers())} - {None}
         self._plans: dict[tuple, _Plan] = {}
 
     def _key(self, x: torch.Tensor) -> tuple:
@@ -183,6 +222,8 @@ class InferenceSession:
         """What ``model(x)`` returns in eval mode, for x (N, C, H, W)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"InferenceSession takes one tensor, got {type(x).__name__}")
+        if _expanded(x):
+            x = x.contiguous()  # recorded and replayed on the same layout
         key = self._key(x)
         plan = self._plans.get(key)
         with torch.inference_mode():
@@ -197,10 +238,9 @@ class InferenceSession:
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())):
             raise ValueError("InferenceSession: the model has forward hooks, which must see each call; remove them "
                              "or call the model itself")
-        self.model.eval()
-        self.model(x)  # a first call builds what the layers keep between calls (stacked weights, encodings)
-        x = x.clone()  # the recording's input: its own tensor, which nothing else holds
-        recorder = _Recorder(x)
+        self.model(_copy(x))  # a first call builds what the layers keep between calls (stacked weights, encodings)
+        x = _copy(x)  # the recording's input: its own tensor, which nothing else holds (the forward may write it)
+        recorder = _Recorder(x, self._owned)
         with recorder:
             output = self.model(x)
         return _Plan(recorder, output)

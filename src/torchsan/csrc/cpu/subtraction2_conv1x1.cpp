@@ -298,8 +298,8 @@ at::Tensor affine_relu_conv1x1_twice(MakeRows&& make_rows, const at::Tensor& x, 
 }
 
 // Output rows per block of attention_kernel: as many as a sub-block holds, or fewer where the batch gives the
-// threads few blocks and fewer rows spread them better (SAN's 28 x 28 map at batch 1: 4 blocks of 7 rows, not 9, 9,
-// 9 and 1). Tasks go to the threads in contiguous chunks (at::parallel_for), and a block costs its products' column
+// threads few blocks and fewer rows spread them better (SAN's 28 x 28 map at batch 1 on two threads, 512-bit
+// vectors: 8, 8, 8 and 4 rows, not 9, 9, 9 and 1). Tasks go to the threads in contiguous chunks (at::parallel_for), and a block costs its products' column
 // tiles; the fewest rows that do not lower the busiest thread's cost are not taken. Every output is computed the same
 // way whatever the blocks.
 template <typename T>
