@@ -298,10 +298,10 @@ at::Tensor affine_relu_conv1x1_twice(MakeRows&& make_rows, const at::Tensor& x, 
 }
 
 // Output rows per block of attention_kernel: as many as a sub-block holds, or fewer where the batch gives the
-// threads few blocks and fewer rows spread them better (SAN's 28 x 28 map at batch 1 on two threads, 512-bit
-// vectors: 8, 8, 8 and 4 rows, not 9, 9, 9 and 1). Tasks go to the threads in contiguous chunks (at::parallel_for), and a block costs its products' column
-// tiles; the fewest rows that do not lower the busiest thread's cost are not taken. Every output is computed the same
-// way whatever the blocks.
+// threads few blocks and fewer rows share them out better (SAN's 28 x 28 map at batch 1 on two threads, 512-bit
+// vectors: 8, 8, 8 and 4 rows, not 9, 9, 9 and 1). Tasks go to the threads in contiguous chunks (at::parallel_for)
+// and a block costs its products' column tiles: the rows that give the busiest thread the fewest tiles, the most
+// rows among ties. Every output is computed the same way whatever the blocks.
 template <typename T>
 int64_t attention_block_rows(int64_t N, int64_t Ho, int64_t Wo) {
   const int64_t most = std::min(Ho, kSubBlock / Wo), threads = std::max(1, at::get_num_threads());
