@@ -143,8 +143,8 @@ void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t
         tap_max_plane(w_plane, K, L, scratch.get());
         for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
         for (int64_t ho = 0; ho < g.Ho; ++ho)
-          softmax_aggregation_forward_row(xp.data(), g.plane(), S, w_plane + ho * g.Wo, L, scratch.get() + ho * g.Wo,
-                                          y + (n * C + cw) * L, Cw * L, ho, g);
+          aggregation_forward_row<T, true>(xp.data(), g.plane(), S, w_plane + ho * g.Wo, L, scratch.get() + ho * g.Wo,
+                                           y + (n * C + cw) * L, Cw * L, ho, g);
         continue;
       }
       T* softmax_plane = softmax_scratch ? scratch.get() : softmax_out ? softmax_out + (n * Cw + cw) * K * L : nullptr;
@@ -155,7 +155,8 @@ void aggregation_forward_kernel(const T* x, const T* w, T* y, int64_t N, int64_t
       for (int64_t j = 0; j < S; ++j) pad_plane(x + (n * C + j * Cw + cw) * HW, xp.data() + j * g.plane(), g);
       if (g.s == 1) {
         for (int64_t ho = 0; ho < g.Ho; ++ho)
-          aggregation_forward_row(xp.data(), g.plane(), S, w_plane + ho * g.Wo, L, y + (n * C + cw) * L, Cw * L, ho, g);
+          aggregation_forward_row<T, false>(xp.data(), g.plane(), S, w_plane + ho * g.Wo, L, nullptr,
+                                            y + (n * C + cw) * L, Cw * L, ho, g);
         continue;
       }
       for (int64_t j = 0; j < S; ++j) std::fill(y + (n * C + j * Cw + cw) * L, y + (n * C + j * Cw + cw + 1) * L, T(0));

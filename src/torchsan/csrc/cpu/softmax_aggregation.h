@@ -110,51 +110,6 @@ void tap_softmax_forward_plane(const T* x, T* y, int64_t K, int64_t L) {
   for (; q0 < L; q0 += VW<T>) tap_softmax_forward_block<T, 1, false>(x, y, K, L, q0);
 }
 
-// Stride-1 aggregation, register-blocked: for one output row and VW output pixels, the G feature channels that
-// share a weight channel accumulate all K taps in G registers; each tap loads its weight vector once for all G.
-// xp: the G padded planes of this block (with VW values of slack after the last), plane = Hp * Wp. w_row: tap 0's
-// weights for output row ho (tap t's start t * wstride values later). FULL: lanes == VW.
-template <typename T, int G, bool FULL>
-TORCHSAN_ALWAYS_INLINE void aggregation_forward_block(const T* xp, int64_t plane, const T* w_row, int64_t wstride,
-                                                      T* y0, int64_t ystride, int64_t ho, int64_t q, int64_t lanes,
-                                                      const Geometry& g) {
-  if (FULL) lanes = VW<T>;
-  V<T> acc[G] = {};
-  for (int64_t kh = 0; kh < g.k; ++kh) {
-    const T* xrow = xp + (ho + kh * g.d) * g.Wp + q;
-    for (int64_t kw = 0; kw < g.k; ++kw) {
-      const T* wp = w_row + (kh * g.k + kw) * wstride + q;
-      __builtin_prefetch(wp + 8 * VW<T>);  // the K weight rows are K strided streams: fetch ahead explicitly
-      const V<T> wv = load_partial(wp, lanes);
-      const T* xb = xrow + kw * g.d;
-      for (int j = 0; j < G; ++j) acc[j] += wv * load_partial(xb + j * plane, VW<T>);
-    }
-  }
-  for (int j = 0; j < G; ++j) store_partial(y0 + j * ystride + ho * g.Wo + q, acc[j], lanes);
-}
-
-// One output row of the stride-1 aggregation for the S channels sharing a weight channel (their padded planes
-// `plane` values apart from xp, their outputs ystride apart from y0), in blocks of 8 channels and VW pixels.
-template <typename T>
-inline void aggregation_forward_row(const T* xp, int64_t plane, int64_t S, const T* w_row, int64_t wstride, T* y0,
-                                    int64_t ystride, int64_t ho, const Geometry& g) {
-  for (int64_t q = 0; q < g.Wo; q += VW<T>) {
-    const int64_t lanes = std::min(VW<T>, g.Wo - q);
-    int64_t j = 0;
-    for (; j + 8 <= S; j += 8) {
-      if (lanes == VW<T>)
-        aggregation_forward_block<T, 8, true>(xp + j * plane, plane, w_row, wstride, y0 + j * ystride, ystride, ho, q,
-                                              lanes, g);
-      else
-        aggregation_forward_block<T, 8, false>(xp + j * plane, plane, w_row, wstride, y0 + j * ystride, ystride, ho, q,
-                                               lanes, g);
-    }
-    for (; j < S; ++j)
-      aggregation_forward_block<T, 1, false>(xp + j * plane, plane, w_row, wstride, y0 + j * ystride, ystride, ho, q,
-                                             lanes, g);
-  }
-}
-
 // The max over the K taps of every position of a (K, L) plane: mx[0 .. L).
 template <typename T>
 inline void tap_max_plane(const T* w, int64_t K, int64_t L, T* mx) {
@@ -169,54 +124,67 @@ inline void tap_max_plane(const T* w, int64_t K, int64_t L, T* mx) {
   }
 }
 
-// aggregation_forward_block with the softmax over the K taps folded in, for G feature channels that share the
-// weight channel: it reads the logits and their max over the taps (mx_row, the output row's), aggregates with
-// exp(logit - max) and scales the G sums by 1 / sum of the exps once, instead of normalising K weights per position
-// in a pass of their own.
-template <typename T, int G, bool FULL>
-TORCHSAN_ALWAYS_INLINE void softmax_aggregation_forward_block(const T* xp, int64_t plane, const T* w_row,
-                                                              int64_t wstride, const T* mx_row, T* y0,
-                                                              int64_t ystride, int64_t ho, int64_t q, int64_t lanes,
-                                                              const Geometry& g) {
+// Stride-1 aggregation, register-blocked: for one output row and VW output pixels, the G feature channels that
+// share a weight channel accumulate all K taps in G registers; each tap loads its weight vector once for all G.
+// xp: the G padded planes of this block (with VW values of slack after the last), plane = Hp * Wp. w_row: tap 0's
+// weights for output row ho (tap t's start t * wstride values later). FULL: lanes == VW.
+// SOFTMAX: w_row holds logits and mx_row their max over the taps (the output row's); each tap weighs by
+// exp(logit - max) and the G sums are scaled by 1 / sum of the exps once, instead of normalising K weights per
+// position in a pass of their own.
+template <typename T, int G, bool FULL, bool SOFTMAX>
+TORCHSAN_ALWAYS_INLINE void aggregation_forward_block(const T* xp, int64_t plane, const T* w_row, int64_t wstride,
+                                                      const T* mx_row, T* y0, int64_t ystride, int64_t ho, int64_t q,
+                                                      int64_t lanes, const Geometry& g) {
   if (FULL) lanes = VW<T>;
-  V<T> acc[G] = {}, sum = {};
-  const V<T> mv = load_partial(mx_row + q, lanes);  // (lanes past the row: logits and max 0, exp 1, never stored)
+  V<T> acc[G] = {}, sum = {}, mv = {};
+  if (SOFTMAX) mv = load_partial(mx_row + q, lanes);  // (lanes past the row: logits and max 0, never stored)
   for (int64_t kh = 0; kh < g.k; ++kh) {
     const T* xrow = xp + (ho + kh * g.d) * g.Wp + q;
     for (int64_t kw = 0; kw < g.k; ++kw) {
       const T* wp = w_row + (kh * g.k + kw) * wstride + q;
-      __builtin_prefetch(wp + 8 * VW<T>);
-      const V<T> e = vector_exp(load_partial(wp, lanes) - mv);
-      sum += e;
+      __builtin_prefetch(wp + 8 * VW<T>);  // the K weight rows are K strided streams: fetch ahead explicitly
+      V<T> wv = load_partial(wp, lanes);
+      if (SOFTMAX) {
+        wv = vector_exp(wv - mv);
+        sum += wv;
+      }
       const T* xb = xrow + kw * g.d;
-      for (int j = 0; j < G; ++j) acc[j] += e * load_partial(xb + j * plane, VW<T>);
+      for (int j = 0; j < G; ++j) acc[j] += wv * load_partial(xb + j * plane, VW<T>);
     }
   }
-  const V<T> inv = T(1) / sum;
-  for (int j = 0; j < G; ++j) store_partial(y0 + j * ystride + ho * g.Wo + q, acc[j] * inv, lanes);
+  if (SOFTMAX) {
+    const V<T> inv = T(1) / sum;
+    for (int j = 0; j < G; ++j) acc[j] *= inv;
+  }
+  for (int j = 0; j < G; ++j) store_partial(y0 + j * ystride + ho * g.Wo + q, acc[j], lanes);
 }
 
-// Whether softmax_aggregation_forward_row serves S channels per weight channel: whole blocks of 8 (each weight's exp
-// computed once per block).
-inline bool folds_softmax(int64_t S) { return S % 8 == 0; }
-
-// aggregation_forward_row on softmax_K(logits) (folds_softmax(S)): w_row the output row's logits of tap 0, mx_row
-// their max over the taps.
-template <typename T>
-inline void softmax_aggregation_forward_row(const T* xp, int64_t plane, int64_t S, const T* w_row, int64_t wstride,
-                                            const T* mx_row, T* y0, int64_t ystride, int64_t ho, const Geometry& g) {
+// One output row of the stride-1 aggregation for the S channels sharing a weight channel (their padded planes
+// `plane` values apart from xp, their outputs ystride apart from y0), in blocks of 8 channels and VW pixels.
+// mx_row: null for weights, or the row's max over the taps for logits (the softmax over the K taps folded in).
+template <typename T, bool SOFTMAX>
+inline void aggregation_forward_row(const T* xp, int64_t plane, int64_t S, const T* w_row, int64_t wstride,
+                                    const T* mx_row, T* y0, int64_t ystride, int64_t ho, const Geometry& g) {
   for (int64_t q = 0; q < g.Wo; q += VW<T>) {
     const int64_t lanes = std::min(VW<T>, g.Wo - q);
-    for (int64_t j = 0; j < S; j += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= S; j += 8) {
       if (lanes == VW<T>)
-        softmax_aggregation_forward_block<T, 8, true>(xp + j * plane, plane, w_row, wstride, mx_row, y0 + j * ystride,
-                                                      ystride, ho, q, lanes, g);
-      else
-        softmax_aggregation_forward_block<T, 8, false>(xp + j * plane, plane, w_row, wstride, mx_row,
+        aggregation_forward_block<T, 8, true, SOFTMAX>(xp + j * plane, plane, w_row, wstride, mx_row,
                                                        y0 + j * ystride, ystride, ho, q, lanes, g);
+      else
+        aggregation_forward_block<T, 8, false, SOFTMAX>(xp + j * plane, plane, w_row, wstride, mx_row,
+                                                        y0 + j * ystride, ystride, ho, q, lanes, g);
     }
+    for (; j < S; ++j)
+      aggregation_forward_block<T, 1, false, SOFTMAX>(xp + j * plane, plane, w_row, wstride, mx_row,
+                                                      y0 + j * ystride, ystride, ho, q, lanes, g);
   }
 }
+
+// Whether the aggregation with the softmax folded in pays for S channels per weight channel: whole blocks of 8 (each
+// weight's exp computed once per block; a lone channel would recompute it per channel).
+inline bool folds_softmax(int64_t S) { return S % 8 == 0; }
 
 }  // namespace cpu
 }  // namespace torchsan

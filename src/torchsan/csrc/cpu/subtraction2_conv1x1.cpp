@@ -358,14 +358,15 @@ void attention_kernel(const Rows& src, const TwoTriples<T, R1, R2>& triples, boo
         if (per_tap && folds_softmax(S)) {
           tap_max_plane(w_plane, K, m, tap_max.data());
           for (int64_t ho = hb; ho < he; ++ho)
-            softmax_aggregation_forward_row(v_planes + (n * C + cw) * plane, Cw * plane, S, w_plane + (ho - hb) * g.Wo,
-                                            m, tap_max.data() + (ho - hb) * g.Wo, y + (n * C + cw) * L, Cw * L, ho, g);
+            aggregation_forward_row<T, true>(v_planes + (n * C + cw) * plane, Cw * plane, S,
+                                             w_plane + (ho - hb) * g.Wo, m, tap_max.data() + (ho - hb) * g.Wo,
+                                             y + (n * C + cw) * L, Cw * L, ho, g);
           continue;
         }
         if (per_tap) tap_softmax_forward_plane(w_plane, w_plane, K, m);
         for (int64_t ho = hb; ho < he; ++ho)
-          aggregation_forward_row(v_planes + (n * C + cw) * plane, Cw * plane, S, w_plane + (ho - hb) * g.Wo, m,
-                                  y + (n * C + cw) * L, Cw * L, ho, g);
+          aggregation_forward_row<T, false>(v_planes + (n * C + cw) * plane, Cw * plane, S, w_plane + (ho - hb) * g.Wo,
+                                            m, nullptr, y + (n * C + cw) * L, Cw * L, ho, g);
       }
     }
   });
