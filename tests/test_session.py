@@ -182,6 +182,9 @@ def test_session_refuses_forwards_a_replay_would_change():
     hooked.conv.register_forward_hook(lambda *args: None)
     with pytest.raises(ValueError, match="forward hooks"):
         InferenceSession(hooked)(x)
+    backward_hooked = _Hooked()  # a replay runs no backward: a backward hook does not stop it
+    backward_hooked.conv.register_full_backward_hook(lambda *args: None)
+    torch.testing.assert_close(InferenceSession(backward_hooked)(x), backward_hooked.eval()(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="random numbers"):
         InferenceSession(_Random())(x)
     with pytest.raises(ValueError, match="writes into a tensor that is not on the input's path"):

@@ -34,6 +34,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchsan.ops._fusion import has_hooks
+
 __all__ = ["InferenceSession"]
 
 
@@ -232,10 +234,7 @@ class InferenceSession:
             return plan(x)
 
     def _record(self, x: torch.Tensor) -> _Plan:
-        from torch.nn.modules import module as module_impl
-
-        if (module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())):
+        if has_hooks(*self.model.modules(), backward=False):  # a replay runs no backward: those hooks may stay
             raise ValueError("InferenceSession: the model has forward hooks, which must see each call; remove them "
                              "or call the model itself")
         self.model(_copy(x))  # a first call builds what the layers keep between calls (stacked weights, encodings)

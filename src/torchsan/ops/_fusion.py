@@ -80,14 +80,16 @@ def fusion(enabled: bool = True) -> Iterator[None]:
         _state.enabled = previous
 
 
-def has_hooks(*modules: nn.Module) -> bool:
-    """Whether any of ``modules`` (or every module, through global hooks) has forward or backward hooks."""
+def has_hooks(*modules: nn.Module, backward: bool = True) -> bool:
+    """Whether any of ``modules`` (or every module, through global hooks) has forward hooks, or backward hooks too
+    when ``backward``."""
     from torch.nn.modules import module as module_impl
 
-    if (module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks
-            or module_impl._global_backward_hooks or module_impl._global_backward_pre_hooks):
+    if module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    if backward and (module_impl._global_backward_hooks or module_impl._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or (backward and (m._backward_hooks or m._backward_pre_hooks))
                for m in modules)
 
 
