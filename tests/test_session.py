@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import timm
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from _helpers import num_threads
 from torchsan import InferenceSession, ops
@@ -238,3 +241,39 @@ def test_session_returns_the_forwards_structure():
     relu, rest = InferenceSession(_Pair())(x)
     assert torch.equal(relu, x.relu()) and torch.equal(rest["scaled"], x * 2) and torch.equal(rest["constant"],
                                                                                             torch.ones(3))
+
+
+class _Chain(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = x * 1.5
+        y = first
+        for _ in range(8):
+            y = y * 1.5
+        return y, first  # `first` is returned: it must outlive the chain
+
+
+class _LiveCounter(TorchDispatchMode):
+    """The most op outputs alive at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive: weakref.WeakSet = weakref.WeakSet()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        self.alive.add(out)
+        self.most = max(self.most, len(self.alive))
+        return out
+
+
+def test_session_frees_each_value_after_its_last_use():
+    session = InferenceSession(_Chain())
+    x = torch.randn(2, 3, 4, 4)
+    session(x)  # the recording
+    counter = _LiveCounter()
+    with counter:
+        y, first = session(x)
+    assert counter.most <= 3  # `first`, the chain's last value and the one it makes: not all nine as in a list
+    torch.testing.assert_close(first, x * 1.5, rtol=0, atol=0)
+    torch.testing.assert_close(y, x * 1.5 ** 9, rtol=1e-6, atol=0)

@@ -145,18 +145,34 @@ class _Plan:
 
     def __init__(self, recorder: _Recorder, output: Any) -> None:
         self.size = recorder.count
-        self.steps: list[tuple[Any, Callable[[list], tuple], Callable[[list], dict], int | list[int | None]]] = []
-        for func, args, kwargs, outputs in recorder.steps:
-            self.steps.append((func, _filler(args), _filler(kwargs), outputs))
         leaves, self.spec = pytree.tree_flatten(output)
         self.output = [recorder.slots[id(t)] if isinstance(t, torch.Tensor) and id(t) in recorder.slots
                        else (t.clone() if isinstance(t, torch.Tensor) else t) for t in leaves]
         self.output_slots = [isinstance(t, torch.Tensor) and id(t) in recorder.slots for t in leaves]
+        # Each slot is dropped after the last step that reads it, as eager frees a value after its last use: the
+        # replay's memory peaks where the forward's does.
+        returned = {v for v, is_slot in zip(self.output, self.output_slots) if is_slot}
+        last_read: dict[int, int] = {}
+        for i, (_, args, kwargs, outputs) in enumerate(recorder.steps):
+            for a in pytree.tree_leaves((args, kwargs), is_leaf=lambda a: isinstance(a, _Slot)):
+                if isinstance(a, _Slot):
+                    last_read[a.index] = i
+            for slot in [outputs] if isinstance(outputs, int) else outputs:
+                if slot is not None:
+                    last_read.setdefault(slot, i)  # never read: dropped at once
+        drops: list[list[int]] = [[] for _ in recorder.steps]
+        for slot, i in last_read.items():
+            if slot not in returned:
+                drops[i].append(slot)
+        self.steps: list[tuple[Any, Callable[[list], tuple], Callable[[list], dict], int | list[int | None],
+                               list[int]]] = []
+        for (func, args, kwargs, outputs), drop in zip(recorder.steps, drops):
+            self.steps.append((func, _filler(args), _filler(kwargs), outputs, drop))
 
     def __call__(self, x: torch.Tensor) -> Any:
         env: list = [None] * self.size
         env[0] = x
-        for func, args, kwargs, outputs in self.steps:
+        for func, args, kwargs, outputs, drop in self.steps:
             out = func(*args(env), **kwargs(env))
             if isinstance(outputs, int):
                 env[outputs] = out
@@ -164,6 +180,9 @@ class _Plan:
                 for slot, t in zip(outputs, pytree.tree_leaves(out)):
                     if slot is not None:
                         env[slot] = t
+            del out
+            for slot in drop:
+                env[slot] = None
         # (a constant output is copied, as the forward would make it afresh)
         leaves = [env[v] if is_slot else v.clone() if isinstance(v, torch.Tensor) else v
                   for v, is_slot in zip(self.output, self.output_slots)]
