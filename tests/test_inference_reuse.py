@@ -123,16 +123,17 @@ def test_a_block_in_eval_follows_new_weights(sa_type):
 
 
 @needs_cpu_kernels
-def test_cpu_runs_a_1x1_conv_as_a_matrix_product_from_the_threshold_without_gradient():
+def test_cpu_runs_a_1x1_conv_as_a_matrix_product_from_the_threshold_or_for_one_image_without_gradient():
     least = _cpu.CONV1X1_MATMUL_MIN_POSITIONS
 
-    def fuses(positions):
-        return _cpu.fuses("conv1x1_matmul", torch.empty(2, 8, 1, positions, device="meta"), in_channels=8,
+    def fuses(positions, batch=2):
+        return _cpu.fuses("conv1x1_matmul", torch.empty(batch, 8, 1, positions, device="meta"), in_channels=8,
                           out_channels=8)
 
     with torch.no_grad():
         assert fuses(least) and not fuses(least - 1)
-    assert not fuses(least)  # a gradient may be wanted: the convolution
+        assert fuses(49, batch=1)  # a single image: one product, with no batch to amortise conversions over
+    assert not fuses(least) and not fuses(49, batch=1)  # a gradient may be wanted: the convolution
 
 
 @needs_cpu_kernels
@@ -151,3 +152,17 @@ def test_the_1x1_conv_matrix_product_is_the_convolution(bias):
     assert seen == [1]
     y = fused.conv1x1(conv, x.requires_grad_())  # with gradients: the module
     assert y.grad_fn is not None and "Convolution" in type(y.grad_fn).__name__
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("sa_type", ["pairwise", "patchwise"])
+def test_the_stacked_transforms_as_a_matrix_product_match_the_modules(sa_type):
+    torch.manual_seed(0)
+    block = SelfAttentionBlock(32, sa_type=sa_type, kernel_size=3).double().eval()
+    x = torch.randn(1, 32, 7, 9, dtype=torch.float64)  # one image: the transforms run as a matrix product
+    with torch.no_grad():
+        assert block.attn.stacks_transforms(x) and ops.should_fuse("conv1x1_matmul", x)
+        q, k, v = block.attn._transforms(x)
+        torch.testing.assert_close(q, block.attn.phi(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(k, block.attn.psi(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v, block.attn.beta(x), rtol=1e-12, atol=1e-12)

@@ -22,6 +22,7 @@ from .. import ops
 from ..ops._fusion import has_hooks
 from .cache import reuse
 from .fused import (
+    conv1x1_matmul,
     fuses_patchwise_concat_attention,
     fuses_subtraction2_attention,
     is_conv1x1,
@@ -135,7 +136,11 @@ class _SelfAttention(nn.Module):
         if self.stacks_transforms(x):
             # x is read once forward and once backward, and grad x comes out of one GEMM instead of three.
             weight, bias, splits = self.stacked_transform()
-            q, k, v = F.conv2d(x, weight, bias).split(splits, dim=1)
+            if ops.should_fuse("conv1x1_matmul", x, in_channels=weight.shape[1], out_channels=weight.shape[0]):
+                qkv = conv1x1_matmul(x, weight, bias)
+            else:
+                qkv = F.conv2d(x, weight, bias)
+            q, k, v = qkv.split(splits, dim=1)
             return q, k, v
         q = self.phi(x)
         k = self.psi(x) if self.psi is not None else q

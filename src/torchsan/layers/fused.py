@@ -111,17 +111,23 @@ def norm_act_conv1x1(bn: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor,
 
 def conv1x1(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a plain 1x1 ``conv`` (x (N, Cin, H, W)): as one matrix product per image where the backend
-    says that beats its convolution (inference on large maps), else the module."""
+    says that beats its convolution (inference on large maps or a single image), else the module."""
     if not (is_conv1x1(conv) and x.dim() == 4 and ops.should_fuse(
             "conv1x1_matmul", x, conv, in_channels=conv.in_channels, out_channels=conv.out_channels)):
         return conv(x)
+    return conv1x1_matmul(x, conv.weight, conv.bias)
+
+
+def conv1x1_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1 convolution ``weight`` (Cout, Cin[, 1, 1]), ``bias`` (Cout,) of x (N, Cin, H, W) as one matrix product
+    per image on x's (N, Cin, H * W) view: (N, Cout, H, W)."""
     n, _, h, w = x.shape
-    weight = conv.weight.flatten(1).expand(n, -1, -1)
-    if conv.bias is None:
-        y = torch.bmm(weight, x.flatten(2))
+    per_image = weight.flatten(1).expand(n, -1, -1)
+    if bias is None:
+        y = torch.bmm(per_image, x.flatten(2))
     else:
-        y = torch.baddbmm(conv.bias[None, :, None], weight, x.flatten(2))
-    return y.view(n, conv.out_channels, h, w)
+        y = torch.baddbmm(bias[None, :, None], per_image, x.flatten(2))
+    return y.view(n, weight.shape[0], h, w)
 
 
 def norm_act_conv(bn: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tensor,

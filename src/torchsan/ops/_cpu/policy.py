@@ -27,8 +27,9 @@ SUBTRACTION2_CONV1X1_MIN_POSITIONS = 49
 # The stem's conv1x1 + BN + ReLU + max-pool: its product is not register-blocked, so only for inputs as narrow as
 # an image's channels.
 CONV1X1_POOL_MAX_IN_CHANNELS = 8
-# A plain 1x1 convolution for inference: on large NCHW maps oneDNN's convolution is slower than a batched matrix
-# product on the map as it is (at::bmm), from this many positions per image (benchmarks/conv1x1_route.py).
+# A plain 1x1 convolution for inference: oneDNN's convolution is slower than a batched matrix product on the NCHW map
+# as it is (at::bmm) from this many positions per image, and for a single image at any size (no batch to spread its
+# layout conversions over); benchmarks/conv1x1_route.py.
 CONV1X1_MATMUL_MIN_POSITIONS = 784
 # The longest output row the attention kernels take: a block of whole rows is one of its sub-blocks
 # (kernel_constants()["sub_block"]).
@@ -78,7 +79,8 @@ def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int =
         threads = 2 if torch.compiler.is_compiling() else torch.get_num_threads()
         return rows * out_width >= ATTENTION_MIN_BLOCK_POSITIONS and blocks >= threads
     if op == "conv1x1_matmul":
-        return not torch.is_grad_enabled() and math.prod(x.shape[2:]) >= CONV1X1_MATMUL_MIN_POSITIONS
+        wide = math.prod(x.shape[2:]) >= CONV1X1_MATMUL_MIN_POSITIONS
+        return not torch.is_grad_enabled() and (x.shape[0] == 1 or wide)
     if op in ("affine_relu_conv1x1", "batchnorm_relu_conv1x1"):
         return _conv1x1_pays(x.shape[1], out_channels, math.prod(x.shape[2:]))
     if op == "subtraction2_batchnorm_relu_conv1x1":
