@@ -531,16 +531,33 @@ def test_patchwise_weights_inference_takes_empty_inputs(n, c):
 
 
 @pytest.mark.parametrize("case", [(7, 1, 1, None, 9, 8, 1), (3, 2, 2, None, 13, 11, 1)], ids=case_id)
-def test_patchwise_weights_inference_on_one_small_image_same_bits_with_1_and_2_threads(case):
-    # One image of fewer pixels than a sub-block: with 2 threads they share its rows and its products' row blocks.
+def test_patchwise_weights_inference_on_one_small_image_with_1_and_2_threads(case):
+    # One image of fewer pixels than a sub-block: the threads share its staged rows; the products run in torch's
+    # BLAS, whose sums may be split differently for another thread count.
     from _helpers import per_thread_count
 
     args, fp = _patchwise_inputs(case, torch.float32, c=5, c_mid=14, c_out=40, n=1)
     with torch.no_grad():
         outs = per_thread_count(lambda: _patchwise(args, "reflect", fp, "cpu")[0])
         ref = _patchwise(args, "reflect", fp, "reference")[0]
-    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[1], ref, rtol=1e-5, atol=1e-5)
+
+
+# (case, batch): maps of more than a sub-block (256 positions: the register-tiled products), and small maps side by
+# side in groups of up to 256 columns with a partial last group (the BLAS route)
+ROUTE_CASES = [((3, 1, 1, None, 17, 18, 1), 2), ((5, 1, 1, None, 9, 11, None), 1), ((3, 1, 1, None, 9, 11, 1), 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,n", ROUTE_CASES, ids=str)
+def test_patchwise_weights_inference_matches_reference_on_each_route(case, n, dtype):
+    args, fp = _patchwise_inputs(case, dtype, n=n)
+    with torch.no_grad():
+        ours, ref = _patchwise(args, "reflect", fp, "cpu")[0], _patchwise(args, "reflect", fp, "reference")[0]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(ours, ref, **tol)
+    assert ref.abs().max() > 1 and (ref > 0).any() and (ref < 0).any()
 
 
 def test_patchwise_weights_inference_runs_the_kernel_only_where_no_gradient_or_batch_statistics(monkeypatch):

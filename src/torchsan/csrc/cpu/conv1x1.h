@@ -8,6 +8,12 @@
 #include "common.h"
 #include "memory_pool.h"
 
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 namespace torchsan {
@@ -113,16 +119,22 @@ struct StagesRows : std::false_type {};
 template <typename Rows>
 struct StagesRows<Rows, std::void_t<decltype(&Rows::stage_affine_relu)>> : std::true_type {};
 
+// staged[0 .. kSubBlock) <- relu(a * x[n, ci, q0 .. q0 + m) + b) for row ci of src.
+template <typename T, typename Rows>
+inline void stage_affine_relu_one_row(const Rows& src, int64_t n, int64_t ci, int64_t q0, int64_t m, T a, T b,
+                                      T* staged, T* scratch) {
+  if constexpr (StagesRows<Rows>::value)
+    src.stage_affine_relu(n, ci, q0, m, a, b, staged, scratch);
+  else
+    stage_affine_relu_row(src.row(n, ci, q0, m, scratch), a, b, staged, m);
+}
+
 // staged[ci][0 .. kSubBlock) <- relu(scale[ci] * x[n, ci, q0 .. q0 + m) + shift[ci]) for the rows [c0, c1) of src.
 template <typename T, typename Rows>
 inline void stage_affine_relu_rows(const Rows& src, int64_t n, int64_t q0, int64_t m, const T* scale, const T* shift,
                                    int64_t c0, int64_t c1, T* staged, T* scratch) {
-  for (int64_t ci = c0; ci < c1; ++ci) {
-    if constexpr (StagesRows<Rows>::value)
-      src.stage_affine_relu(n, ci, q0, m, scale[ci], shift[ci], staged + ci * kStagedStride, scratch);
-    else
-      stage_affine_relu_row(src.row(n, ci, q0, m, scratch), scale[ci], shift[ci], staged + ci * kStagedStride, m);
-  }
+  for (int64_t ci = c0; ci < c1; ++ci)
+    stage_affine_relu_one_row(src, n, ci, q0, m, scale[ci], shift[ci], staged + ci * kStagedStride, scratch);
 }
 
 // y0[co * P + (0 .. m)] <- (W staged)[co] + bias[co] (+ r0[co * P + (0 .. m)], a residual, unless null) for the
@@ -204,23 +216,6 @@ struct TwoTriples {
         Cout(Cout_), blocks1(round_up(Cmid_, R1) / R1), blocks2(round_up(Cout_, R2) / R2),
         w1_packed(pack_row_blocks<T, R1>(w1, Cmid_, Cin_, false)),
         w2_packed(pack_row_blocks<T, R2>(w2, Cout_, Cmid_, false)) {}
-  // The first product's row block b: relu(scale2 * acc + shift2) into the hidden rows.
-  void first(const T* relu_rows, T* hidden_rows, int64_t m, int64_t b) const {
-    gemm_block<T, R1>(w1_packed.data() + b * Cin * R1, Cin, relu_rows, m, [&](int64_t j, int64_t q, const V<T>* acc) {
-      const int64_t cm = b * R1 + j;
-      if (cm >= Cmid) return;
-      T* row = hidden_rows + cm * kStagedStride + q;
-      for (int64_t c = 0; c < kColumnVectors; ++c) {
-        V<T> pre = acc[c] * scale2[cm] + shift2[cm];
-        pre = pre <= 0 ? V<T>{} : pre;  // NaN passes through, like torch.relu
-        std::memcpy(row + c * VW<T>, &pre, sizeof(V<T>));
-      }
-    });
-  }
-  // The second product's row blocks [b0, b1) (all: b1 < 0) into y0[co * ystride + (0 .. m)].
-  void second(const T* hidden_rows, int64_t m, T* y0, int64_t ystride, int64_t b0 = 0, int64_t b1 = -1) const {
-    product_to_output<T, R2>(w2_packed.data(), Cmid, hidden_rows, m, bias2, Cout, y0, ystride, nullptr, b0, b1);
-  }
   // The columns [q0, q0 + m) (m <= kSubBlock) of image n of src, on this thread, with its work buffers. Both
   // products run per tile of kColumnVectors * VW columns: the tile's staged rows, its hidden rows and the weights stay
   // in L1 (the values are those of first() and second()).
@@ -257,34 +252,65 @@ struct TwoTriples {
   }
 };
 
-// TwoTriples over (N, Cin, P) -> (N, Cout, P). Tasks are images' pixel chunks, or each sub-block's channels on a
-// small map at batch 1 (below).
+// The small-map route of affine_relu_conv1x1_twice_forward_kernel, for maps of at most one sub-block per image (SAN's
+// 14 x 14 and 7 x 7, where the patchwise relation's z has 50 rows per channel) or fewer sub-blocks than threads:
+// the staged rows of a group of columns (whole maps side by side, up to kBlasColumns, or one sub-block), on all
+// threads, then both products in torch's BLAS. With thousands of staged rows against a few hundred columns and a few
+// dozen hidden rows, its blocking over the inner dimension beats the register tiles, which reread the staged rows for
+// every block of output rows.
+constexpr int64_t kBlasColumns = 256;
+
+template <typename T, typename Rows>
+void affine_relu_conv1x1_twice_blas(const Rows& src, const T* scale1, const T* shift1, const T* w1, const T* scale2,
+                                    const T* shift2, const T* w2, const T* bias2, T* y, int64_t N, int64_t Cin,
+                                    int64_t Cmid, int64_t Cout, int64_t P) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor w1_t = at::from_blob(const_cast<T*>(w1), {Cmid, Cin}, options);
+  const at::Tensor w2_t = at::from_blob(const_cast<T*>(w2), {Cout, Cmid}, options);
+  const at::Tensor b2_t = bias2 ? at::from_blob(const_cast<T*>(bias2), {Cout, 1}, options) : at::Tensor();
+  const int64_t images = P <= kSubBlock ? std::clamp<int64_t>(kBlasColumns / P, 1, N) : 1;  // per group
+  for (int64_t n0 = 0; n0 < N; n0 += images) {
+    const int64_t g = std::min(images, N - n0);
+    for (int64_t q0 = 0; q0 < P; q0 += kSubBlock) {
+      const int64_t m = std::min(kSubBlock, P - q0), columns = g * m;
+      const at::Tensor staged = pooled_empty({Cin, columns}, options);  // image j's m columns at j * m
+      T* staged_rows = staged.data_ptr<T>();
+      parallel_range(0, Cin, 16, [&](int64_t begin, int64_t end) {
+        AlignedVector<T> row(kStagedStride), scratch(kSubBlock);
+        for (int64_t ci = begin; ci < end; ++ci)
+          for (int64_t j = 0; j < g; ++j) {
+            stage_affine_relu_one_row(src, n0 + j, ci, q0, m, scale1[ci], shift1[ci], row.data(), scratch.data());
+            std::memcpy(staged_rows + ci * columns + j * m, row.data(), sizeof(T) * m);
+          }
+      });
+      at::Tensor hidden = at::mm(w1_t, staged);
+      T* h = hidden.data_ptr<T>();
+      for (int64_t cm = 0; cm < Cmid; ++cm)
+        for (int64_t q = 0; q < columns; ++q) {
+          const T pre = h[cm * columns + q] * scale2[cm] + shift2[cm];
+          h[cm * columns + q] = pre <= 0 ? T(0) : pre;  // NaN passes through, like torch.relu
+        }
+      for (int64_t j = 0; j < g; ++j) {
+        at::Tensor out = at::from_blob(y + (n0 + j) * Cout * P + q0, {Cout, m}, {P, 1}, options);
+        if (bias2)
+          at::addmm_out(out, b2_t, w2_t, hidden.narrow(1, j * m, m));
+        else
+          at::mm_out(out, w2_t, hidden.narrow(1, j * m, m));
+      }
+    }
+  }
+}
+
+// TwoTriples over (N, Cin, P) -> (N, Cout, P). Tasks are images' pixel chunks; small maps take the BLAS route above.
 template <typename T, int R1, int R2, typename Rows>
 void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, const T* shift1, const T* w1,
                                               const T* scale2, const T* shift2, const T* w2, const T* bias2, T* y,
                                               int64_t N, int64_t Cin, int64_t Cmid, int64_t Cout, int64_t P) {
-  const TwoTriples<T, R1, R2> triples(scale1, shift1, w1, scale2, shift2, w2, bias2, Cin, Cmid, Cout);
-  if (N * ((P + kSubBlock - 1) / kSubBlock) < at::get_num_threads()) {
-    // Fewer sub-blocks than threads (a small map at batch 1): the threads share each sub-block's work instead, its
-    // staged rows, then the first product's row blocks, then the second's. Every value is computed as below.
-    AlignedVector<T> relu_rows(Cin * kStagedStride), hidden_rows(Cmid * kStagedStride);
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t q0 = 0; q0 < P; q0 += kSubBlock) {
-        const int64_t m = std::min(kSubBlock, P - q0);
-        parallel_range(0, Cin, 64, [&](int64_t begin, int64_t end) {
-          std::vector<T> scratch(kSubBlock);
-          stage_affine_relu_rows(src, n, q0, m, scale1, shift1, begin, end, relu_rows.data(), scratch.data());
-        });
-        parallel_range(0, triples.blocks1, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t b = begin; b < end; ++b) triples.first(relu_rows.data(), hidden_rows.data(), m, b);
-        });
-        parallel_range(0, triples.blocks2, 1, [&](int64_t begin, int64_t end) {
-          triples.second(hidden_rows.data(), m, y + n * Cout * P + q0, P, begin, end);
-        });
-      }
-    }
+  if (P <= kSubBlock || N * ceil_div(P, kSubBlock) < at::get_num_threads()) {
+    affine_relu_conv1x1_twice_blas(src, scale1, shift1, w1, scale2, shift2, w2, bias2, y, N, Cin, Cmid, Cout, P);
     return;
   }
+  const TwoTriples<T, R1, R2> triples(scale1, shift1, w1, scale2, shift2, w2, bias2, Cin, Cmid, Cout);
   const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     AlignedVector<T> relu_rows(Cin * kStagedStride), hidden_rows(Cmid * kStagedStride), scratch(kSubBlock);
