@@ -17,7 +17,8 @@ F64 = dict(dtype=torch.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 5, 7, 9), (3, 2, 2, 3), (2, 4, 33, 17)])
+# (rows of 35 windows: whole vectors of windows and a partial last one, with an odd column left out)
+@pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 5, 7, 9), (3, 2, 2, 3), (2, 4, 33, 17), (2, 3, 6, 71)])
 def test_affine_relu_maxpool2x2_matches_reference(dtype, shape):
     x = torch.randn(shape, dtype=dtype)
     x[0, 0, :2, :2] = 0.5  # a tie inside one window: the first wins, as in max_pool2d
@@ -35,13 +36,15 @@ def test_affine_relu_maxpool2x2_gradcheck_and_gradgradcheck():
         assert torch.autograd.gradgradcheck(ops.affine_relu_maxpool2x2, args)
 
 
-def test_affine_relu_maxpool2x2_propagates_nan_like_max_pool2d():
-    x = torch.randn(2, 3, 4, 4, **F64)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_affine_relu_maxpool2x2_propagates_nan_like_max_pool2d(dtype):
+    x = torch.randn(2, 3, 4, 70, dtype=dtype)
     x[1, 2, 1, 0] = float("nan")
+    x[0, 1, 2, 67] = float("nan")  # in the row's partial last vector of windows
     with ops.use_backend("cpu"):
-        fused = ops.affine_relu_maxpool2x2(x, torch.ones(3, **F64), torch.zeros(3, **F64))
+        fused = ops.affine_relu_maxpool2x2(x, torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype))
     assert torch.equal(fused.isnan(), F.max_pool2d(torch.relu(x), 2, 2).isnan())
-    assert fused.isnan().sum() == 1
+    assert fused.isnan().sum() == 2
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -89,7 +92,8 @@ def test_pooling_ops_reject_bad_input(backend):
 
 
 # --- conv1x1_affine_relu_maxpool2x2 and conv1x1_batchnorm_relu_maxpool2x2: SAN's stem -----------------------------
-STEM_SHAPES = [((2, 3, 8, 10), 16), ((1, 1, 7, 9), 5), ((3, 5, 2, 3), 7), ((2, 3, 33, 17), 64)]  # odd: floor mode
+STEM_SHAPES = [((2, 3, 8, 10), 16), ((1, 1, 7, 9), 5), ((3, 5, 2, 3), 7), ((2, 3, 33, 17), 64),
+               ((1, 3, 4, 71), 6)]  # odd: floor mode; 35 windows a row: whole vectors and a partial one
 
 
 def _stem_inputs(shape, c_out, dtype):

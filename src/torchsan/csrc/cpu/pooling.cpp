@@ -35,21 +35,49 @@ inline T window_max(const T* r0, const T* r1, T a, T b, T& arg, T& xarg) {  // a
   return best;
 }
 
+// The lane indices that take the even and the odd values of two vectors side by side (__builtin_shuffle's masks).
+template <typename T>
+struct Deinterleave {
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I VI __attribute__((vector_size(kVectorBytes)));
+  VI even, odd;
+  Deinterleave() {
+    for (int64_t i = 0; i < VW<T>; ++i) even[i] = I(2 * i), odd[i] = I(2 * i + 1);
+  }
+};
+
+// One pooled row: yr[0 .. Wo) = the windows' maxima of relu(a * x + b) over rows r0 and r1 (2 Wo values each), a
+// vector of windows at a time with a partial last one (a loop over windows would leave the last Wo % VW to scalar
+// code: most of a 28-wide row). The same values as window_max.
+template <typename T>
+inline void pool_row(const T* r0, const T* r1, T a, T b, T* yr, int64_t Wo, const Deinterleave<T>& lanes) {
+  for (int64_t j = 0; j < Wo; j += VW<T>) {
+    const int64_t n = std::min(VW<T>, Wo - j), lo = std::min(VW<T>, 2 * n), hi = 2 * n - lo;
+    const V<T> r0lo = load_partial(r0 + 2 * j, lo), r0hi = load_partial(r0 + 2 * j + VW<T>, hi);
+    const V<T> r1lo = load_partial(r1 + 2 * j, lo), r1hi = load_partial(r1 + 2 * j + VW<T>, hi);
+    const V<T> x4[4] = {__builtin_shuffle(r0lo, r0hi, lanes.even), __builtin_shuffle(r0lo, r0hi, lanes.odd),
+                        __builtin_shuffle(r1lo, r1hi, lanes.even), __builtin_shuffle(r1lo, r1hi, lanes.odd)};
+    V<T> best = {};
+    for (int q = 0; q < 4; ++q) {
+      V<T> v = x4[q] * a + b;
+      v = v <= 0 ? V<T>{} : v;  // NaN passes through, like torch.relu
+      best = q == 0 ? v : ((v > best) | (v != v)) ? v : best;  // larger or NaN replaces, as window_max
+    }
+    store_partial(yr + j, best, n);
+  }
+}
+
 template <typename T>
 void affine_relu_maxpool2x2_forward_kernel(const T* x, const T* scale, const T* shift, T* y, int64_t N, int64_t C,
                                            int64_t H, int64_t W) {
   const int64_t Ho = H / 2, Wo = W / 2;
+  const Deinterleave<T> lanes;
   parallel_range(0, N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T a = scale[t % C], b = shift[t % C];
       for (int64_t i = 0; i < Ho; ++i) {
         const T* r0 = x + t * H * W + 2 * i * W;
-        T* yr = y + t * Ho * Wo + i * Wo;
-#pragma omp simd
-        for (int64_t j = 0; j < Wo; ++j) {
-          T arg, xarg;
-          yr[j] = window_max(r0 + 2 * j, r0 + W + 2 * j, a, b, arg, xarg);
-        }
+        pool_row(r0, r0 + W, a, b, y + t * Ho * Wo + i * Wo, Wo, lanes);
       }
     }
   });
@@ -115,6 +143,7 @@ template <typename T>
 void conv1x1_affine_relu_maxpool2x2_forward_kernel(const T* x, const T* w, const T* scale, const T* shift, T* y,
                                                    int64_t N, int64_t Cin, int64_t C, int64_t H, int64_t W) {
   const int64_t Ho = H / 2, Wo = W / 2, span = 2 * Wo, plane = H * W;
+  const Deinterleave<T> lanes;
   parallel_range(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> rows(2 * span);
     for (int64_t t = begin; t < end; ++t) {
@@ -134,13 +163,7 @@ void conv1x1_affine_relu_maxpool2x2_forward_kernel(const T* x, const T* w, const
             r1[j] += a * xc[W + j];
           }
         }
-        const T a = scale[c], b = shift[c];
-        T* yr = y + ((n * C + c) * Ho + i) * Wo;
-#pragma omp simd
-        for (int64_t j = 0; j < Wo; ++j) {
-          T arg, xarg;
-          yr[j] = window_max(r0 + 2 * j, r1 + 2 * j, a, b, arg, xarg);
-        }
+        pool_row(r0, r1, scale[c], shift[c], y + ((n * C + c) * Ho + i) * Wo, Wo, lanes);
       }
     }
   });
