@@ -184,6 +184,7 @@ RELATION_CASES = [
     (3, 3, 2, None, 10, 7, 1),
     (3, 1, 1, 0, 7, 6, None),
     (3, 1, 1, 2, 5, 6, 1),
+    (3, 1, 1, None, 5, 21, 1),  # rows wider than the shifted copies take: z's rows gathered a row at a time
 ]
 
 
