@@ -92,15 +92,25 @@ inline void store_columns(T* row, int64_t q, int64_t m, const V<T>* v) {
   }
 }
 
-// staged[0 .. kSubBlock) <- relu(a * x + b) for the m values of x, zero tail.
+// out[0 .. len) <- relu(a * x + b), in vectors only: runs can be as short as an output row, too short to leave a
+// tail to scalar code. The last vector ends at the run's end, overlapping the one before (the same values twice).
 template <typename T>
-inline void stage_affine_relu_row(const T* x_row, T a, T b, T* staged, int64_t m) {
-#pragma omp simd
-  for (int64_t i = 0; i < m; ++i) {
-    const T pre = x_row[i] * a + b;
-    staged[i] = pre <= 0 ? T(0) : pre;  // NaN passes through, like torch.relu
-  }
-  std::fill(staged + m, staged + kSubBlock, T(0));
+inline void affine_relu_run(const T* x, T a, T b, T* out, int64_t len) {
+  auto vector_at = [&](int64_t i, int64_t lanes) {
+    V<T> pre = load_partial(x + i, lanes) * a + b;
+    pre = pre <= 0 ? V<T>{} : pre;  // NaN passes through, like torch.relu
+    store_partial(out + i, pre, lanes);
+  };
+  int64_t i = 0;
+  for (; i + VW<T> <= len; i += VW<T>) vector_at(i, VW<T>);
+  if (i < len) len >= VW<T> ? vector_at(len - VW<T>, VW<T>) : vector_at(i, len - i);
+}
+
+// staged[0 .. fill_to) <- relu(a * x + b) for the m values of x, zero tail.
+template <typename T>
+inline void stage_affine_relu_row(const T* x_row, T a, T b, T* staged, int64_t m, int64_t fill_to = kSubBlock) {
+  affine_relu_run(x_row, a, b, staged, m);
+  std::fill(staged + m, staged + std::max(m, fill_to), T(0));
 }
 
 // Pixels per task of the forward: kPixelChunk, or fewer (whole sub-blocks) where N * P gives too few tasks to keep
@@ -112,21 +122,21 @@ inline int64_t forward_chunk(int64_t N, int64_t P) {
   return kSubBlock * std::clamp<int64_t>((sub_blocks + per_image - 1) / per_image, 1, kPixelChunk / kSubBlock);
 }
 
-// Row sources that stage a row themselves (stage_affine_relu(n, ci, q0, m, a, b, staged, scratch), the values of
-// stage_affine_relu_row on row()), computing it in one pass instead of writing it to scratch first.
+// Row sources that stage a row themselves (stage_affine_relu(n, ci, q0, m, a, b, staged, scratch, fill_to), the
+// values of stage_affine_relu_row on row()), computing it in one pass instead of writing it to scratch first.
 template <typename Rows, typename = void>
 struct StagesRows : std::false_type {};
 template <typename Rows>
 struct StagesRows<Rows, std::void_t<decltype(&Rows::stage_affine_relu)>> : std::true_type {};
 
-// staged[0 .. kSubBlock) <- relu(a * x[n, ci, q0 .. q0 + m) + b) for row ci of src.
+// staged[0 .. fill_to) <- relu(a * x[n, ci, q0 .. q0 + m) + b) for row ci of src, zero tail.
 template <typename T, typename Rows>
 inline void stage_affine_relu_one_row(const Rows& src, int64_t n, int64_t ci, int64_t q0, int64_t m, T a, T b,
-                                      T* staged, T* scratch) {
+                                      T* staged, T* scratch, int64_t fill_to = kSubBlock) {
   if constexpr (StagesRows<Rows>::value)
-    src.stage_affine_relu(n, ci, q0, m, a, b, staged, scratch);
+    src.stage_affine_relu(n, ci, q0, m, a, b, staged, scratch, fill_to);
   else
-    stage_affine_relu_row(src.row(n, ci, q0, m, scratch), a, b, staged, m);
+    stage_affine_relu_row(src.row(n, ci, q0, m, scratch), a, b, staged, m, fill_to);
 }
 
 // staged[ci][0 .. kSubBlock) <- relu(scale[ci] * x[n, ci, q0 .. q0 + m) + shift[ci]) for the rows [c0, c1) of src.
@@ -276,12 +286,11 @@ void affine_relu_conv1x1_twice_blas(const Rows& src, const T* scale1, const T* s
       const at::Tensor staged = pooled_empty({Cin, columns}, options);  // image j's m columns at j * m
       T* staged_rows = staged.data_ptr<T>();
       parallel_range(0, Cin, 16, [&](int64_t begin, int64_t end) {
-        AlignedVector<T> row(kStagedStride), scratch(kSubBlock);
+        AlignedVector<T> scratch(kSubBlock);
         for (int64_t ci = begin; ci < end; ++ci)
-          for (int64_t j = 0; j < g; ++j) {
-            stage_affine_relu_one_row(src, n0 + j, ci, q0, m, scale1[ci], shift1[ci], row.data(), scratch.data());
-            std::memcpy(staged_rows + ci * columns + j * m, row.data(), sizeof(T) * m);
-          }
+          for (int64_t j = 0; j < g; ++j)
+            stage_affine_relu_one_row(src, n0 + j, ci, q0, m, scale1[ci], shift1[ci], staged_rows + ci * columns + j * m,
+                                      scratch.data(), m);
       });
       at::Tensor hidden = at::mm(w1_t, staged);
       T* h = hidden.data_ptr<T>();

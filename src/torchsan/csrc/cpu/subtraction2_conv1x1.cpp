@@ -75,10 +75,11 @@ struct Subtraction2Rows {
     });
     return scratch;
   }
-  // stage_affine_relu_row(row(...), a, b, staged, m) in one pass at stride 1: the same values.
-  void stage_affine_relu(int64_t n, int64_t ci, int64_t q0, int64_t m, T a, T b, T* staged, T* scratch) const {
+  // stage_affine_relu_row(row(...), a, b, staged, m, fill_to) in one pass at stride 1: the same values.
+  void stage_affine_relu(int64_t n, int64_t ci, int64_t q0, int64_t m, T a, T b, T* staged, T* scratch,
+                         int64_t fill_to) const {
     if (ci >= C || (!shifted && g.s != 1)) {
-      stage_affine_relu_row(row(n, ci, q0, m, scratch), a, b, staged, m);
+      stage_affine_relu_row(row(n, ci, q0, m, scratch), a, b, staged, m, fill_to);
       return;
     }
     runs(n, ci, q0, m, [&](int64_t at, const T* cr, const T* xr, int64_t len) {
@@ -94,7 +95,7 @@ struct Subtraction2Rows {
       for (; i + VW<T> <= len; i += VW<T>) vector_at(i, VW<T>);
       if (i < len) len >= VW<T> ? vector_at(len - VW<T>, VW<T>) : vector_at(i, len - i);
     });
-    std::fill(staged + m, staged + kSubBlock, T(0));
+    std::fill(staged + m, staged + std::max(m, fill_to), T(0));
   }
 };
 
@@ -107,25 +108,44 @@ struct PatchwiseConcatRows {
   const T* x2_planes;
   int64_t C;
   Geometry g;
-  const T* row(int64_t n, int64_t ci, int64_t q0, int64_t m, T* scratch) const {
+  // The plane row ci reads, and the offset of its window's first value (ho = wo = 0).
+  std::pair<const T*, int64_t> source(int64_t n, int64_t ci) const {
     const bool centre = ci < C;
     const int64_t c = centre ? ci : (ci - C) / g.K(), tap = centre ? 0 : (ci - C) % g.K(), c0 = (g.k / 2) * g.d;
     const int64_t dh = centre ? c0 : (tap / g.k) * g.d, dw = centre ? c0 : (tap % g.k) * g.d;
-    const T* plane = (centre ? x1_planes : x2_planes) + (n * C + c) * g.plane();
+    return {(centre ? x1_planes : x2_planes) + (n * C + c) * g.plane(), dh * g.Wp + dw};
+  }
+  // f(at, src, len) for each run of row ci over [q0, q0 + m): z[q0 + at + i] = src[i * s] for i < len.
+  template <typename F>
+  void runs(int64_t n, int64_t ci, int64_t q0, int64_t m, F&& f) const {
+    const auto [plane, offset] = source(n, ci);
     int64_t ho = q0 / g.Wo, wo = q0 % g.Wo;
-    T* out = scratch;
-    for (int64_t left = m; left > 0; wo = 0, ++ho) {
+    for (int64_t left = m, at = 0; left > 0; wo = 0, ++ho) {
       const int64_t len = std::min(g.Wo - wo, left);
-      const T* src = plane + (ho * g.s + dh) * g.Wp + dw + wo * g.s;
-      if (g.s == 1) {
-        std::memcpy(out, src, sizeof(T) * len);
-      } else {
-        for (int64_t i = 0; i < len; ++i) out[i] = src[i * g.s];
-      }
-      out += len;
+      f(at, plane + offset + ho * g.s * g.Wp + wo * g.s, len);
+      at += len;
       left -= len;
     }
+  }
+  const T* row(int64_t n, int64_t ci, int64_t q0, int64_t m, T* scratch) const {
+    runs(n, ci, q0, m, [&](int64_t at, const T* src, int64_t len) {
+      if (g.s == 1) {
+        std::memcpy(scratch + at, src, sizeof(T) * len);
+      } else {
+        for (int64_t i = 0; i < len; ++i) scratch[at + i] = src[i * g.s];
+      }
+    });
     return scratch;
+  }
+  // stage_affine_relu_row(row(...), a, b, staged, m, fill_to) in one pass at stride 1: the same values.
+  void stage_affine_relu(int64_t n, int64_t ci, int64_t q0, int64_t m, T a, T b, T* staged, T* scratch,
+                         int64_t fill_to) const {
+    if (g.s != 1) {
+      stage_affine_relu_row(row(n, ci, q0, m, scratch), a, b, staged, m, fill_to);
+      return;
+    }
+    runs(n, ci, q0, m, [&](int64_t at, const T* src, int64_t len) { affine_relu_run(src, a, b, staged + at, len); });
+    std::fill(staged + m, staged + std::max(m, fill_to), T(0));
   }
 };
 
