@@ -18,7 +18,8 @@ F64 = dict(dtype=torch.float64)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 # (rows of 35 windows: whole vectors of windows and a partial last one, with an odd column left out)
-@pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 5, 7, 9), (3, 2, 2, 3), (2, 4, 33, 17), (2, 3, 6, 71)])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 5, 7, 9), (3, 2, 2, 3), (2, 4, 33, 17), (2, 3, 6, 71),
+                                   (1, 2, 4, 58)])
 def test_affine_relu_maxpool2x2_matches_reference(dtype, shape):
     x = torch.randn(shape, dtype=dtype)
     x[0, 0, :2, :2] = 0.5  # a tie inside one window: the first wins, as in max_pool2d

@@ -5,7 +5,7 @@
 // Layout: NCHW, contiguous. Each task builds a padded copy of the few input planes it needs (reflect or zeros, so
 // the hot loops have no bounds checks), then streams rows with stride-1 inner loops that the compiler vectorises.
 // Tasks write disjoint outputs, and every reduction runs over fixed chunks in a fixed order: results do not depend
-// on the number of threads.
+// on the number of threads (except where a kernel hands a product to torch's BLAS: conv1x1.h's small-map route).
 #pragma once
 
 #include <ATen/Dispatch.h>

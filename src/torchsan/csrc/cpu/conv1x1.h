@@ -228,7 +228,7 @@ struct TwoTriples {
         w2_packed(pack_row_blocks<T, R2>(w2, Cout_, Cmid_, false)) {}
   // The columns [q0, q0 + m) (m <= kSubBlock) of image n of src, on this thread, with its work buffers. Both
   // products run per tile of kColumnVectors * VW columns: the tile's staged rows, its hidden rows and the weights stay
-  // in L1 (the values are those of first() and second()).
+  // in L1.
   template <typename Rows>
   void run(const Rows& src, int64_t n, int64_t q0, int64_t m, T* relu_rows, T* hidden_rows, T* scratch, T* y0,
            int64_t ystride) const {
@@ -278,7 +278,7 @@ void affine_relu_conv1x1_twice_blas(const Rows& src, const T* scale1, const T* s
   const at::Tensor w1_t = at::from_blob(const_cast<T*>(w1), {Cmid, Cin}, options);
   const at::Tensor w2_t = at::from_blob(const_cast<T*>(w2), {Cout, Cmid}, options);
   const at::Tensor b2_t = bias2 ? at::from_blob(const_cast<T*>(bias2), {Cout, 1}, options) : at::Tensor();
-  const int64_t images = P <= kSubBlock ? std::clamp<int64_t>(kBlasColumns / P, 1, N) : 1;  // per group
+  const int64_t images = P <= kSubBlock ? std::max<int64_t>(1, std::min(N, kBlasColumns / P)) : 1;  // per group
   for (int64_t n0 = 0; n0 < N; n0 += images) {
     const int64_t g = std::min(images, N - n0);
     for (int64_t q0 = 0; q0 < P; q0 += kSubBlock) {
@@ -293,6 +293,7 @@ void affine_relu_conv1x1_twice_blas(const Rows& src, const T* scale1, const T* s
                                       scratch.data(), m);
       });
       at::Tensor hidden = at::mm(w1_t, staged);
+      TORCH_INTERNAL_ASSERT(hidden.is_contiguous());  // read below as (Cmid, columns) rows
       T* h = hidden.data_ptr<T>();
       for (int64_t cm = 0; cm < Cmid; ++cm)
         for (int64_t q = 0; q < columns; ++q) {

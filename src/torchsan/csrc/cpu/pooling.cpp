@@ -53,8 +53,8 @@ template <typename T>
 inline void pool_row(const T* r0, const T* r1, T a, T b, T* yr, int64_t Wo, const Deinterleave<T>& lanes) {
   for (int64_t j = 0; j < Wo; j += VW<T>) {
     const int64_t n = std::min(VW<T>, Wo - j), lo = std::min(VW<T>, 2 * n), hi = 2 * n - lo;
-    const V<T> r0lo = load_partial(r0 + 2 * j, lo), r0hi = load_partial(r0 + 2 * j + VW<T>, hi);
-    const V<T> r1lo = load_partial(r1 + 2 * j, lo), r1hi = load_partial(r1 + 2 * j + VW<T>, hi);
+    const V<T> r0lo = load_partial(r0 + 2 * j, lo), r0hi = hi ? load_partial(r0 + 2 * j + VW<T>, hi) : V<T>{};
+    const V<T> r1lo = load_partial(r1 + 2 * j, lo), r1hi = hi ? load_partial(r1 + 2 * j + VW<T>, hi) : V<T>{};
     const V<T> x4[4] = {__builtin_shuffle(r0lo, r0hi, lanes.even), __builtin_shuffle(r0lo, r0hi, lanes.odd),
                         __builtin_shuffle(r1lo, r1hi, lanes.even), __builtin_shuffle(r1lo, r1hi, lanes.odd)};
     V<T> best = {};
