@@ -92,18 +92,23 @@ inline void store_columns(T* row, int64_t q, int64_t m, const V<T>* v) {
   }
 }
 
-// out[0 .. len) <- relu(a * x + b), in vectors only: runs can be as short as an output row, too short to leave a
-// tail to scalar code. The last vector ends at the run's end, overlapping the one before (the same values twice).
+// f(i, lanes) over [0, len) in whole vectors: runs can be as short as an output row, too short to leave a tail to
+// scalar code. The last vector ends at len, overlapping the one before (f must write the same values twice).
+template <typename T, typename F>
+TORCHSAN_ALWAYS_INLINE void overlapping_vectors(int64_t len, F&& f) {
+  int64_t i = 0;
+  for (; i + VW<T> <= len; i += VW<T>) f(i, VW<T>);
+  if (i < len) len >= VW<T> ? f(len - VW<T>, VW<T>) : f(i, len - i);
+}
+
+// out[0 .. len) <- relu(a * x + b).
 template <typename T>
 inline void affine_relu_run(const T* x, T a, T b, T* out, int64_t len) {
-  auto vector_at = [&](int64_t i, int64_t lanes) {
+  overlapping_vectors<T>(len, [&](int64_t i, int64_t lanes) {
     V<T> pre = load_partial(x + i, lanes) * a + b;
     pre = pre <= 0 ? V<T>{} : pre;  // NaN passes through, like torch.relu
     store_partial(out + i, pre, lanes);
-  };
-  int64_t i = 0;
-  for (; i + VW<T> <= len; i += VW<T>) vector_at(i, VW<T>);
-  if (i < len) len >= VW<T> ? vector_at(len - VW<T>, VW<T>) : vector_at(i, len - i);
+  });
 }
 
 // staged[0 .. fill_to) <- relu(a * x + b) for the m values of x, zero tail.
@@ -113,13 +118,19 @@ inline void stage_affine_relu_row(const T* x_row, T a, T b, T* staged, int64_t m
   std::fill(staged + m, staged + std::max(m, fill_to), T(0));
 }
 
-// Pixels per task of the forward: kPixelChunk, or fewer (whole sub-blocks) where N * P gives too few tasks to keep
-// every thread busy (a batch of one image). Each output pixel is computed the same way whatever its task, so the
-// result does not depend on this choice.
+// Pixels per task of the forward, in whole column tiles: at most kPixelChunk, an image's chunks equal, and where the
+// tasks are few (a batch of one image) as many chunks as make them a multiple of the threads. at::parallel_for gives
+// each thread a contiguous run of tasks, so equal tasks in equal numbers keep the threads equally busy (a 28 x 28
+// map on two threads in 256-pixel chunks: 512 and 272 pixels; in two chunks: 416 and 368). Each output pixel is
+// computed the same way whatever its task, so the result does not depend on this choice.
+template <typename T>
 inline int64_t forward_chunk(int64_t N, int64_t P) {
-  const int64_t per_image = (4 * at::get_num_threads() + N - 1) / std::max<int64_t>(N, 1);
-  const int64_t sub_blocks = (P + kSubBlock - 1) / kSubBlock;
-  return kSubBlock * std::clamp<int64_t>((sub_blocks + per_image - 1) / per_image, 1, kPixelChunk / kSubBlock);
+  constexpr int64_t tile = kColumnVectors * VW<T>;
+  const int64_t threads = std::max(1, at::get_num_threads()), tiles = ceil_div(P, tile);
+  int64_t chunks = std::max<int64_t>(1, ceil_div(P, kPixelChunk));
+  if (N * chunks < 8 * threads)
+    while ((N * chunks) % threads != 0 && chunks < tiles) ++chunks;
+  return std::max(tile, round_up(ceil_div(P, chunks), tile));
 }
 
 // Row sources that stage a row themselves (stage_affine_relu(n, ci, q0, m, a, b, staged, scratch, fill_to), the
@@ -196,7 +207,7 @@ void affine_relu_conv1x1_forward_kernel(const Rows& src, const T* scale, const T
     }
     return;
   }
-  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
+  const int64_t chunk = forward_chunk<T>(N, P), chunks = (P + chunk - 1) / chunk;
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     AlignedVector<T> relu_rows(Cin * kStagedStride), scratch(kSubBlock);
     for (int64_t t = begin; t < end; ++t) {
@@ -321,7 +332,7 @@ void affine_relu_conv1x1_twice_forward_kernel(const Rows& src, const T* scale1, 
     return;
   }
   const TwoTriples<T, R1, R2> triples(scale1, shift1, w1, scale2, shift2, w2, bias2, Cin, Cmid, Cout);
-  const int64_t chunk = forward_chunk(N, P), chunks = (P + chunk - 1) / chunk;
+  const int64_t chunk = forward_chunk<T>(N, P), chunks = (P + chunk - 1) / chunk;
   parallel_range(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     AlignedVector<T> relu_rows(Cin * kStagedStride), hidden_rows(Cmid * kStagedStride), scratch(kSubBlock);
     for (int64_t t = begin; t < end; ++t) {

@@ -84,16 +84,11 @@ struct Subtraction2Rows {
     }
     runs(n, ci, q0, m, [&](int64_t at, const T* cr, const T* xr, int64_t len) {
       T* out = staged + at;
-      // Vectors only: runs are as short as an output row (28 at SAN's stage 2), too short to leave a tail to scalar
-      // code. The last vector ends at the run's end, overlapping the one before (the same values written twice).
-      auto vector_at = [&](int64_t i, int64_t lanes) {
+      overlapping_vectors<T>(len, [&](int64_t i, int64_t lanes) {
         V<T> pre = (load_partial(cr + i, lanes) - load_partial(xr + i, lanes)) * a + b;
         pre = pre <= 0 ? V<T>{} : pre;  // NaN passes through, like torch.relu
         store_partial(out + i, pre, lanes);
-      };
-      int64_t i = 0;
-      for (; i + VW<T> <= len; i += VW<T>) vector_at(i, VW<T>);
-      if (i < len) len >= VW<T> ? vector_at(len - VW<T>, VW<T>) : vector_at(i, len - i);
+      });
     });
     std::fill(staged + m, staged + std::max(m, fill_to), T(0));
   }
