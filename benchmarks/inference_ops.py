@@ -30,7 +30,6 @@ benchmarks/results/inference_ops.json) keeps every sample. A measurement, not a 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -148,7 +147,10 @@ def measure(case: Case, repeats: int, min_sample_ms: float) -> tuple[int, dict[s
     for backend in BACKENDS.values():  # warm-up
         sample(backend, case.call, 1)
     single = {name: sample(backend, case.call, 1) for name, backend in BACKENDS.items()}
-    calls = max(1, min(1000, math.ceil(min_sample_ms / max(min(single.values()), 1e-3))))
+    faster = BACKENDS[min(single, key=single.__getitem__)]
+    calls = 1  # doubled until a sample of the faster lasts min_sample_ms (one call's time overstates a warm loop's)
+    while calls < 1024 and sample(faster, case.call, calls) * calls < min_sample_ms:
+        calls *= 2
     samples: dict[str, list[float]] = {name: [] for name in BACKENDS}
     for _ in range(repeats):
         for name, backend in BACKENDS.items():

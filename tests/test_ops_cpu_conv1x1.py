@@ -330,11 +330,13 @@ def test_pairwise_logits_inference_runs_the_kernel_only_where_no_gradient_or_bat
     assert out[1] is not None and len(calls) == 2
 
 
-@pytest.mark.parametrize("case,n", [((7, 1, 1, None, 30, 31, 1), 2), ((3, 1, 1, 1, 5, 5, 1), 1)],
-                         ids=["large", "one_small_image"])
+@pytest.mark.parametrize("case,n", [((7, 1, 1, None, 30, 31, 1), 2), ((7, 1, 1, None, 30, 31, 1), 1),
+                                    ((3, 1, 1, 1, 5, 5, 1), 1)],
+                         ids=["large", "large_one_image", "one_small_image"])
 def test_pairwise_logits_inference_with_1_and_2_threads(case, n):
-    # Large: the register-tiled products, the same bits whatever the threads. One small image (K L within a
-    # sub-block): the products in torch's BLAS, whose sums may be split differently for another thread count.
+    # Large: the register-tiled products, the same bits whatever the threads (for one image, its pixel chunks differ
+    # with the thread count and start within output rows). One small image (K L within a sub-block): the products in
+    # torch's BLAS, whose sums may be split differently for another thread count.
     from _helpers import per_thread_count
 
     args, fp = _logits_inputs(case, torch.float32, c=6, c_mid=16, c_out=8, n=n)
@@ -342,7 +344,7 @@ def test_pairwise_logits_inference_with_1_and_2_threads(case, n):
         outs = per_thread_count(lambda: _logits(args, "reflect", fp, "cpu")[0])
         ref = _logits(args, "reflect", fp, "reference")[0]
     assert outs[0].shape[0] == n
-    if n > 1:
+    if case[4] > 5:
         assert torch.equal(outs[0], outs[1])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[1], ref, rtol=1e-5, atol=1e-5)
@@ -547,6 +549,20 @@ def test_patchwise_weights_inference_on_one_small_image_with_1_and_2_threads(cas
         ref = _patchwise(args, "reflect", fp, "reference")[0]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_patchwise_weights_inference_on_one_image_of_several_sub_blocks_same_bits_with_1_and_2_threads():
+    # 575 positions: the register-tiled products in one chunk on one thread, in two (288 and 287 positions, the
+    # second starting within an output row) on two: the same bits.
+    from _helpers import per_thread_count
+
+    args, fp = _patchwise_inputs((3, 1, 1, None, 23, 25, 1), torch.float32, n=1)
+    with torch.no_grad():
+        outs = per_thread_count(lambda: _patchwise(args, "reflect", fp, "cpu")[0])
+        ref = _patchwise(args, "reflect", fp, "reference")[0]
+    assert outs[0].shape[-1] == 575
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], ref, rtol=1e-5, atol=1e-5)
 
 
 # (case, batch, threads): maps of more than a sub-block (256 positions) on at most as many threads as sub-blocks

@@ -119,10 +119,11 @@ inline void stage_affine_relu_row(const T* x_row, T a, T b, T* staged, int64_t m
 }
 
 // Pixels per task of the forward, in whole column tiles: at most kPixelChunk, an image's chunks equal, and where the
-// tasks are few (a batch of one image) as many chunks as make them a multiple of the threads. at::parallel_for gives
-// each thread a contiguous run of tasks, so equal tasks in equal numbers keep the threads equally busy (a 28 x 28
-// map on two threads in 256-pixel chunks: 512 and 272 pixels; in two chunks: 416 and 368). Each output pixel is
-// computed the same way whatever its task, so the result does not depend on this choice.
+// tasks are fewer than 8 per thread, about as many chunks as make them a multiple of the threads (rounding to whole
+// tiles can leave fewer). at::parallel_for gives each thread a contiguous run of tasks, so equal tasks in equal
+// numbers keep the threads equally busy (one 28 x 28 map on two threads, 512-bit: 416 and 368 pixels, where 256-pixel
+// chunks gave 512 and 272). Each output pixel is computed the same way whatever its task, so the result does not
+// depend on this choice.
 template <typename T>
 inline int64_t forward_chunk(int64_t N, int64_t P) {
   constexpr int64_t tile = kColumnVectors * VW<T>;

@@ -58,9 +58,9 @@ def _cpu_flags() -> set[str]:
 def native_vector_bits() -> int | None:
     """The vector width ``native`` asks for on this machine: 512 on Intel CPUs with AVX-512, where the two measured
     (a Xeon with AMX, Sapphire Rapids or later, and a Skylake-SP) made both SAN10 train steps faster with them and
-    inference level or faster (docs/performance.md, "Vector width"); None (the build's default: 256 with AVX) elsewhere, AMD's Zen 4 included,
-    which runs 512-bit instructions as two halves and gains nothing. ``TORCHSAN_CPU_ARCH=avx2`` builds 256-bit
-    vectors on any of them."""
+    inference level or faster (docs/performance.md, "Vector width"); None (the build's default: 256 with AVX)
+    elsewhere, AMD's Zen 4 included, which runs 512-bit instructions as two halves and gains nothing.
+    ``TORCHSAN_CPU_ARCH=avx2`` builds 256-bit vectors on any of them."""
     if "avx512f" in _cpu_flags() and _cpuinfo("vendor_id") == "GenuineIntel":
         return 512
     return None
