@@ -1,4 +1,4 @@
-"""The inference-only fused CPU ops at SAN10's shapes, each against the plain PyTorch composition it replaces.
+"""The fused CPU ops an eval forward runs, at SAN10's shapes, each against the plain PyTorch composition it replaces.
 
     python benchmarks/inference_ops.py [--batches 1 8] [--threads 2] [--repeats 15]
     python benchmarks/inference_ops.py --quick      # smoke run: batch 1, 3 samples; writes inference_ops.quick.json
@@ -192,7 +192,7 @@ def main() -> None:
                 records.append(dict(op=case.op, stage=case.stage, batch=batch, input_shape=list(case.shape),
                                     calls_per_sample=calls, fused_ms=fused, reference_ms=ref,
                                     ratio=_common.ratio(ref, fused), max_abs_diff=diff, samples_ms=samples))
-    text = (f"== inference-only fused CPU ops at {MODEL}'s shapes, {IMAGE_SIZE} px, {torch.get_num_threads()} "
+    text = (f"== eval-mode fused CPU ops at {MODEL}'s shapes, {IMAGE_SIZE} px, {torch.get_num_threads()} "
             f"threads, median of {args.repeats} round-robin samples (ms per call); malloc: {malloc} ==\n"
             + _common.table(["op", "stage", "batch", "input", "calls", "fused ms", "reference ms", "ref/fused"],
                             rows))
