@@ -132,6 +132,18 @@ def test_native_builds_512_bit_vectors_only_on_intel_cpus_with_avx512(monkeypatc
     assert read("vendor_id", "") == "" and read("Features", _CPUINFO["arm"]) == "fp asimd evtstrm aes"
 
 
+@pytest.mark.parametrize("machine, arches", [("intel_avx512", ["generic", "avx2"]),
+                                             ("amd_avx512", ["generic", "avx2", "avx512"]),
+                                             ("intel_avx2", ["generic"]), ("arm", ["generic"]),
+                                             ("unreadable", ["generic"])])
+def test_portable_arches_are_the_widths_native_does_not_build(monkeypatch, machine, arches):
+    text = _CPUINFO[machine]
+    read = _build._cpuinfo
+    monkeypatch.setattr(_build, "_cpuinfo", lambda field: read(field, text))
+    monkeypatch.setattr(_build.platform, "machine", lambda: "aarch64" if machine == "arm" else "x86_64")
+    assert _build.portable_arches() == arches
+
+
 # --- every custom op: opcheck, and shapes on meta tensors ------------------------------------------------------------
 def _t(*shape, grad=False):
     return torch.randn(*shape, **F64).requires_grad_(grad)

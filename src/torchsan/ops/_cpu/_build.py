@@ -66,6 +66,22 @@ def native_vector_bits() -> int | None:
     return None
 
 
+def portable_arches() -> list[str]:
+    """The targets ``make test-portable`` tests besides ``native``: ``generic`` everywhere, and on x86 each vector
+    width the native build does not use (``avx2`` where native is 512-bit or has AVX-512 instructions, ``avx512``
+    where the CPU has AVX-512 but native builds 256-bit vectors). On an AVX2 CPU without AVX-512 the native build
+    is the ``avx2`` one in all but tuning, so it is not built twice."""
+    arches = ["generic"]
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return arches
+    flags = _cpu_flags()
+    if "avx2" in flags and "avx512f" in flags:
+        arches.append("avx2")
+        if native_vector_bits() != 512:
+            arches.append("avx512")
+    return arches
+
+
 def requested_arch() -> str:
     """The target ``TORCHSAN_CPU_ARCH`` asks for: native (default), avx512, avx2 or generic."""
     arch = os.environ.get("TORCHSAN_CPU_ARCH", "") or "native"
