@@ -116,13 +116,19 @@ _CPUINFO = {
 }
 
 
+def _pretend_to_be(monkeypatch, machine: str) -> None:
+    """_build reads /proc/cpuinfo and the architecture of the ``_CPUINFO`` machine named."""
+    read = _build._cpuinfo
+    monkeypatch.setattr(_build, "_cpuinfo", lambda field, text=_CPUINFO[machine]: read(field, text))
+    monkeypatch.setattr(_build.platform, "machine", lambda: "aarch64" if machine == "arm" else "x86_64")
+
+
 @pytest.mark.parametrize("machine, bits", [("intel_avx512", 512), ("amd_avx512", None), ("intel_avx2", None),
                                            ("arm", None), ("unreadable", None)])
 def test_native_builds_512_bit_vectors_only_on_intel_cpus_with_avx512(monkeypatch, machine, bits):
     text = _CPUINFO[machine]
     read = _build._cpuinfo
-    monkeypatch.setattr(_build, "_cpuinfo", lambda field: read(field, text))
-    monkeypatch.setattr(_build.platform, "machine", lambda: "aarch64" if machine == "arm" else "x86_64")
+    _pretend_to_be(monkeypatch, machine)
     assert _build.native_vector_bits() == bits
     flags = _build._arch_flags("native")
     assert ("-DTORCHSAN_VECTOR_BITS=512" in flags) == ("-mprefer-vector-width=512" in flags) == (bits == 512)
@@ -137,10 +143,7 @@ def test_native_builds_512_bit_vectors_only_on_intel_cpus_with_avx512(monkeypatc
                                              ("intel_avx2", ["generic"]), ("arm", ["generic"]),
                                              ("unreadable", ["generic"])])
 def test_portable_arches_are_the_widths_native_does_not_build(monkeypatch, machine, arches):
-    text = _CPUINFO[machine]
-    read = _build._cpuinfo
-    monkeypatch.setattr(_build, "_cpuinfo", lambda field: read(field, text))
-    monkeypatch.setattr(_build.platform, "machine", lambda: "aarch64" if machine == "arm" else "x86_64")
+    _pretend_to_be(monkeypatch, machine)
     assert _build.portable_arches() == arches
 
 
