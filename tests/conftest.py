@@ -5,6 +5,12 @@ import os
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# make test runs two pytest workers (pytest-xdist) on the machine's cores, each with torch's threads: OpenMP's
+# threads must sleep while they wait, not spin, or each worker's threads take the cores from the other's. OpenMP
+# reads it when torch loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

@@ -118,6 +118,7 @@ def test_gradcheck_float64():
                                         fast_mode=True)
 
 
+@pytest.mark.skipif(not CUDA, reason="the interpreter runs programs one at a time: only a GPU can reorder them")
 def test_backward_is_deterministic():
     x = torch.randn(2, 4, 6, 6, device=DEVICE, requires_grad=True)
     logits = torch.randn(2, 2, 9, 36, device=DEVICE, requires_grad=True)
@@ -149,6 +150,7 @@ def test_dispatch(monkeypatch):
                 ops.unfold(x, 3)
 
 
+@pytest.mark.slow  # the whole model through the interpreter; every op it runs is tested alone above
 def test_tiny_san_matches_reference():
     # The whole model on this backend (its fused softmax + aggregation and gather with append included).
     model = timm.create_model("san10_pairwise", num_classes=3, **TINY_SAN)

@@ -273,6 +273,7 @@ def test_ops_under_autocast_match_float32():
         torchsan.ops.aggregation(x.to(torch.bfloat16), w, kernel_size=3)
 
 
+@pytest.mark.slow  # three torchrun launches; test_sigkill_then_resume_is_bit_exact covers one process by default
 def test_torchrun_resume_mid_epoch_is_bit_exact(image_folder, tmp_path):
     # Two processes, a checkpoint every 2 iterations; resume both ranks from one taken inside epoch 2
     # and finish: weights and per-epoch metrics equal those of the uninterrupted run.
