@@ -64,17 +64,18 @@ summary: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The test suite without the tests marked slow (the deeper models' ONNX exports and MAC counts, the pipeline through
-# Triton's interpreter); CI runs those too.
+# The test suite without the tests marked slow (the deeper models' ONNX exports and MAC counts, the pipeline and the
+# whole tiny SAN through Triton's interpreter, tl.dot in half precision there, torchrun's mid-epoch resume); CI runs
+# those too.
 # Two pytest workers (pytest-xdist): the Triton interpreter's tests and the subprocess tests run on one core each,
 # beside the kernels' tests (tests/conftest.py keeps the workers' OpenMP threads from spinning). TEST_WORKERS=0: one
 # process.
 TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --durations=10
+	$(BIN)/python -m pytest -q -m "not slow" -n $(or $(TEST_WORKERS),0) --durations=10
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -m slow -n $(or $(TEST_WORKERS),0)
 
 # The C++ kernels built for the architecture's baseline (x86-64 with SSE2 only, or Armv8-A), the portable path that
 # machines without AVX run, then for each vector width `make test`'s native build did not use: 256 bits (x86-64-v3)

@@ -150,7 +150,12 @@ def test_dispatch(monkeypatch):
                 ops.unfold(x, 3)
 
 
-@pytest.mark.slow  # the whole model through the interpreter; every op it runs is tested alone above
+def _slow_without_gpu(test):
+    """Through the interpreter, for make test-slow only."""
+    return test if CUDA else pytest.mark.slow(test)
+
+
+@_slow_without_gpu  # the whole model: every op it runs is tested alone above
 def test_tiny_san_matches_reference():
     # The whole model on this backend (its fused softmax + aggregation and gather with append included).
     model = timm.create_model("san10_pairwise", num_classes=3, **TINY_SAN)
