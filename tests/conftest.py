@@ -14,6 +14,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 import torch
 
+# A run-to-run determinism test of GPU kernels: Triton's interpreter runs a grid's programs one after another, in
+# order, so without a GPU such a test could not fail.
+REORDERS_PROGRAMS = pytest.mark.skipif(not torch.cuda.is_available(),
+                                       reason="the interpreter runs programs in order: only a GPU can reorder them")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

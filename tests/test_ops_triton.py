@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 import timm  # noqa: E402
 
-from conftest import TINY_SAN  # noqa: E402
+from conftest import REORDERS_PROGRAMS, TINY_SAN  # noqa: E402
 from torchsan import ops  # noqa: E402
 from torchsan.ops import _triton  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_gradcheck_float64():
                                         fast_mode=True)
 
 
-@pytest.mark.skipif(not CUDA, reason="the interpreter runs programs one at a time: only a GPU can reorder them")
+@REORDERS_PROGRAMS
 def test_backward_is_deterministic():
     x = torch.randn(2, 4, 6, 6, device=DEVICE, requires_grad=True)
     logits = torch.randn(2, 2, 9, 36, device=DEVICE, requires_grad=True)

@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import REORDERS_PROGRAMS  # noqa: E402
 from torchsan import ops  # noqa: E402
 from torchsan.layers import PairwiseSelfAttention  # noqa: E402
 from torchsan.ops import _triton  # noqa: E402
@@ -126,7 +127,7 @@ def test_gradcheck(running):
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
 
-# Through the interpreter, tl.dot in half precision takes 20-30 s a case: those two run with make test-slow.
+# tl.dot in half precision is the slowest case through the interpreter: those two run with make test-slow.
 _HALF_DOT_SLOW = () if CUDA else (pytest.mark.slow,)
 
 
@@ -161,7 +162,7 @@ def test_lower_precision(channels, dtype):
         check(grads[name], ref_grads[name], modules[1][name], name)
 
 
-@pytest.mark.skipif(not CUDA, reason="the interpreter runs programs one at a time: only a GPU can reorder them")
+@REORDERS_PROGRAMS
 def test_deterministic():
     tensors, stats, kwargs = _inputs(DOT, FOOTPRINTS[0], torch.float32)
     (a, ga, g), (b, gb, _) = (_run("triton", tensors, stats, kwargs, torch.float32) for _ in range(2))
