@@ -78,9 +78,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow -n $(or $(TEST_WORKERS),0)
 
 # The C++ kernels built for the architecture's baseline (x86-64 with SSE2 only, or Armv8-A), the portable path that
-# machines without AVX run, then for each vector width `make test`'s native build did not use: 256 bits (x86-64-v3)
-# on a CPU with AVX-512, 512 bits on one whose native build is 256 (AMD's AVX-512), each against the reference.
-# CI runs it after `make test`.
+# machines without AVX run, then on a CPU with AVX-512 (whose native build is 512-bit) the 256-bit width (x86-64-v3),
+# each against the reference. CI runs it after `make test`.
 test-portable: setup
 	arches="$$($(BIN)/python -c 'from torchsan.ops._cpu._build import portable_arches; print(*portable_arches())')" && \
 	for arch in $$arches; do TORCHSAN_CPU_ARCH=$$arch $(BIN)/python -m pytest -q tests/test_ops_cpu_*.py || exit 1; done

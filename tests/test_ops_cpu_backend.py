@@ -123,9 +123,9 @@ def _pretend_to_be(monkeypatch, machine: str) -> None:
     monkeypatch.setattr(_build.platform, "machine", lambda: "aarch64" if machine == "arm" else "x86_64")
 
 
-@pytest.mark.parametrize("machine, bits", [("intel_avx512", 512), ("amd_avx512", None), ("intel_avx2", None),
+@pytest.mark.parametrize("machine, bits", [("intel_avx512", 512), ("amd_avx512", 512), ("intel_avx2", None),
                                            ("arm", None), ("unreadable", None)])
-def test_native_builds_512_bit_vectors_only_on_intel_cpus_with_avx512(monkeypatch, machine, bits):
+def test_native_builds_512_bit_vectors_only_on_cpus_with_avx512(monkeypatch, machine, bits):
     text = _CPUINFO[machine]
     read = _build._cpuinfo
     _pretend_to_be(monkeypatch, machine)
@@ -139,7 +139,7 @@ def test_native_builds_512_bit_vectors_only_on_intel_cpus_with_avx512(monkeypatc
 
 
 @pytest.mark.parametrize("machine, arches", [("intel_avx512", ["generic", "avx2"]),
-                                             ("amd_avx512", ["generic", "avx2", "avx512"]),
+                                             ("amd_avx512", ["generic", "avx2"]),
                                              ("intel_avx2", ["generic"]), ("arm", ["generic"]),
                                              ("unreadable", ["generic"])])
 def test_portable_arches_are_the_widths_native_does_not_build(monkeypatch, machine, arches):

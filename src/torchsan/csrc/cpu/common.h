@@ -150,9 +150,8 @@ void fold_plane(const T* src, T* dst, const Geometry& g) {
 }
 
 // Fixed-width vectors (GCC vector extensions): 32 bytes with AVX, else 16 (SSE2, NEON); 64 bytes with AVX-512 when
-// the build asks (TORCHSAN_VECTOR_BITS=512: the native build on Intel, or TORCHSAN_CPU_ARCH=avx512). On an AMD Zen 4,
-// which splits 512-bit instructions in halves, they made the aggregation slower (its rows of 7-56 positions fill
-// them worse) and the train step no faster. The register-blocked kernels use them: V<T> holds VW<T> values.
+// the build asks (TORCHSAN_VECTOR_BITS=512: the native build on an AVX-512 CPU, or TORCHSAN_CPU_ARCH=avx512). The
+// register-blocked kernels use them: V<T> holds VW<T> values.
 #if defined(__AVX512F__) && defined(TORCHSAN_VECTOR_BITS) && TORCHSAN_VECTOR_BITS == 512
 #define TORCHSAN_ZMM 1
 constexpr int64_t kVectorBytes = 64;

@@ -5,11 +5,11 @@ are cached in torch's extensions folder, once per machine, torch version and sou
 compiler, no ninja), :func:`available` is False and the dispatcher falls back to the reference ops with a warning.
 ``TORCHSAN_DISABLE_CPU_KERNELS=1`` skips the build.
 
-The kernels are compiled for the machine they run on (``-march=native``): 512-bit vectors on an Intel CPU with
-AVX-512, 256-bit ones on other CPUs with AVX (AMD's AVX-512 machines included) and 128-bit ones elsewhere (SSE2,
-NEON); see :func:`native_vector_bits`. ``TORCHSAN_CPU_ARCH`` asks for another target: ``avx512`` (512-bit
-vectors; needs AVX-512), ``avx2`` (x86-64-v3: AVX2 and FMA, no AVX-512) or ``generic`` (the architecture's
-baseline: x86-64 with SSE2 only, or Armv8-A), which CI builds to keep the portable path compiled and tested.
+The kernels are compiled for the machine they run on (``-march=native``): 512-bit vectors on a CPU with AVX-512,
+256-bit ones on other CPUs with AVX and 128-bit ones elsewhere (SSE2, NEON); see :func:`native_vector_bits`.
+``TORCHSAN_CPU_ARCH`` asks for another target: ``avx512`` (512-bit vectors; needs AVX-512), ``avx2`` (x86-64-v3:
+AVX2 and FMA, no AVX-512) or ``generic`` (the architecture's baseline: x86-64 with SSE2 only, or Armv8-A), which CI
+builds to keep the portable path compiled and tested.
 """
 
 from __future__ import annotations
@@ -56,29 +56,26 @@ def _cpu_flags() -> set[str]:
 
 
 def native_vector_bits() -> int | None:
-    """The vector width ``native`` asks for on this machine: 512 on Intel CPUs with AVX-512, where the two measured
-    (a Xeon with AMX, Sapphire Rapids or later, and a Skylake-SP) made both SAN10 train steps faster with them and
-    inference level or faster (docs/performance.md, "Vector width"); None (the build's default: 256 with AVX)
-    elsewhere, AMD's Zen 4 included, which runs 512-bit instructions as two halves and gains nothing.
+    """The vector width ``native`` asks for on this machine: 512 on x86 CPUs with AVX-512, where each of the three
+    measured ran inference level or faster with them and both SAN10 train steps level or faster (Intel Xeons
+    Sapphire Rapids and Skylake-SP; AMD's Zen 4, which runs 512-bit instructions as two halves but issues half as
+    many: docs/performance.md, "Vector width"); None (the build's default: 256 with AVX) elsewhere.
     ``TORCHSAN_CPU_ARCH=avx2`` builds 256-bit vectors on any of them."""
-    if "avx512f" in _cpu_flags() and _cpuinfo("vendor_id") == "GenuineIntel":
+    if "avx512f" in _cpu_flags():
         return 512
     return None
 
 
 def portable_arches() -> list[str]:
-    """The targets ``make test-portable`` tests besides ``native``: ``generic`` everywhere, and on x86 each vector
-    width the native build does not use (``avx2`` where native is 512-bit or has AVX-512 instructions, ``avx512``
-    where the CPU has AVX-512 but native builds 256-bit vectors). On an AVX2 CPU without AVX-512 the native build
-    is the ``avx2`` one in all but tuning, so it is not built twice."""
+    """The targets ``make test-portable`` tests besides ``native``: ``generic`` everywhere, and on an x86 CPU with
+    AVX-512 (whose native build is 512-bit) ``avx2``, the 256-bit width. On an AVX2 CPU without AVX-512 the native
+    build is the ``avx2`` one in all but tuning, so it is not built twice."""
     arches = ["generic"]
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return arches
     flags = _cpu_flags()
     if "avx2" in flags and "avx512f" in flags:
         arches.append("avx2")
-        if native_vector_bits() != 512:
-            arches.append("avx512")
     return arches
 
 
