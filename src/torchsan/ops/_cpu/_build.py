@@ -88,7 +88,7 @@ def requested_arch() -> str:
 
 
 # The 512-bit build: the register-blocked kernels' vectors (TORCHSAN_VECTOR_BITS), and the compiler's own
-# vectorised loops at the same width (GCC picks 256 bits for them on Intel unless told).
+# vectorised loops at the same width (GCC picks 256 bits for them unless told).
 _ZMM = ["-march=native", "-DTORCHSAN_VECTOR_BITS=512", "-mprefer-vector-width=512"]
 
 
