@@ -1,4 +1,5 @@
-"""A plain 1x1 convolution for inference: torch's convolution (oneDNN) or one matrix product per image (at::bmm)?
+"""A plain 1x1 convolution for inference: torch's convolution (oneDNN), one matrix product per image (at::bmm) or the
+cpu backend's kernel?
 
     python benchmarks/conv1x1_route.py [--batches 1 8] [--image-size 224] [--rounds 5] [--model san10_pairwise]
 
@@ -8,7 +9,9 @@ here, the fused ones included), at each batch size. Implementations, rounds take
 
 * ``conv``    ``F.conv2d`` (oneDNN);
 * ``matmul``  ``torch.baddbmm`` / ``torch.bmm`` of the (Cout, Cin) weight and the (N, Cin, H * W) view, what
-  ``torchsan.layers.fused.conv1x1`` runs where the ``cpu`` backend's rule (``CONV1X1_MATMUL_MIN_POSITIONS``) says so.
+  ``torchsan.layers.fused.conv1x1`` runs where the ``cpu`` backend's rule (``CONV1X1_MATMUL_MIN_POSITIONS``) says so;
+* ``kernel``  the ``cpu`` backend's ``conv1x1`` (the register-blocked product of its BN-ReLU-conv1x1 kernels), which
+  it runs first where its rule (``CONV1X1_KERNEL_MAX_IN_CHANNELS``, ``CONV1X1_KERNEL_MIN_POSITIONS``) says so.
 
 The ``rule`` column is the route the rule picks; the last row sums every call of each route and of the rule's
 choice. Writes benchmarks/results/conv1x1_route.json. A measurement, not a test.
@@ -63,7 +66,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     return y.view(n, -1, h, wd)
 
 
-IMPLS: dict[str, Callable[..., torch.Tensor]] = {"conv": conv, "matmul": matmul}
+IMPLS: dict[str, Callable[..., torch.Tensor]] = {"conv": conv, "matmul": matmul, "kernel": _cpu.conv1x1}
 
 
 def timed(fn: Callable[..., torch.Tensor], inputs: tuple) -> float:
@@ -88,20 +91,21 @@ def main() -> None:
                     key=lambda kv: (-kv[0][0][1] * kv[0][0][2], kv[0][0][0], kv[0][1]))
     records, rows = [], []
     for batch in args.batches:
-        totals = {"conv": 0.0, "matmul": 0.0, "rule": 0.0}
+        totals = {"conv": 0.0, "matmul": 0.0, "kernel": 0.0, "rule": 0.0}
         for (shape, cout, has_bias), calls in shapes:
             x = torch.randn(batch, *shape)
             w, b = torch.randn(cout, shape[0]) / shape[0] ** 0.5, (0.1 * torch.randn(cout) if has_bias else None)
             inputs = (x, w, b)
             with torch.no_grad():
-                err = (conv(*inputs) - matmul(*inputs)).abs().max().item()
+                err = max((conv(*inputs) - fn(*inputs)).abs().max().item() for fn in (matmul, _cpu.conv1x1))
                 times: dict[str, list[float]] = {name: [] for name in IMPLS}
                 for fn in IMPLS.values():  # warm-up
                     timed(fn, inputs)
                 for _ in range(args.rounds):
                     for name, fn in IMPLS.items():
                         times[name].append(timed(fn, inputs))
-                rule = "matmul" if _cpu.fuses("conv1x1_matmul", x) else "conv"
+                rule = ("kernel" if _cpu.fuses("conv1x1", x, in_channels=shape[0], out_channels=cout)
+                        else "matmul" if _cpu.fuses("conv1x1_matmul", x) else "conv")
             best = {name: 1e3 * min(times[name]) for name in IMPLS}
             for name in IMPLS:
                 totals[name] += calls * best[name]
@@ -110,15 +114,20 @@ def main() -> None:
                                 samples_s=times, rule=rule, max_abs_diff=err))
             rows.append([str(batch), "x".join(map(str, shape)), f"{shape[0]}->{cout}", str(calls),
                          *(_common.fmt(best[n], ".2f") for n in IMPLS),
-                         _common.fmt(_common.ratio(best["conv"], best["matmul"]), ".2f"), rule])
+                         _common.fmt(_common.ratio(best["conv"], best["matmul"]), ".2f"),
+                         _common.fmt(_common.ratio(best["matmul"], best["kernel"]), ".2f"), rule])
         rows.append([str(batch), "all calls (x calls)", "", "", _common.fmt(totals["conv"], ".1f"),
-                     _common.fmt(totals["matmul"], ".1f"), _common.fmt(_common.ratio(totals["conv"], totals["rule"]),
-                                                                       ".2f"), f"rule {totals['rule']:.1f}"])
+                     _common.fmt(totals["matmul"], ".1f"), _common.fmt(totals["kernel"], ".1f"),
+                     _common.fmt(_common.ratio(totals["conv"], totals["rule"]), ".2f"), "",
+                     f"rule {totals['rule']:.1f}"])
         records.append(dict(batch=batch, totals_ms=totals))
-    headers = ["batch", "x (per image)", "conv", "calls", "conv ms", "matmul ms", "conv/matmul", "rule"]
+    headers = ["batch", "x (per image)", "conv", "calls", "conv ms", "matmul ms", "kernel ms", "conv/matmul",
+               "matmul/kernel", "rule"]
+    rule = (f"rule: kernel for at most {_cpu.CONV1X1_KERNEL_MAX_IN_CHANNELS} input channels from "
+            f"{_cpu.CONV1X1_KERNEL_MIN_POSITIONS} positions, else matmul from {_cpu.CONV1X1_MATMUL_MIN_POSITIONS}")
     text = (f"== 1x1 convolutions of {args.model} (eval, no_grad), {args.image_size} px, {torch.get_num_threads()} "
-            f"threads, best of {args.rounds} rounds; rule: matmul from {_cpu.CONV1X1_MATMUL_MIN_POSITIONS} positions; "
-            f"last row's ratio: conv / rule; malloc: {malloc} ==\n" + _common.table(headers, rows, left=2))
+            f"threads, best of {args.rounds} rounds; {rule}; last row's ratio: conv / rule; malloc: {malloc} ==\n"
+            + _common.table(headers, rows, left=2))
     _common.finish("conv1x1_route", args.json, _common.machine_info(), vars(args), records, text, start)
 
 

@@ -179,7 +179,9 @@ def _opcheck_cases():
     # BN-ReLU-conv1x1 and BN-ReLU-pool
     xs, s, b = _t(2, 3, 4, 5, grad=True), _t(3, grad=True), _t(3, grad=True)
     cw, cb = _t(2, 3, grad=True), _t(2, grad=True)
-    cases += [("affine_relu_conv1x1", (xs, s, b, cw, cb)), ("affine_relu_conv1x1", (xs, s, b, cw, None)),
+    cases += [("conv1x1_inference", (xs.detach(), cw.detach(), cb.detach())),
+              ("conv1x1_inference", (_t(2, 3, 70, 3), cw.detach(), None)),
+              ("affine_relu_conv1x1", (xs, s, b, cw, cb)), ("affine_relu_conv1x1", (xs, s, b, cw, None)),
               ("affine_relu_conv1x1_add", (xs.detach(), s.detach(), b.detach(), cw.detach(), None, _t(2, 2, 4, 5))),
               ("affine_relu_conv1x1_backward", (_t(2, 2, 4, 5), xs.detach(), s.detach(), b.detach(), cw.detach())),
               ("batchnorm_relu_conv1x1", (xs, s, b, 1e-5, cw, cb)),
@@ -289,6 +291,9 @@ BAD = [
      ValueError, r"weight must have shape \(Cout, 3\)"),
     (lambda: ops.affine_relu_conv1x1(torch.randn(2, 3, 4), torch.ones(3), torch.zeros(2), torch.randn(2, 3)),
      ValueError, r"shift must have shape \(3,\)"),
+    (lambda: ops.conv1x1(torch.randn(2, 3, 4), torch.randn(2, 4)), ValueError, r"weight must have shape \(Cout, 3\)"),
+    (lambda: ops.conv1x1(torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(3)), ValueError,
+     r"bias must have shape \(2,\)"),
     (lambda: ops.batchnorm_relu_conv1x1(torch.randn(1, 3, 1), None, None, 1e-5, torch.randn(2, 3)), ValueError,
      "more than 1 value per channel"),
     (lambda: ops.affine_relu_maxpool2x2(torch.randn(2, 3, 1, 4), torch.ones(3), torch.zeros(3)), ValueError,

@@ -16,6 +16,68 @@ pytestmark = needs_cpu_kernels
 F64 = dict(dtype=torch.float64)
 
 
+# --- conv1x1 (plain, inference) --------------------------------------------------------------------------------------
+CONV1X1_CASES = [(2, 5, 7, (9, 11), True), (1, 64, 64, (112, 112), False), (3, 3, 13, (4, 5), True),
+                 (1, 16, 9, (3, 3), False), (2, 8, 6, (17,), True), (1, 1, 1, (1, 1), True),
+                 (2, 40, 33, (4099,), False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,cin,cout,spatial,bias", CONV1X1_CASES, ids=str)
+def test_conv1x1_matches_reference_and_the_reference_matches_conv2d(dtype, n, cin, cout, spatial, bias):
+    gen = torch.Generator().manual_seed(cin * 31 + cout)
+    x = torch.randn(n, cin, *spatial, dtype=dtype, generator=gen)
+    w = torch.randn(cout, cin, dtype=dtype, generator=gen)
+    b = torch.randn(cout, dtype=dtype, generator=gen) if bias else None
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        with ops.use_backend("cpu"):
+            fused = ops.conv1x1(x, w, b)
+        with ops.use_backend("reference"):
+            expected = ops.conv1x1(x, w, b)
+        planes = x.reshape(n, cin, -1, 1)  # the oracle: torch's own convolution, on any number of spatial dims
+        oracle = torch.nn.functional.conv2d(planes, w[:, :, None, None], b).reshape(n, cout, *spatial)
+    torch.testing.assert_close(fused, expected, **tol)
+    torch.testing.assert_close(expected, oracle, **tol)
+
+
+def test_conv1x1_with_a_gradient_runs_the_reference():
+    x, w, b = (torch.randn(*s, **F64, requires_grad=True) for s in ((2, 5, 6, 7), (4, 5), (4,)))
+    with ops.use_backend("cpu"):
+        assert torch.autograd.gradcheck(ops.conv1x1, (x, w, b))
+        assert torch.autograd.gradcheck(lambda t: ops.conv1x1(t, w.detach()), (x,))
+
+
+@pytest.mark.parametrize("spatial", [(14, 14), (300,), (56, 56)])
+def test_conv1x1_same_bits_with_1_and_3_threads(spatial):
+    from _helpers import per_thread_count
+
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(1, 24, *spatial, generator=gen), torch.randn(40, 24, generator=gen), torch.randn(40)
+    with torch.no_grad(), ops.use_backend("cpu"):
+        outs = per_thread_count(lambda: ops.conv1x1(x, w, b), counts=(1, 3))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_a_narrow_1x1_convolution_on_a_large_map_runs_the_kernel_for_inference_only(monkeypatch):
+    from torchsan.layers import fused
+
+    conv = torch.nn.Conv2d(64, 64, 1, bias=False)
+    x = torch.randn(1, 64, 56, 56)
+    calls = []
+    kernel = ops.conv1x1
+    monkeypatch.setattr(fused.ops, "conv1x1", lambda *a: calls.append(1) or kernel(*a))
+    with torch.no_grad():
+        y = fused.conv1x1(conv, x)
+        assert calls and fused.conv1x1(conv, torch.randn(1, 128, 56, 56)[:, :64]) is not None
+        assert len(calls) == 2
+        assert fused.conv1x1(torch.nn.Conv2d(96, 64, 1), torch.randn(1, 96, 56, 56)).shape == (1, 64, 56, 56)
+        assert len(calls) == 2  # wider inputs: the BLAS's matrix product
+        torch.testing.assert_close(y, conv(x), rtol=1e-4, atol=1e-4)
+    fused.conv1x1(conv, x.requires_grad_())  # with a gradient: the module
+    assert len(calls) == 2
+
+
 # --- affine_relu_conv1x1 ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,cin,cout,spatial,bias", [(2, 18, 16, (9, 23), False), (3, 16, 8, (49, 97), True),

@@ -110,8 +110,12 @@ def norm_act_conv1x1(bn: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor,
 
 
 def conv1x1(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a plain 1x1 ``conv`` (x (N, Cin, H, W)): as one matrix product per image where the backend
-    says that beats its convolution (inference on large maps or a single image), else the module."""
+    """``conv(x)`` for a plain 1x1 ``conv`` (x (N, Cin, H, W)): as the backend's own op (``ops.conv1x1``) or one
+    matrix product per image where the backend says that beats its convolution (inference: narrow inputs on large
+    maps; large maps or a single image), else the module."""
+    if is_conv1x1(conv) and x.dim() == 4 and ops.should_fuse(
+            "conv1x1", x, conv, in_channels=conv.in_channels, out_channels=conv.out_channels):
+        return ops.conv1x1(x, conv.weight.flatten(1), conv.bias)
     if not (is_conv1x1(conv) and x.dim() == 4 and ops.should_fuse(
             "conv1x1_matmul", x, conv, in_channels=conv.in_channels, out_channels=conv.out_channels)):
         return conv(x)

@@ -37,6 +37,7 @@ __all__ = [
     "centre",
     "channel_var_mean",
     "clique_products",
+    "conv1x1",
     "conv1x1_affine_relu_maxpool2x2",
     "conv1x1_batchnorm_relu_maxpool2x2",
     "default_padding",
@@ -579,6 +580,22 @@ def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Te
     _checks.check_channel_vectors(x, x.shape[1], scale=scale, shift=shift)
     _checks.check_pool2x2(x)
     return implementation(x).affine_relu_maxpool2x2(x, scale, shift)
+
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight @ x + bias`` at every position: a plain 1x1 convolution. The ``cpu`` backend runs it with the
+    register-blocked product of :func:`affine_relu_conv1x1` where no gradient is wanted (the layers call it for
+    inference on narrow inputs over large maps, where that beats the BLAS), else as the reference does.
+
+    Args:
+        x: (N, Cin, *spatial); weight: (Cout, Cin); bias: (Cout,) or None.
+    Returns:
+        (N, Cout, *spatial).
+    """
+    _checks.check_tensor("x", x, min_dim=2)
+    x, weight, bias = _autocast(x, weight, bias)
+    _checks.check_conv1x1("x", x, x.shape[1], weight, bias, "weight", "bias")
+    return implementation(x).conv1x1(x, weight, bias)
 
 
 def conv1x1_affine_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

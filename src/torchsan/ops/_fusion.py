@@ -46,6 +46,7 @@ FUSED_OPS = {
                            "(inference)",
     "tap_softmax": "nn.Softmax(dim=2) over the footprint taps",
     "stacked_conv1x1": "phi, psi and beta as three 1x1 convolutions (one convolution with stacked weights)",
+    "conv1x1": "a 1x1 Conv2d, no gradient (the backend's own product instead of the convolution)",
     "conv1x1_matmul": "a 1x1 Conv2d, no gradient (one matrix product per image instead of the convolution)",
 }
 
@@ -98,8 +99,8 @@ def should_fuse(op: str, x: torch.Tensor, *modules: nn.Module, **shape: int) -> 
 
     ``shape`` gives what ``x`` does not: ``out_channels`` for the conv1x1 ops; ``in_channels`` (z's) and
     ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``; ``in_channels`` and
-    ``out_channels`` for ``conv1x1_matmul``; ``batch_statistics`` (whether a BN normalises with the batch's
-    statistics) for ``pairwise_logits`` and ``patchwise_weights``, and with ``stride``, ``out_height`` and
+    ``out_channels`` for ``conv1x1`` and ``conv1x1_matmul``; ``batch_statistics`` (whether a BN normalises with the
+    batch's statistics) for ``pairwise_logits`` and ``patchwise_weights``, and with ``stride``, ``out_height`` and
     ``out_width`` (the footprint's and the output's) for ``pairwise_attention`` and ``patchwise_attention``;
     ``in_channels`` (the conv's) for ``conv1x1_affine_relu_maxpool2x2`` and ``conv1x1_batchnorm_relu_maxpool2x2``.
     """

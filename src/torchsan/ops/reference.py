@@ -102,6 +102,11 @@ def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Te
     return y.view(*x.shape[:2], *y.shape[2:])
 
 
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = torch.matmul(weight, x.flatten(2)).view(x.shape[0], weight.shape[0], *x.shape[2:])  # (F.conv2d: not Cin = 0)
+    return y if bias is None else y + bias.view(1, -1, *[1] * (x.dim() - 2))
+
+
 def conv1x1_affine_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                                    shift: torch.Tensor) -> torch.Tensor:
     y = torch.matmul(weight, x.flatten(2)).view(x.shape[0], weight.shape[0], *x.shape[2:])  # (F.conv2d: not Cin = 0)

@@ -39,6 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_backward", &cpu::gather_backward);
   m.def("clique_forward", &cpu::clique_forward);
   m.def("clique_backward", &cpu::clique_backward);
+  m.def("conv1x1_forward", &cpu::conv1x1_forward);
   m.def("affine_relu_conv1x1_forward", &cpu::affine_relu_conv1x1_forward);
   m.def("affine_relu_conv1x1_backward", &cpu::affine_relu_conv1x1_backward);
   m.def("affine_relu_maxpool2x2_forward", &cpu::affine_relu_maxpool2x2_forward);

@@ -1,4 +1,4 @@
-// The affine-ReLU-1x1-conv on dense input (N, Cin, *): see conv1x1.h for the kernels.
+// The affine-ReLU-1x1-conv, and the plain 1x1 conv, on dense input (N, Cin, *): see conv1x1.h for the kernels.
 #include "conv1x1.h"
 
 #include "ops.h"
@@ -12,6 +12,36 @@ static int64_t positions(const at::Tensor& x) {
   int64_t p = 1;
   for (int64_t d = 2; d < x.dim(); ++d) p *= x.size(d);
   return p;
+}
+
+// x's rows as they are, staged for the product: a plain 1x1 convolution through the affine-ReLU kernels (a, b unused).
+template <typename T>
+struct PlainRows : DenseRows<T> {
+  void stage_affine_relu(int64_t n, int64_t ci, int64_t q0, int64_t m, T, T, T* staged, T*, int64_t fill_to) const {
+    std::memcpy(staged, this->row(n, ci, q0, m, nullptr), sizeof(T) * m);
+    std::fill(staged + m, staged + std::max(m, fill_to), T(0));
+  }
+};
+
+at::Tensor conv1x1_forward(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "x must be a CPU tensor (N, Cin, ...)");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0), P = positions(x);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Cin && (!b.defined() || b.numel() == Cout),
+              "conv1x1: shape mismatch");
+  auto sizes = x.sizes().vec();
+  sizes[1] = Cout;
+  auto y = pooled_empty(sizes, x.options(), !x.requires_grad());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_forward", [&] {
+    using Rows = PlainRows<scalar_t>;
+    const std::vector<scalar_t> unused(Cin, scalar_t(0));  // the affine map the kernel reads and Rows ignores
+    auto kernel = affine_relu_conv1x1_forward_for<scalar_t, Rows>(Cout);
+    kernel(Rows{{x.data_ptr<scalar_t>(), Cin, P}}, unused.data(), unused.data(), weight.data_ptr<scalar_t>(),
+           b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N, Cin, Cout, P, nullptr);
+  });
+  return y;
 }
 
 at::Tensor affine_relu_conv1x1_forward(at::Tensor x, at::Tensor scale, at::Tensor shift, at::Tensor weight,

@@ -47,6 +47,8 @@ at::Tensor clique_forward(at::Tensor q, at::Tensor k);
 std::vector<at::Tensor> clique_backward(at::Tensor gout, at::Tensor q, at::Tensor k, bool need_q, bool need_k);
 
 // conv1x1.cpp ------------------------------------------------------------------------------------------------------
+// y = weight x + bias at every position: a plain 1x1 convolution, x (N, Cin, *) -> (N, Cout, *); no backward.
+at::Tensor conv1x1_forward(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 // y = weight relu(scale * x + shift) + bias: x (N, Cin, *) -> (N, Cout, *); scale, shift (Cin); weight (Cout, Cin);
 // bias (Cout) or not given. The affine map is a BatchNorm's, per channel.
 at::Tensor affine_relu_conv1x1_forward(at::Tensor x, at::Tensor scale, at::Tensor shift, at::Tensor weight,

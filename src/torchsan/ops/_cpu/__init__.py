@@ -27,10 +27,12 @@ import torch
 
 from ._build import available, describe, extension, kernel_constants, requested_arch, unavailable_reason, vector_isa
 from .clique import clique_products
-from .conv1x1 import affine_relu_conv1x1, batchnorm_relu_conv1x1
+from .conv1x1 import affine_relu_conv1x1, batchnorm_relu_conv1x1, conv1x1
 from .gathers import centre, subtraction, subtraction2, unfold
 from .policy import (
     CLIQUE_MAX_CHANNELS,
+    CONV1X1_KERNEL_MAX_IN_CHANNELS,
+    CONV1X1_KERNEL_MIN_POSITIONS,
     CONV1X1_MATMUL_MIN_POSITIONS,
     CONV1X1_MAX_IN_CHANNELS,
     CONV1X1_MAX_OUT_CHANNELS,
@@ -58,11 +60,12 @@ from .subtraction2_conv1x1 import (
 )
 
 __all__ = [
-    "CLIQUE_MAX_CHANNELS", "CONV1X1_MATMUL_MIN_POSITIONS", "CONV1X1_MAX_IN_CHANNELS", "CONV1X1_MAX_OUT_CHANNELS",
+    "CLIQUE_MAX_CHANNELS", "CONV1X1_KERNEL_MAX_IN_CHANNELS", "CONV1X1_KERNEL_MIN_POSITIONS",
+    "CONV1X1_MATMUL_MIN_POSITIONS", "CONV1X1_MAX_IN_CHANNELS", "CONV1X1_MAX_OUT_CHANNELS",
     "CONV1X1_NARROW_INPUT", "CONV1X1_NARROW_MIN_POSITIONS", "CONV1X1_POOL_MAX_IN_CHANNELS",
     "CONV1X1_POSITIONS_PER_OUTPUT", "DTYPES", "SUBTRACTION2_CONV1X1_MIN_POSITIONS", "affine_relu_conv1x1",
     "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1", "batchnorm_relu_maxpool2x2",
-    "centre", "channel_var_mean", "clique_products", "conv1x1_affine_relu_maxpool2x2",
+    "centre", "channel_var_mean", "clique_products", "conv1x1", "conv1x1_affine_relu_maxpool2x2",
     "conv1x1_batchnorm_relu_maxpool2x2", "describe", "extension",
     "fuses", "kernel_constants", "pairwise_attention", "pairwise_logits", "patchwise_attention", "patchwise_weights",
     "requested_arch",

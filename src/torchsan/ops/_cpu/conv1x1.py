@@ -4,7 +4,8 @@
 per-channel affine map (eval mode), plus a residual where one is given (added in the product's epilogue where no
 gradient is wanted); ``batchnorm_relu_conv1x1``: the same with a training-mode BatchNorm (batch
 statistics, gradients through them). The building block of the mapping gamma, and of the block's BN-ReLU-conv pairs:
-the BN and ReLU outputs are never written.
+the BN and ReLU outputs are never written. ``conv1x1``: a plain 1x1 convolution ``weight @ x + bias`` through the same
+register-blocked product, for inference (with a gradient wanted, the reference's).
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ from .statistics import batchnorm_op
 
 def _output_like(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]))
+
+
+def _conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """(N, Cin, ...) -> (N, Cout, ...): weight @ x + bias, per position. No backward: only for calls that need no
+    gradient."""
+    return kernels().conv1x1_forward(x, weight, bias)
+
+
+conv1x1_inference_op = custom_op("conv1x1_inference", _conv1x1, lambda x, weight, bias: _output_like(x, weight))
 
 
 def _affine_relu_conv1x1_backward(grad: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
@@ -78,6 +88,12 @@ batchnorm_relu_conv1x1_op = batchnorm_op(
 
 
 # --- backend interface ----------------------------------------------------------------------------------------------
+def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return reference.conv1x1(x, weight, bias)
+    return conv1x1_inference_op(x.contiguous(), weight, bias)
+
+
 def affine_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, bias: Tensor | None,
                         residual: Tensor | None = None) -> Tensor:
     x = x.contiguous()  # the kernels read NCHW rows: a strided view is copied once here, not in each kernel

@@ -36,6 +36,7 @@ from ..reference import (  # not written for the GPU: torch's own kernels (cuDNN
     centre,
     channel_var_mean,
     clique_products,
+    conv1x1,
     conv1x1_affine_relu_maxpool2x2,
     conv1x1_batchnorm_relu_maxpool2x2,
     patchwise_weights,
@@ -46,8 +47,8 @@ from ..reference import (  # not written for the GPU: torch's own kernels (cuDNN
 
 __all__ = [
     "DTYPES", "affine_relu_conv1x1", "affine_relu_maxpool2x2", "aggregation", "available", "batchnorm_relu_conv1x1",
-    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "clique_products", "conv1x1_affine_relu_maxpool2x2",
-    "conv1x1_batchnorm_relu_maxpool2x2", "fuses",
+    "batchnorm_relu_maxpool2x2", "centre", "channel_var_mean", "clique_products", "conv1x1",
+    "conv1x1_affine_relu_maxpool2x2", "conv1x1_batchnorm_relu_maxpool2x2", "fuses",
     "interpreting", "pairwise_attention", "pairwise_logits", "patchwise_attention", "patchwise_weights",
     "softmax_aggregation", "subtraction", "subtraction2",
     "subtraction2_batchnorm_relu_conv1x1", "tap_softmax", "tap_softmax_backward", "unavailable_reason", "unfold",
