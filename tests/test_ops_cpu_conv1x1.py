@@ -19,7 +19,7 @@ F64 = dict(dtype=torch.float64)
 # --- conv1x1 (plain, inference) --------------------------------------------------------------------------------------
 CONV1X1_CASES = [(2, 5, 7, (9, 11), True), (1, 64, 64, (112, 112), False), (3, 3, 13, (4, 5), True),
                  (1, 16, 9, (3, 3), False), (2, 8, 6, (17,), True), (1, 1, 1, (1, 1), True),
-                 (2, 40, 33, (4099,), False)]
+                 (2, 40, 33, (4099,), False), (1, 64, 256, (56, 56), False), (3, 6, 5, (), True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -41,6 +41,27 @@ def test_conv1x1_matches_reference_and_the_reference_matches_conv2d(dtype, n, ci
     torch.testing.assert_close(expected, oracle, **tol)
 
 
+@pytest.mark.parametrize("shape", [(0, 5, 4, 4), (2, 0, 4, 4), (2, 5, 0, 3)], ids=str)
+def test_conv1x1_takes_empty_inputs_without_a_gradient(shape):
+    x, w, b = torch.randn(*shape), torch.randn(7, shape[1]), torch.randn(7)
+    with torch.no_grad(), ops.use_backend("cpu"):
+        y = ops.conv1x1(x, w, b)
+    assert y.shape == (shape[0], 7, *shape[2:])
+    torch.testing.assert_close(y, b.view(1, 7, 1, 1).expand_as(y) if shape[1] == 0 else torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("layout", ["sliced", "channels_last", "transposed"])
+def test_conv1x1_takes_any_strides(layout):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 20, 9, 13, generator=gen)
+    x = {"sliced": base[:, 3:15], "channels_last": base.contiguous(memory_format=torch.channels_last),
+         "transposed": base.transpose(2, 3)}[layout]
+    w, b = torch.randn(11, x.shape[1], generator=gen), torch.randn(11, generator=gen)
+    with torch.no_grad(), ops.use_backend("cpu"):
+        y = ops.conv1x1(x, w, b)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w[:, :, None, None], b), rtol=1e-5, atol=1e-5)
+
+
 def test_conv1x1_with_a_gradient_runs_the_reference():
     x, w, b = (torch.randn(*s, **F64, requires_grad=True) for s in ((2, 5, 6, 7), (4, 5), (4,)))
     with ops.use_backend("cpu"):
@@ -59,6 +80,40 @@ def test_conv1x1_same_bits_with_1_and_3_threads(spatial):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_the_rule_for_a_plain_conv1x1_kernel():
+    cin, positions = _cpu.CONV1X1_KERNEL_MAX_IN_CHANNELS, _cpu.CONV1X1_KERNEL_MIN_POSITIONS
+    cout = _cpu.CONV1X1_MAX_OUT_CHANNELS
+    with torch.no_grad():
+        assert _cpu.fuses("conv1x1", torch.empty(1, cin, positions), out_channels=cout)
+        assert _cpu.fuses("conv1x1", torch.empty(3, 1, positions + 1), out_channels=1)
+        assert not _cpu.fuses("conv1x1", torch.empty(1, cin + 1, positions), out_channels=cout)
+        assert not _cpu.fuses("conv1x1", torch.empty(1, cin, positions), out_channels=cout + 1)
+        assert not _cpu.fuses("conv1x1", torch.empty(1, cin, positions - 1), out_channels=cout)
+    assert not _cpu.fuses("conv1x1", torch.empty(1, cin, positions), out_channels=cout)  # autograd on
+
+
+def test_a_san_with_a_narrow_stage_0_runs_it_and_matches_its_modules(monkeypatch):
+    import timm
+
+    from torchsan.layers import fused
+
+    model = timm.create_model("san10_pairwise", small_input=True, num_classes=10, widths=(16, 32, 32, 64, 64),
+                              stem_width=16, layers=(1, 1, 1, 1, 1), share_planes=4).eval()
+    for m in model.modules():  # BNs that do something, so that a wrong route shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64)  # small_input: stage 0 runs at 64 x 64 (4096 positions), 16 -> 16 channels
+    calls = []
+    kernel = ops.conv1x1
+    monkeypatch.setattr(fused.ops, "conv1x1", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    with torch.no_grad():
+        y = model(x)
+        assert calls == [(2, 16, 64, 64)]
+        with ops.fusion(False):
+            expected = model(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_narrow_1x1_convolution_on_a_large_map_runs_the_kernel_for_inference_only(monkeypatch):
     from torchsan.layers import fused
 
@@ -69,11 +124,16 @@ def test_a_narrow_1x1_convolution_on_a_large_map_runs_the_kernel_for_inference_o
     monkeypatch.setattr(fused.ops, "conv1x1", lambda *a: calls.append(1) or kernel(*a))
     with torch.no_grad():
         y = fused.conv1x1(conv, x)
-        assert calls and fused.conv1x1(conv, torch.randn(1, 128, 56, 56)[:, :64]) is not None
+        sliced = torch.randn(1, 128, 56, 56)[:, :64]
+        torch.testing.assert_close(fused.conv1x1(conv, sliced), conv(sliced), rtol=1e-4, atol=1e-4)
         assert len(calls) == 2
         assert fused.conv1x1(torch.nn.Conv2d(96, 64, 1), torch.randn(1, 96, 56, 56)).shape == (1, 64, 56, 56)
         assert len(calls) == 2  # wider inputs: the BLAS's matrix product
         torch.testing.assert_close(y, conv(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        handle = conv.register_forward_hook(lambda *a: None)  # a hook must see the module run
+        fused.conv1x1(conv, x)
+        handle.remove()
     fused.conv1x1(conv, x.requires_grad_())  # with a gradient: the module
     assert len(calls) == 2
 

@@ -386,6 +386,7 @@ def _meta_calls(device: str, requires_grad: bool) -> dict:
         "channel_var_mean": lambda: ops.channel_var_mean(x),
         "tap_softmax": lambda: ops.tap_softmax(logits),
         "affine_relu_conv1x1": lambda: ops.affine_relu_conv1x1(x, v, v, conv),
+        "conv1x1": lambda: ops.conv1x1(x, conv, t(3)),
         "batchnorm_relu_conv1x1": lambda: ops.batchnorm_relu_conv1x1(x, v, v, 1e-5, conv, t(3)),
         "subtraction2_batchnorm_relu_conv1x1": lambda: ops.subtraction2_batchnorm_relu_conv1x1(
             x, x2, v2, v2, 1e-5, conv2, kernel_size=3, append=append),
@@ -472,6 +473,7 @@ def _empty_case_ops(shape: tuple[int, ...], k: int, s: int, d: int, mode: str) -
         "clique_products": ((t(n, c, kk, length), t(n, c, kk, length)), ops.clique_products, [(n, kk, kk, length)]),
         "tap_softmax": ((t(n, c, kk, length),), ops.tap_softmax, [(n, c, kk, length)]),
         "affine_relu_conv1x1": ((t(*shape), t(c), t(c), t(3, c), t(3)), ops.affine_relu_conv1x1, [(n, 3, h, w)]),
+        "conv1x1": ((t(*shape), t(3, c), t(3)), ops.conv1x1, [(n, 3, h, w)]),
         "affine_relu_conv1x1 residual": ((t(*shape), t(c), t(c), t(3, c), t(3), t(n, 3, h, w)),
                                          lambda *a: ops.affine_relu_conv1x1(*a[:-1], residual=a[-1]), [(n, 3, h, w)]),
     }

@@ -8,6 +8,8 @@ of their parts, so the layers gain nothing by calling them here: :func:`fuses` s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -103,7 +105,8 @@ def affine_relu_maxpool2x2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Te
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    y = torch.matmul(weight, x.flatten(2)).view(x.shape[0], weight.shape[0], *x.shape[2:])  # (F.conv2d: not Cin = 0)
+    rows = x.reshape(*x.shape[:2], math.prod(x.shape[2:]))  # (N, Cin, P), P = 1 for a 2-D x (F.conv2d: not Cin = 0)
+    y = torch.matmul(weight, rows).view(x.shape[0], weight.shape[0], *x.shape[2:])
     return y if bias is None else y + bias.view(1, -1, *[1] * (x.dim() - 2))
 
 

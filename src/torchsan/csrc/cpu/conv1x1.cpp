@@ -36,6 +36,7 @@ at::Tensor conv1x1_forward(at::Tensor x, at::Tensor weight, c10::optional<at::Te
   auto y = pooled_empty(sizes, x.options(), !x.requires_grad());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_forward", [&] {
     using Rows = PlainRows<scalar_t>;
+    static_assert(StagesRows<Rows>::value, "the kernel must stage the rows through PlainRows, which skips the map");
     const std::vector<scalar_t> unused(Cin, scalar_t(0));  // the affine map the kernel reads and Rows ignores
     auto kernel = affine_relu_conv1x1_forward_for<scalar_t, Rows>(Cout);
     kernel(Rows{{x.data_ptr<scalar_t>(), Cin, P}}, unused.data(), unused.data(), weight.data_ptr<scalar_t>(),

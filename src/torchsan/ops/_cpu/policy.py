@@ -31,9 +31,9 @@ CONV1X1_POOL_MAX_IN_CHANNELS = 8
 # as it is (at::bmm) from this many positions per image, and for a single image at any size (no batch to spread its
 # layout conversions over); benchmarks/conv1x1_route.py.
 CONV1X1_MATMUL_MIN_POSITIONS = 784
-# ... and on an input this narrow, over maps this large, the BN-ReLU-conv1x1 kernels' register-blocked product (as the
-# plain ``conv1x1`` op) beats that matrix product, which blocks poorly over so few input channels (SAN's first
-# transition, 64 -> 64 at 112 px: 0.6 against 1.5 ms at batch 1 on a Zen 4).
+# ... and on an input this narrow, over maps this large, the plain ``conv1x1`` op (the BN-ReLU-conv1x1 kernels'
+# register-blocked product, its output in the kernels' memory pool) beats that matrix product, whose multi-MB output
+# glibc's default malloc faults in page by page; benchmarks/conv1x1_route.py.
 CONV1X1_KERNEL_MAX_IN_CHANNELS = 64
 CONV1X1_KERNEL_MIN_POSITIONS = 3136
 # The longest output row the attention kernels take: a block of whole rows is one of its sub-blocks
@@ -84,7 +84,7 @@ def fuses(op: str, x: torch.Tensor, *, in_channels: int = 0, out_channels: int =
         threads = 2 if torch.compiler.is_compiling() else torch.get_num_threads()
         return rows * out_width >= ATTENTION_MIN_BLOCK_POSITIONS and blocks >= threads
     if op == "conv1x1":
-        return (not torch.is_grad_enabled() and in_channels <= CONV1X1_KERNEL_MAX_IN_CHANNELS
+        return (not torch.is_grad_enabled() and x.shape[1] <= CONV1X1_KERNEL_MAX_IN_CHANNELS
                 and out_channels <= CONV1X1_MAX_OUT_CHANNELS
                 and math.prod(x.shape[2:]) >= CONV1X1_KERNEL_MIN_POSITIONS)
     if op == "conv1x1_matmul":
