@@ -97,9 +97,9 @@ def has_hooks(*modules: nn.Module, backward: bool = True) -> bool:
 def should_fuse(op: str, x: torch.Tensor, *modules: nn.Module, **shape: int) -> bool:
     """Whether to run fused ``op`` on input ``x`` instead of ``modules`` one by one (see the module docstring).
 
-    ``shape`` gives what ``x`` does not: ``out_channels`` for the conv1x1 ops; ``in_channels`` (z's) and
-    ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``; ``in_channels`` and
-    ``out_channels`` for ``conv1x1`` and ``conv1x1_matmul``; ``batch_statistics`` (whether a BN normalises with the
+    ``shape`` gives what ``x`` does not: ``out_channels`` for the conv1x1 ops (``conv1x1`` included); ``in_channels``
+    (z's) and ``positions`` (output pixels per image) too for ``subtraction2_batchnorm_relu_conv1x1``;
+    ``in_channels`` and ``out_channels`` for ``conv1x1_matmul``; ``batch_statistics`` (whether a BN normalises with the
     batch's statistics) for ``pairwise_logits`` and ``patchwise_weights``, and with ``stride``, ``out_height`` and
     ``out_width`` (the footprint's and the output's) for ``pairwise_attention`` and ``patchwise_attention``;
     ``in_channels`` (the conv's) for ``conv1x1_affine_relu_maxpool2x2`` and ``conv1x1_batchnorm_relu_maxpool2x2``.
