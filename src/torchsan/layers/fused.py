@@ -113,13 +113,14 @@ def conv1x1(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a plain 1x1 ``conv`` (x (N, Cin, H, W)): as the backend's own op (``ops.conv1x1``) or one
     matrix product per image where the backend says that beats its convolution (inference: narrow inputs on large
     maps; large maps or a single image), else the module."""
-    if is_conv1x1(conv) and x.dim() == 4 and ops.should_fuse(
-            "conv1x1", x, conv, in_channels=conv.in_channels, out_channels=conv.out_channels):
-        return ops.conv1x1(x, conv.weight.flatten(1), conv.bias)
-    if not (is_conv1x1(conv) and x.dim() == 4 and ops.should_fuse(
-            "conv1x1_matmul", x, conv, in_channels=conv.in_channels, out_channels=conv.out_channels)):
+    if not (is_conv1x1(conv) and x.dim() == 4):
         return conv(x)
-    return conv1x1_matmul(x, conv.weight, conv.bias)
+    channels = dict(in_channels=conv.in_channels, out_channels=conv.out_channels)
+    if ops.should_fuse("conv1x1", x, conv, **channels):
+        return ops.conv1x1(x, conv.weight.flatten(1), conv.bias)
+    if ops.should_fuse("conv1x1_matmul", x, conv, **channels):
+        return conv1x1_matmul(x, conv.weight, conv.bias)
+    return conv(x)
 
 
 def conv1x1_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -112,8 +112,7 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 def conv1x1_affine_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                                    shift: torch.Tensor) -> torch.Tensor:
-    y = torch.matmul(weight, x.flatten(2)).view(x.shape[0], weight.shape[0], *x.shape[2:])  # (F.conv2d: not Cin = 0)
-    return affine_relu_maxpool2x2(y, scale, shift)
+    return affine_relu_maxpool2x2(conv1x1(x, weight), scale, shift)
 
 
 def batchnorm_scale_shift(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
